@@ -1,0 +1,341 @@
+"""The BERT-family encoder in Flax NNX: BERT (and MiniLM), RoBERTa (and XLM-R), DistilBERT.
+
+The three architectures share one post-LayerNorm transformer; they differ only in what
+`EncoderConfig` records: how position ids are counted (RoBERTa skips padding), whether there are
+token-type embeddings (DistilBERT has none) and whether there is a pooler. Reading and writing
+Hugging Face checkpoints lives in `mtl.hf`; this module knows nothing of HF names.
+
+Layers are stacked along a leading axis and run with `nnx.scan` by default (`scan_layers`), so
+compile time does not grow with depth; `scan_layers=False` keeps a Python list of layers.
+Dropout is driven by an explicit key: `dropout_rng=None` means deterministic. The module holds
+parameters only (no RNG state), so a train step can be a pure function of `nnx.split` state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from mtl.errors import MtlError
+
+# HF `hidden_act` names. "gelu" is the exact erf form; the tanh approximations go by several names.
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+# Names accepted by `remat_policy`, from jax.checkpoint_policies. "nothing_saveable" is full
+# rematerialisation; the dots policies keep matmul outputs and recompute the cheap elementwise
+# work, which usually buys most of the memory for little compute.
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "everything_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+)
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable array that is still part of the checkpoint (DistilBERT's sinusoids)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Architecture and run options of an encoder.
+
+    The architecture fields mirror HF's config.json (names are normalised across BERT, RoBERTa
+    and DistilBERT; `mtl.hf` maps them). The last four fields are run options: they change how
+    the encoder computes, not which checkpoint fits it.
+    """
+
+    model_type: str = "bert"
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2  # 0: no token-type embeddings (DistilBERT)
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    # RoBERTa counts positions from pad_token_id + 1 and gives padding the position pad_token_id.
+    padding_aware_positions: bool = False
+    sinusoidal_positions: bool = False  # DistilBERT option: fixed, untrained position table
+    with_pooler: bool = True
+    # Run options.
+    dtype: str = "float32"  # compute dtype, e.g. "bfloat16"; params stay in param_dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str | None = None  # one of REMAT_POLICIES, or None for no rematerialisation
+    # The HF config.json this came from, kept so that export writes back what import read.
+    hf_config: Mapping[str, Any] | None = dataclasses.field(
+        default=None, compare=False, hash=False, repr=False
+    )
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise MtlError(
+                f"hidden_act {self.hidden_act!r} is not supported; known: {sorted(ACTIVATIONS)}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise MtlError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:
+            raise MtlError(
+                f"remat_policy {self.remat_policy!r} is unknown; known: {list(REMAT_POLICIES)}"
+            )
+        for key in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, key))
+            except TypeError:
+                raise MtlError(f"{key} {getattr(self, key)!r} is not a dtype") from None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest input the position table allows (RoBERTa loses pad_token_id + 1 slots)."""
+        if self.padding_aware_positions:
+            return self.max_position_embeddings - self.pad_token_id - 1
+        return self.max_position_embeddings
+
+    def replace(self, **changes) -> EncoderConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@struct.dataclass
+class EncoderOutput:
+    """What the encoder returns (a pytree, so it can leave a jitted function).
+
+    Attributes:
+      last_hidden_state: [batch, seq, hidden].
+      pooler_output: [batch, hidden] (tanh(dense(first token))), or None without a pooler.
+      hidden_states: [num_layers + 1, batch, seq, hidden] (embeddings, then each layer) when
+        requested, else None.
+    """
+
+    last_hidden_state: jax.Array
+    pooler_output: jax.Array | None = None
+    hidden_states: jax.Array | None = None
+
+
+def _dense(cfg: EncoderConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        d_in, d_out,
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=nnx.initializers.normal(cfg.initializer_range),
+        rngs=rngs,
+    )
+
+
+def _norm(cfg: EncoderConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # use_fast_variance=False: E[(x-mean)^2] as PyTorch does; E[x^2]-mean^2 loses the parity.
+    return nnx.LayerNorm(
+        cfg.hidden_size, epsilon=cfg.layer_norm_eps, use_fast_variance=False,
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+    )
+
+
+def _embed(cfg: EncoderConfig, rows: int, rngs: nnx.Rngs) -> nnx.Embed:
+    return nnx.Embed(
+        rows, cfg.hidden_size,
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        embedding_init=nnx.initializers.normal(cfg.initializer_range),
+        rngs=rngs,
+    )
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0.0:
+        return x
+    return nnx.Dropout(rate)(x, rngs=key)
+
+
+def sinusoidal_table(rows: int, dim: int) -> jax.Array:
+    """DistilBERT's fixed position table: sin on even features, cos on odd."""
+    pos = jnp.arange(rows, dtype=jnp.float32)[:, None]
+    freq = jnp.power(10000.0, -2.0 * (jnp.arange(dim) // 2) / dim)
+    angle = pos * freq[None, :]
+    return jnp.where(jnp.arange(dim) % 2 == 0, jnp.sin(angle), jnp.cos(angle))
+
+
+class Embeddings(nnx.Module):
+    """Word + position (+ token type) embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.word = _embed(cfg, cfg.vocab_size, rngs)
+        self.position = _embed(cfg, cfg.max_position_embeddings, rngs)
+        if cfg.sinusoidal_positions:
+            table = sinusoidal_table(cfg.max_position_embeddings, cfg.hidden_size)
+            self.position.embedding = Buffer(table.astype(cfg.param_dtype))
+        self.token_type = _embed(cfg, cfg.type_vocab_size, rngs) if cfg.type_vocab_size else None
+        self.norm = _norm(cfg, rngs)
+
+    def position_ids(self, input_ids: jax.Array) -> jax.Array:
+        if self.cfg.padding_aware_positions:
+            # RoBERTa: real tokens count up from pad_token_id + 1, padding sits at pad_token_id.
+            not_pad = (input_ids != self.cfg.pad_token_id).astype(jnp.int32)
+            return jnp.cumsum(not_pad, axis=1) * not_pad + self.cfg.pad_token_id
+        return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+
+    def __call__(self, input_ids, token_type_ids, dropout_rng):
+        x = self.word(input_ids) + self.position(self.position_ids(input_ids))
+        if self.token_type is not None:
+            if token_type_ids is None:
+                token_type_ids = jnp.zeros_like(input_ids)
+            x = x + self.token_type(token_type_ids)
+        return _dropout(self.norm(x), self.cfg.hidden_dropout, dropout_rng)
+
+
+class Layer(nnx.Module):
+    """One post-LN transformer layer: self-attention, add & norm, feed-forward, add & norm."""
+
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.query = _dense(cfg, h, h, rngs)
+        self.key = _dense(cfg, h, h, rngs)
+        self.value = _dense(cfg, h, h, rngs)
+        self.attention_out = _dense(cfg, h, h, rngs)
+        self.attention_norm = _norm(cfg, rngs)
+        self.ffn_in = _dense(cfg, h, cfg.intermediate_size, rngs)
+        self.ffn_out = _dense(cfg, cfg.intermediate_size, h, rngs)
+        self.ffn_norm = _norm(cfg, rngs)
+
+    def __call__(self, x: jax.Array, mask_bias: jax.Array, dropout_rng: jax.Array | None):
+        cfg = self.cfg
+        k_attn, k_out, k_ffn = (
+            jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None, None, None)
+        )
+        b, t, _ = x.shape
+        heads = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        # Softmax runs in float32 whatever the compute dtype: bf16 logits lose the small
+        # differences attention depends on.
+        logits = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32)
+        logits = logits * (1.0 / math.sqrt(cfg.head_dim)) + mask_bias
+        probs = _dropout(jax.nn.softmax(logits, axis=-1), cfg.attention_dropout, k_attn)
+        context = jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v).reshape(b, t, -1)
+        attn = _dropout(self.attention_out(context), cfg.hidden_dropout, k_out)
+        x = self.attention_norm(x + attn)
+        y = self.ffn_out(ACTIVATIONS[cfg.hidden_act](self.ffn_in(x)))
+        return self.ffn_norm(x + _dropout(y, cfg.hidden_dropout, k_ffn))
+
+
+class Encoder(nnx.Module):
+    """A BERT-family encoder.
+
+    Build one from a checkpoint with `Encoder.from_pretrained(name_or_dir)`, or at random with
+    `Encoder(EncoderConfig(...), rngs=nnx.Rngs(0))`. Call it with token ids and an attention mask.
+    """
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embeddings = Embeddings(config, rngs=rngs)
+        if config.scan_layers:
+            # One Layer whose every parameter has a leading [num_layers] axis.
+            @nnx.split_rngs(splits=config.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(rngs):
+                return Layer(config, rngs=rngs)
+
+            self.layers = stacked(rngs)
+        else:
+            self.layers = nnx.List([Layer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.pooler = _dense(config, config.hidden_size, config.hidden_size, rngs) if config.with_pooler else None
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        *,
+        dropout_rng: jax.Array | None = None,
+        output_hidden_states: bool = False,
+    ) -> EncoderOutput:
+        """Encode a batch.
+
+        Args:
+          input_ids: [batch, seq] token ids.
+          attention_mask: [batch, seq], 1 for real tokens and 0 for padding; None means all 1.
+          token_type_ids: [batch, seq] segment ids; None means all 0. Ignored by DistilBERT.
+          dropout_rng: a PRNG key to apply dropout with; None runs deterministically (eval).
+          output_hidden_states: also return every layer's output (a static choice).
+        """
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        # Additive mask over keys, as HF builds it: 0 where attended, float32 min where padding.
+        mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        if dropout_rng is not None:
+            embed_rng, layers_rng = jax.random.split(dropout_rng)
+            layer_rngs = jax.random.split(layers_rng, cfg.num_layers)
+        else:
+            embed_rng = layer_rngs = None
+
+        embedded = self.embeddings(input_ids, token_type_ids, embed_rng)
+
+        def apply(layer: Layer, x, rng):
+            return layer(x, mask_bias, rng)
+
+        if cfg.remat_policy is not None:
+            apply = nnx.remat(apply, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
+
+        if cfg.scan_layers:
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0 if layer_rngs is not None else None),
+                      out_axes=(nnx.Carry, 0))
+            def run(x, layer, rng):
+                y = apply(layer, x, rng)
+                return y, (y if output_hidden_states else None)
+
+            x_final, per_layer = run(embedded, self.layers, layer_rngs)
+        else:
+            x, outs = embedded, []
+            for i, layer in enumerate(self.layers):
+                x = apply(layer, x, None if layer_rngs is None else layer_rngs[i])
+                outs.append(x)
+            x_final = x
+            per_layer = jnp.stack(outs) if output_hidden_states else None
+
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = jnp.concatenate([embedded[None], per_layer], axis=0)
+        pooled = jnp.tanh(self.pooler(x_final[:, 0])) if self.pooler is not None else None
+        return EncoderOutput(x_final, pooled, hidden_states)
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, **run_options) -> Encoder:
+        """Load a HF checkpoint (config.json + safetensors) by name or directory.
+
+        `run_options` override EncoderConfig run fields (dtype, param_dtype, scan_layers,
+        remat_policy). Resolution of names goes through `mtl.assets.resolve_model`; the
+        conversion is `mtl.hf.load_encoder`.
+        """
+        from mtl import hf  # hf imports this module; the dependency points that way
+
+        return hf.load_encoder(name_or_dir, **run_options)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write config.json and model.safetensors that transformers loads strictly."""
+        from mtl import hf
+
+        hf.save_encoder(self, directory)
