@@ -370,6 +370,9 @@ def load_encoder(name_or_dir: str | os.PathLike, **run_options) -> Encoder:
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     expected = _layer_view(_flatten(pure), config)
+    extra = sorted(mapped[n][0] for n in set(mapped) - set(expected))
+    if extra:  # matched a rule, but the config has no such parameter (e.g. a layer too many)
+        raise MtlError(f"{where}: unexpected key(s) for this config.json: {extra}")
     missing = sorted(set(expected) - set(mapped))
     if missing:
         raise MtlError(f"{where}: missing key(s) for parameter(s) {missing}")

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from mtl.errors import MtlError
@@ -169,12 +170,14 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return nnx.Dropout(rate)(x, rngs=key)
 
 
-def sinusoidal_table(rows: int, dim: int) -> jax.Array:
-    """DistilBERT's fixed position table: sin on even features, cos on odd."""
-    pos = jnp.arange(rows, dtype=jnp.float32)[:, None]
-    freq = jnp.power(10000.0, -2.0 * (jnp.arange(dim) // 2) / dim)
-    angle = pos * freq[None, :]
-    return jnp.where(jnp.arange(dim) % 2 == 0, jnp.sin(angle), jnp.cos(angle))
+def sinusoidal_table(rows: int, dim: int) -> np.ndarray:
+    """DistilBERT's fixed position table: sin on even features, cos on odd.
+
+    Computed in float64 as HF does: in float32 the angles (up to `rows`) lose ~1e-6 in sin/cos.
+    """
+    pos = np.arange(rows, dtype=np.float64)[:, None]
+    angle = pos / np.power(10000.0, 2.0 * (np.arange(dim) // 2) / dim)[None, :]
+    return np.where(np.arange(dim) % 2 == 0, np.sin(angle), np.cos(angle)).astype(np.float32)
 
 
 class Embeddings(nnx.Module):
@@ -186,7 +189,7 @@ class Embeddings(nnx.Module):
         self.position = _embed(cfg, cfg.max_position_embeddings, rngs)
         if cfg.sinusoidal_positions:
             table = sinusoidal_table(cfg.max_position_embeddings, cfg.hidden_size)
-            self.position.embedding = Buffer(table.astype(cfg.param_dtype))
+            self.position.embedding = Buffer(jnp.asarray(table, dtype=cfg.param_dtype))
         self.token_type = _embed(cfg, cfg.type_vocab_size, rngs) if cfg.type_vocab_size else None
         self.norm = _norm(cfg, rngs)
 

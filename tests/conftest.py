@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random HF models (2 layers, hidden 32) and the real MiniLM."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from mtl.assets import DEFAULT_MODEL, resolve_model
+
+TINY = dict(vocab_size=99, max_position_embeddings=64)
+BERT_LIKE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, **TINY)
+
+# name -> (HF model class, HF config). Built from configs in the test: no downloads.
+TINY_MODELS = {
+    "bert": (transformers.BertModel, transformers.BertConfig(**BERT_LIKE)),
+    "roberta": (transformers.RobertaModel, transformers.RobertaConfig(type_vocab_size=1, **BERT_LIKE)),
+    "xlm-roberta": (transformers.XLMRobertaModel, transformers.XLMRobertaConfig(type_vocab_size=1, **BERT_LIKE)),
+    "distilbert": (
+        transformers.DistilBertModel,
+        transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=37, **TINY),
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """{name: (torch model in eval mode, saved checkpoint dir)} for every tiny architecture."""
+    out = {}
+    for i, (name, (cls, config)) in enumerate(TINY_MODELS.items()):
+        torch.manual_seed(i)
+        model = cls(config).eval()
+        directory = tmp_path_factory.mktemp(name)
+        model.save_pretrained(directory)
+        out[name] = (model, directory)
+    return out
+
+
+def padded_batch(pad_token_id: int, seed: int = 0):
+    """Three sequences of length 11, two of them padded (at 7 and 3), with two segments."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(3, 99, size=(3, 11))
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 3:] = 0
+    ids[mask == 0] = pad_token_id
+    token_types = np.zeros_like(ids)
+    token_types[0, 5:] = 1
+    return ids, mask, token_types
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The real all-MiniLM-L6-v2, resolved the way users get it (on this machine: the mirror)."""
+    return resolve_model(DEFAULT_MODEL)
