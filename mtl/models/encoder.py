@@ -180,6 +180,15 @@ def sinusoidal_table(rows: int, dim: int) -> np.ndarray:
     return np.where(np.arange(dim) % 2 == 0, np.sin(angle), np.cos(angle)).astype(np.float32)
 
 
+def _frozen_row(embedded: jax.Array, is_padding: jax.Array) -> jax.Array:
+    """Block gradients into the padding row, as torch.nn.Embedding(padding_idx=...) does.
+
+    HF's word embeddings (and RoBERTa's position embeddings) are built with padding_idx, so
+    fine-tuning never moves the padding vector; without this the two frameworks' updates differ.
+    """
+    return jnp.where(is_padding[..., None], jax.lax.stop_gradient(embedded), embedded)
+
+
 class Embeddings(nnx.Module):
     """Word + position (+ token type) embeddings, then LayerNorm and dropout."""
 
@@ -201,7 +210,13 @@ class Embeddings(nnx.Module):
         return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
 
     def __call__(self, input_ids, token_type_ids, dropout_rng):
-        x = self.word(input_ids) + self.position(self.position_ids(input_ids))
+        pad = self.cfg.pad_token_id
+        x = _frozen_row(self.word(input_ids), input_ids == pad)
+        position_ids = self.position_ids(input_ids)
+        positions = self.position(position_ids)
+        if self.cfg.padding_aware_positions:
+            positions = _frozen_row(positions, position_ids == pad)
+        x = x + positions
         if self.token_type is not None:
             if token_type_ids is None:
                 token_type_ids = jnp.zeros_like(input_ids)
