@@ -245,14 +245,22 @@ class Layer(nnx.Module):
             jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None, None, None)
         )
         b, t, _ = x.shape
-        heads = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)
+
+        def heads(y):  # [b, t, h] -> [b * heads, t, head_dim]
+            y = y.reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(0, 2, 1, 3)
+            return y.reshape(b * cfg.num_heads, t, cfg.head_dim)
+
+        # One flat leading batch axis: XLA's CPU batched matmul is ~3.5x faster on this layout
+        # than on a [b, t, n, d] einsum (scripts/bench_encoder.py).
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         # Softmax runs in float32 whatever the compute dtype: bf16 logits lose the small
         # differences attention depends on.
-        logits = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32)
-        logits = logits * (1.0 / math.sqrt(cfg.head_dim)) + mask_bias
+        logits = jnp.matmul(q, k.transpose(0, 2, 1)).astype(jnp.float32)
+        logits = logits.reshape(b, cfg.num_heads, t, t) * (1.0 / math.sqrt(cfg.head_dim)) + mask_bias
         probs = _dropout(jax.nn.softmax(logits, axis=-1), cfg.attention_dropout, k_attn)
-        context = jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v).reshape(b, t, -1)
+        probs = probs.astype(v.dtype).reshape(b * cfg.num_heads, t, t)
+        context = jnp.matmul(probs, v).reshape(b, cfg.num_heads, t, cfg.head_dim)
+        context = context.transpose(0, 2, 1, 3).reshape(b, t, -1)
         attn = _dropout(self.attention_out(context), cfg.hidden_dropout, k_out)
         x = self.attention_norm(x + attn)
         y = self.ffn_out(ACTIVATIONS[cfg.hidden_act](self.ffn_in(x)))

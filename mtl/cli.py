@@ -1,0 +1,77 @@
+"""The `mtl` command: argument parsing and calls into the public API, nothing more.
+
+Bad input raises `MtlError`; `main` prints its message alone (no traceback) and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mtl.assets import DEFAULT_MODEL
+from mtl.errors import MtlError
+
+EXAMPLE_SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "A man is riding a horse.",
+    "The stock market crashed today.",
+]
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from mtl import Encoder, load_tokenizer, resolve_model
+    from mtl.embed import embed_sentences
+
+    directory = resolve_model(args.model)
+    encoder = Encoder.from_pretrained(directory)
+    sentences = args.sentences or EXAMPLE_SENTENCES
+    embeddings = embed_sentences(encoder, load_tokenizer(directory), sentences, args.max_length)
+    similarity = embeddings @ embeddings.T
+    print(f"model: {args.model} ({directory})")
+    print(f"{encoder.config.model_type}, {encoder.config.num_layers} layers, hidden {encoder.config.hidden_size}")
+    print("cosine similarity of mean-pooled embeddings:")
+    for i, sentence in enumerate(sentences):
+        print(f"  [{i}] {sentence}")
+    print("      " + "".join(f"{f'[{j}]':>8}" for j in range(len(sentences))))
+    for i, row in enumerate(similarity):
+        print(f"  [{i}] " + "".join(f"{value:8.3f}" for value in row))
+
+
+def _fetch(args: argparse.Namespace) -> None:
+    from mtl import resolve_model
+
+    print(resolve_model(args.model))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtl", description="Transfer learning for NLP in JAX.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    embed = sub.add_parser("embed", help="embed sentences with a pretrained encoder and print their similarities")
+    embed.add_argument("sentences", nargs="*", help=f"sentences (default: {len(EXAMPLE_SENTENCES)} examples)")
+    embed.add_argument("--model", default=DEFAULT_MODEL, help="model name or directory (default: %(default)s)")
+    embed.add_argument("--max-length", type=int, default=128, help="truncate longer inputs (default: %(default)s)")
+    embed.set_defaults(run=_embed)
+
+    fetch = sub.add_parser("fetch", help="resolve a model name to a local directory (downloading it once) and print it")
+    fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    fetch.set_defaults(run=_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except MtlError as e:
+        print(f"mtl: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
