@@ -16,6 +16,7 @@ Every error is an `MtlError` naming the file and the key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 LAYER = "{i}"  # placeholder for the layer index in both HF and mtl name templates
 
 
+def _template_regex(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(re.escape(LAYER), r"(\d+)") + "$")
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """One parameter: HF name template, mtl path template, and whether to transpose.
@@ -49,11 +54,26 @@ class Rule:
     mtl: str
     transpose: bool = False
 
-    def hf_regex(self) -> re.Pattern:
-        return re.compile("^" + re.escape(self.hf).replace(re.escape(LAYER), r"(\d+)") + "$")
+    @functools.cached_property
+    def _hf_regex(self) -> re.Pattern:
+        return _template_regex(self.hf)
 
-    def mtl_regex(self) -> re.Pattern:
-        return re.compile("^" + re.escape(self.mtl).replace(re.escape(LAYER), r"(\d+)") + "$")
+    @functools.cached_property
+    def _mtl_regex(self) -> re.Pattern:
+        return _template_regex(self.mtl)
+
+    def translate(self, name: str, to: str) -> str | None:
+        """`name` rewritten into the other side's template (to="mtl" or "hf"), or None."""
+        source, target = (self._hf_regex, self.mtl) if to == "mtl" else (self._mtl_regex, self.hf)
+        match = source.match(name)
+        if match is None:
+            return None
+        return target.replace(LAYER, match.group(1)) if match.groups() else target
+
+
+def _translate(name: str, rules: tuple[Rule, ...], to: str) -> list[tuple[str, Rule]]:
+    """Every (translated name, rule) whose template matches `name`."""
+    return [(out, rule) for rule in rules if (out := rule.translate(name, to)) is not None]
 
 
 def _rules(modules: list[tuple[str, str, str]]) -> tuple[Rule, ...]:
@@ -334,18 +354,16 @@ def hf_to_mtl_names(
             raise MtlError(f"{where}: ambiguous keys {stripped[bare]!r} and {key!r} both map to {bare!r}")
         stripped[bare] = key
     ignored_re = [re.compile(f"^{p}$") for p in arch.ignored]
-    compiled = [(rule, rule.hf_regex()) for rule in arch.rules]
     mapped: dict[str, tuple[str, Rule]] = {}
     ignored, unexpected = [], []
     for bare, key in stripped.items():
-        hits = [(rule, m) for rule, m in ((r, rx.match(bare)) for r, rx in compiled) if m]
+        hits = _translate(bare, arch.rules, to="mtl")
         if not hits:
             (ignored if any(rx.match(bare) for rx in ignored_re) else unexpected).append(key)
             continue
         if len(hits) > 1:
-            raise MtlError(f"{where}: key {key!r} matches several rules: {[r.hf for r, _ in hits]}")
-        rule, match = hits[0]
-        name = rule.mtl.replace(LAYER, match.group(1)) if match.groups() else rule.mtl
+            raise MtlError(f"{where}: key {key!r} matches several rules: {[r.hf for _, r in hits]}")
+        name, rule = hits[0]
         mapped[name] = (key, rule)
     if unexpected:
         raise MtlError(f"{where}: unexpected key(s) not used by a {arch.hf_class}: {sorted(unexpected)}")
@@ -395,14 +413,12 @@ def encoder_to_hf_tensors(encoder: Encoder) -> dict[str, np.ndarray]:
     config = encoder.config
     arch = _architecture(config.model_type, "encoder")
     flat = _layer_view(_flatten(nnx.to_pure_dict(nnx.state(encoder))), config)
-    compiled = [(rule, rule.mtl_regex()) for rule in arch.rules]
     out: dict[str, np.ndarray] = {}
     for name, value in flat.items():
-        hits = [(rule, m) for rule, m in ((r, rx.match(name)) for r, rx in compiled) if m]
+        hits = _translate(name, arch.rules, to="hf")
         if len(hits) != 1:
             raise MtlError(f"encoder parameter {name!r} matches {len(hits)} export rules, expected 1")
-        rule, match = hits[0]
-        key = rule.hf.replace(LAYER, match.group(1)) if match.groups() else rule.hf
+        key, rule = hits[0]
         array = np.asarray(value)
         out[key] = np.ascontiguousarray(array.T if rule.transpose else array)
     return out

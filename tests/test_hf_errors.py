@@ -132,3 +132,15 @@ def test_bad_run_option_values(bert_dir):
 def test_directory_without_config(tmp_path):
     with pytest.raises(MtlError, match=r"is not a model directory \(no config\.json\)"):
         Encoder.from_pretrained(tmp_path)
+
+
+def test_pre_2019_layernorm_names_load(bert_dir, tmp_path):
+    """Old BERT checkpoints name LayerNorm parameters gamma/beta; HF renames them, so do we."""
+    def rename(t):
+        return {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+                for k, v in t.items()}
+
+    path = _copy_with_tensors(bert_dir, tmp_path / "ckpt", rename)
+    assert any(k.endswith("LayerNorm.gamma") for k in load_file(path / "model.safetensors"))
+    old, new = Encoder.from_pretrained(path), Encoder.from_pretrained(bert_dir)
+    np.testing.assert_array_equal(old.layers.ffn_norm.scale[...], new.layers.ffn_norm.scale[...])
