@@ -3,6 +3,12 @@
 The public API, for research scripts; the `mtl` CLI is a thin layer over these names.
 """
 
+import os
+
+# mtl uses transformers for tokenizers and configs only, so its import-time advice that
+# "PyTorch was not found" is expected noise on every command; set the variable to 0 to see it.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 from mtl.assets import DEFAULT_MODEL, resolve_model
 from mtl.errors import MtlError
 from mtl.models.encoder import Encoder, EncoderConfig, EncoderOutput
