@@ -10,8 +10,11 @@ import os
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from mtl.assets import DEFAULT_MODEL, resolve_model
+from mtl.data.pipeline import TaskData, load_task_data
 from mtl.errors import MtlError
 from mtl.models.encoder import Encoder, EncoderConfig, EncoderOutput
+from mtl.models.model import MultiTaskModel
+from mtl.tasks import TaskSpec, load_task, load_tasks
 from mtl.tokenizer import load_tokenizer
 
 __all__ = [
@@ -20,6 +23,12 @@ __all__ = [
     "EncoderConfig",
     "EncoderOutput",
     "MtlError",
+    "MultiTaskModel",
+    "TaskData",
+    "TaskSpec",
+    "load_task",
+    "load_task_data",
+    "load_tasks",
     "load_tokenizer",
     "resolve_model",
 ]

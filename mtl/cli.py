@@ -45,6 +45,23 @@ def _fetch(args: argparse.Namespace) -> None:
     print(resolve_model(args.model))
 
 
+def _data(args: argparse.Namespace) -> None:
+    import json
+
+    from mtl import load_tokenizer, resolve_model
+    from mtl.data import load_task_data
+    from mtl.hf import read_config
+    from mtl.tasks import load_tasks
+
+    directory = resolve_model(args.model)
+    limit = read_config(directory).max_sequence_length
+    tokenizer = load_tokenizer(directory)
+    for spec in load_tasks(args.tasks):
+        data = load_task_data(spec, tokenizer, max_positions=limit)
+        summary = {"task": spec.name, "head": spec.head, "labels": data.labels, **data.stats}
+        print(json.dumps(summary, indent=None if args.compact else 2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtl", description="Transfer learning for NLP in JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -55,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--model", default=DEFAULT_MODEL, help="model name or directory (default: %(default)s)")
     embed.add_argument("--max-length", type=int, default=128, help="truncate longer inputs (default: %(default)s)")
     embed.set_defaults(run=_embed)
+
+    data = sub.add_parser("data", help="load tasks (shipped names or spec files) and print their example and label counts")
+    data.add_argument("tasks", nargs="+", help="task names (e.g. tweet_sentiment) or paths to task YAML files")
+    data.add_argument("--model", default=DEFAULT_MODEL, help="model whose tokenizer and position limit apply (default: %(default)s)")
+    data.add_argument("--compact", action="store_true", help="one JSON line per task")
+    data.set_defaults(run=_data)
 
     fetch = sub.add_parser("fetch", help="resolve a model name to a local directory (downloading it once) and print it")
     fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL)

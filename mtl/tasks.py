@@ -142,6 +142,8 @@ def _validate(spec: TaskSpec, where: str) -> None:
             f"{where}: key 'split': fractions train={spec.split.train}, validation={spec.split.validation}, "
             f"test={spec.split.test} must be non-negative, with train > 0, and sum to 1"
         )
+    if spec.filters and source.format not in ("csv", "jsonl"):
+        raise MtlError(f"{where}: key 'filters': only csv and jsonl rows have columns to filter on")
     if spec.bio not in ("reject", "repair"):
         raise MtlError(f"{where}: key 'bio': {spec.bio!r} must be 'reject' or 'repair'")
     if spec.max_length < 8:

@@ -37,3 +37,21 @@ def test_fetch_prints_a_directory(tiny_hf):
     proc = run_mtl("fetch", str(tiny_hf["bert"][1]))
     assert proc.returncode == 0
     assert proc.stdout.strip() == str(tiny_hf["bert"][1])
+
+
+@pytest.mark.slow
+def test_data_prints_counts(minilm_dir):
+    import json
+
+    proc = run_mtl("data", "wnut_ner", "--compact")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["task"] == "wnut_ner" and summary["rows_read"] == 2394
+    assert sum(summary["tokens"].values()) == 46469
+
+
+def test_data_unknown_task_is_one_line():
+    proc = run_mtl("data", "no_such_task")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("mtl: error: task 'no_such_task' is neither a file nor a shipped task")
+    assert "Traceback" not in proc.stderr

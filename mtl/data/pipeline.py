@@ -42,7 +42,8 @@ class TaskData:
       label_kind: how labels are encoded (the head's label_kind).
       splits: {"train"/"validation"/"test": Dataset} with columns input_ids, attention_mask,
         token_type_ids, labels, length (and word_index, num_words, tags for token tasks).
-      stats: counts for reports: rows read and kept, examples and labels per split, truncation.
+      stats: counts for reports: rows read and kept, examples and label_counts per split,
+        truncated examples (at max_length) per split, tokens (words) per split for token tasks.
     """
 
     spec: TaskSpec
@@ -399,7 +400,7 @@ def load_task_data(spec: TaskSpec, tokenizer, *, max_positions: int | None = Non
     labels, label_counts = _resolve_labels(spec, kind, splits)
     encoded = {name: _encode(spec, kind, labels, tokenizer, ds) for name, ds in splits.items()}
     stats["examples"] = {name: len(ds) for name, ds in encoded.items()}
-    stats["labels"] = label_counts
+    stats["label_counts"] = label_counts
     stats["truncated"] = {
         name: int(np.sum(np.asarray(ds["length"]) >= spec.max_length)) for name, ds in encoded.items()
     }

@@ -1,0 +1,165 @@
+"""The data path: alignment, bucketing, deterministic resumable order, readers, IOB2."""
+
+import numpy as np
+import pytest
+
+from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_DATA, CSV_SPEC, write_task
+from mtl import load_tokenizer
+from mtl.data import Batcher, TrainStream, bucket_lengths, eval_batches, load_task_data
+from mtl.data.pipeline import iob2_problems, repair_iob2
+from mtl.models.heads import IGNORE
+from mtl.tasks import load_task
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_dir):
+    return load_tokenizer(minilm_dir)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTL_CACHE", str(tmp_path / "cache"))
+
+
+def test_subtoken_alignment_labels_first_piece_only(tmp_path, tokenizer):
+    spec = dict(CONLL_SPEC, source={"format": "conll", "splits": {"train": ["t.txt"]}})
+    path = write_task(tmp_path, spec, {"t.txt": "Tokenization B-PER\nworks O\nin O\nParis B-LOC\n"})
+    data = load_task_data(load_task(path), tokenizer)
+    row = data.splits["train"][0]
+    pieces = tokenizer.convert_ids_to_tokens(row["input_ids"])
+    assert pieces == ["[CLS]", "token", "##ization", "works", "in", "paris", "[SEP]"]
+    labels = data.labels
+    assert row["labels"] == [IGNORE, labels.index("B-PER"), IGNORE, 0, 0, labels.index("B-LOC"), IGNORE]
+    assert row["word_index"] == [-1, 0, -1, 1, 2, 3, -1]
+    assert row["num_words"] == 4 and row["tags"] == [1, 0, 0, 3]
+
+
+def test_conll_reader_splits_sentences_and_skips_docstart(tmp_path, tokenizer):
+    path = write_task(tmp_path, CONLL_SPEC, {"train.txt": CONLL_TRAIN, "dev.txt": CONLL_DEV})
+    data = load_task_data(load_task(path), tokenizer)
+    assert data.stats["examples"] == {"train": 2, "validation": 1}
+    assert data.stats["tokens"] == {"train": 9, "validation": 2}
+    assert data.splits["train"]["origin"][1].endswith("train.txt:8")
+
+
+def test_csv_rows_keep_their_line_numbers_across_quoted_newlines(tmp_path, tokenizer):
+    path = write_task(tmp_path, CSV_SPEC, {"data.csv": CSV_DATA})
+    data = load_task_data(load_task(path), tokenizer)
+    origins = sorted(o for split in data.splits.values() for o in split["origin"])
+    lines = sorted(int(o.rsplit(":", 1)[1]) for o in origins)
+    assert lines == [2, 3, 5, 6, 7, 8, 9, 10]  # the quoted newline makes row 2 span lines 3-4
+    assert data.stats["examples"] == {"train": 4, "validation": 2, "test": 2}
+
+
+def test_seeded_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
+    path = write_task(tmp_path, CSV_SPEC, {"data.csv": CSV_DATA})
+    a = load_task_data(load_task(path), tokenizer)
+    b = load_task_data(load_task(path), tokenizer)
+    for name in a.splits:
+        assert a.splits[name]["origin"] == b.splits[name]["origin"]
+    all_origins = [o for s in a.splits.values() for o in s["origin"]]
+    assert len(all_origins) == len(set(all_origins)) == 8
+    other = load_task_data(load_task(path, overrides=["split.seed=1"]), tokenizer)
+    assert other.splits["train"]["origin"] != a.splits["train"]["origin"]
+
+
+def test_bucket_lengths():
+    assert bucket_lengths(128) == (32, 64, 128)
+    assert bucket_lengths(100) == (32, 64, 100)
+    assert bucket_lengths(512) == (32, 64, 128, 256, 512)
+    assert bucket_lengths(16) == (16,)
+
+
+@pytest.fixture
+def toy_split(tmp_path, tokenizer):
+    rows = "\n".join(f"{'word ' * n},{'pos' if n % 2 else 'neg'}" for n in range(1, 41))
+    spec = dict(CSV_SPEC, columns={"text": "review", "label": "stars"}, max_length=24,
+                split={"seed": 0, "train": 1.0, "validation": 0.0, "test": 0.0})
+    path = write_task(tmp_path, spec, {"data.csv": "review,stars\n" + rows + "\n"})
+    return load_task_data(load_task(path), tokenizer).splits["train"]
+
+
+def test_batches_use_only_declared_shapes(toy_split, tokenizer):
+    batcher = Batcher(toy_split, batch_size=4, max_length=24, pad_token_id=0, buckets=(8, 16))
+    assert batcher.buckets == (8, 16, 24)
+    shapes = set()
+    stream = TrainStream(batcher, seed=0)
+    batches = [stream.batch(step) for step in range(3 * stream.steps_per_epoch)] + list(eval_batches(batcher))
+    for batch in batches:
+        shapes.add(batch["input_ids"].shape)
+        longest = batch["attention_mask"].sum(1).max()
+        # the smallest bucket that holds the longest row
+        assert batch["input_ids"].shape[1] == min(b for b in (8, 16, 24) if b >= longest)
+    assert shapes <= {(4, 8), (4, 16), (4, 24)}
+    shortest = np.argsort(batcher.lengths)[:4]
+    assert batcher.batch(shortest)["input_ids"].shape == (4, 8)
+
+
+def test_eval_batches_cover_every_row_once(toy_split):
+    batcher = Batcher(toy_split, batch_size=16, max_length=24, pad_token_id=0)
+    batches = list(eval_batches(batcher))
+    index = np.concatenate([b["index"][b["weights"] > 0] for b in batches])
+    assert index.tolist() == list(range(40))
+    assert batches[-1]["weights"].tolist() == [1.0] * 8 + [0.0] * 8
+    assert (batches[-1]["index"][8:] == -1).all() and (batches[-1]["input_ids"][8:] == 0).all()
+
+
+def test_train_stream_is_deterministic_and_restarts_at_any_step(toy_split):
+    batcher = Batcher(toy_split, batch_size=4, max_length=24, pad_token_id=0)
+    stream = TrainStream(batcher, seed=7)
+    run = [b["index"].tolist() for _, b in zip(range(25), stream.iterate(0))]
+    again = [b["index"].tolist() for _, b in zip(range(25), TrainStream(batcher, seed=7).iterate(0))]
+    assert run == again
+    resumed = [b["index"].tolist() for _, b in zip(range(12), TrainStream(batcher, seed=7).iterate(13))]
+    assert resumed == run[13:]
+    epoch = np.concatenate(run[:stream.steps_per_epoch])
+    assert sorted(epoch.tolist()) == list(range(40))  # one epoch visits every row once
+    other = [b["index"].tolist() for _, b in zip(range(10), TrainStream(batcher, seed=8).iterate(0))]
+    assert other != run[:10]
+
+
+def test_iob2_checks_and_repair():
+    assert iob2_problems(["B-PER", "I-PER", "O", "B-LOC"]) == []
+    assert iob2_problems(["O", "I-PER", "B-LOC", "I-PER", "X"]) == [1, 3, 4]
+    assert repair_iob2(["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-PER"]) == ["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "B-PER"]
+
+
+def test_bio_repair_option(tmp_path, tokenizer):
+    spec = dict(CONLL_SPEC, bio="repair", source={"format": "conll", "splits": {"train": ["t.txt"]}})
+    path = write_task(tmp_path, spec, {"t.txt": "John I-PER\nSmith I-PER\nleft O\n"})
+    data = load_task_data(load_task(path), tokenizer)
+    assert data.splits["train"]["tags"][0] == [1, 2, 0]  # B-PER I-PER O
+
+
+def test_labels_inferred_from_train(tmp_path, tokenizer):
+    spec = {k: v for k, v in CSV_SPEC.items() if k != "labels"}
+    path = write_task(tmp_path, spec, {"data.csv": CSV_DATA})
+    assert load_task_data(load_task(path), tokenizer).labels == ["neg", "pos"]
+
+
+def test_jsonl_multilabel_and_regression(tmp_path, tokenizer):
+    lines = "\n".join(
+        '{"text": "t%d", "tags": %s, "score": %s}' % (i, '["a", "b"]' if i % 2 else '["b"]', i / 10) for i in range(10)
+    )
+    split = {"seed": 0, "train": 0.6, "validation": 0.2, "test": 0.2}
+    multi = {"name": "multi", "head": "multi_label", "metric": "micro_f1", "labels": ["a", "b"],
+             "source": {"format": "jsonl", "files": ["d.jsonl"]}, "columns": {"text": "text", "label": "tags"}, "split": split}
+    data = load_task_data(load_task(write_task(tmp_path, multi, {"d.jsonl": lines})), tokenizer)
+    hot = np.asarray(data.splits["train"]["labels"])
+    assert hot.shape == (6, 2) and set(map(tuple, hot.tolist())) <= {(1.0, 1.0), (0.0, 1.0)}
+    regression = {"name": "reg", "head": "regression", "metric": "pearson",
+                  "source": {"format": "jsonl", "files": ["d.jsonl"]}, "columns": {"text": "text", "label": "score"}, "split": split}
+    data = load_task_data(load_task(write_task(tmp_path / "r", regression, {"d.jsonl": lines})), tokenizer)
+    assert sorted(v for s in data.splits.values() for v in s["labels"]) == pytest.approx([i / 10 for i in range(10)])
+
+
+def test_confidence_filter_drops_low_and_missing(tmp_path, tokenizer):
+    rows = "text,sentiment,confidence\n" + "\n".join(
+        f"tweet {i},{['negative', 'neutral', 'positive'][i % 3]},{'' if i % 5 == 0 else i / 20}" for i in range(20)
+    )
+    spec = {"name": "tw", "head": "sentiment", "metric": "macro_f1", "labels": ["negative", "neutral", "positive"],
+            "source": {"format": "csv", "files": ["t.csv"]}, "columns": {"text": "text", "label": "sentiment"},
+            "filters": [{"column": "confidence", "min": 0.5}], "split": {"seed": 0, "train": 0.5, "validation": 0.25, "test": 0.25}}
+    data = load_task_data(load_task(write_task(tmp_path, spec, {"t.csv": rows})), tokenizer)
+    # kept: i/20 >= 0.5 -> i in 10..19, minus i=10 and 15 (no confidence)
+    assert data.stats["rows_read"] == 20 and data.stats["rows_kept"] == 8

@@ -1,0 +1,151 @@
+"""Head losses, predictions and metrics against values computed by hand; the head registry."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtl import MtlError
+from mtl.models.encoder import EncoderOutput
+from mtl.models.heads import (
+    HEADS, IGNORE, ClassificationHead, Head, MultiLabelHead, RegressionHead, SentimentHead,
+    TokenClassificationHead, build_head, get_head, pool, register_head,
+)
+from mtl import metrics
+
+
+def _log_softmax(row):
+    row = np.asarray(row, np.float64)
+    return row - np.log(np.exp(row).sum())
+
+
+def _batch(**arrays):
+    return {k: jnp.asarray(v) for k, v in arrays.items()}
+
+
+def test_classification_loss_is_weighted_mean_cross_entropy():
+    head = ClassificationHead(4, ["a", "b", "c"], rngs=nnx.Rngs(0))
+    logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]])
+    batch = _batch(labels=[0, 2, 1], weights=[1.0, 1.0, 0.0])  # the third row is filler
+    expected = -(_log_softmax([2, 0, 0])[0] + _log_softmax([0, 1, 0])[2]) / 2
+    assert float(head.loss(logits, batch)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_class_weights_follow_torch_weighted_cross_entropy():
+    head = ClassificationHead(4, ["a", "b", "c"], rngs=nnx.Rngs(0), class_weights=[1.0, 1.0, 3.0])
+    logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    batch = _batch(labels=[0, 2], weights=[1.0, 1.0])
+    ce = [-_log_softmax([2, 0, 0])[0], -_log_softmax([0, 1, 0])[2]]
+    assert float(head.loss(logits, batch)) == pytest.approx((1 * ce[0] + 3 * ce[1]) / 4, rel=1e-6)
+    with pytest.raises(MtlError, match=r"class_weights needs 3 non-negative numbers"):
+        ClassificationHead(4, ["a", "b", "c"], rngs=nnx.Rngs(0), class_weights=[1.0, 2.0])
+
+
+def test_classification_decode_and_score():
+    head = ClassificationHead(4, ["a", "b"], rngs=nnx.Rngs(0))
+    predictions = head.predict(jnp.array([[3.0, 1.0], [0.0, 2.0], [9.0, 0.0]]), {})
+    decoded = head.decode({k: np.asarray(v) for k, v in predictions.items()}, {"weights": np.array([1, 1, 0])})
+    assert decoded == [0, 1]
+    scores = head.score([0, 1, 1, 1], [0, 1, 0, 1])
+    assert scores["accuracy"] == 0.75
+    # a: P=1, R=1/2, F1=2/3; b: P=2/3, R=1, F1=4/5; macro = (2/3 + 4/5) / 2
+    assert scores["macro_f1"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert scores["recall/a"] == 0.5 and scores["precision/b"] == pytest.approx(2 / 3)
+
+
+def test_sentiment_score_is_expected_polarity():
+    head = SentimentHead(4, ["neg", "neu", "pos"], rngs=nnx.Rngs(0))
+    logits = jnp.log(jnp.array([[0.2, 0.3, 0.5], [1.0, 1e-9, 1e-9]]))
+    out = head.predict(logits, {})
+    np.testing.assert_allclose(out["score"], [0.2 * -1 + 0.5 * 1, -1.0], atol=1e-6)
+    scores = head.score([(2, 0.3), (0, -1.0)], [2, 1])
+    assert scores["polarity_mae"] == pytest.approx((0.7 + 1.0) / 2)
+    assert scores["accuracy"] == 0.5
+    assert SentimentHead.needs_declared_labels and not ClassificationHead.needs_declared_labels
+
+
+def test_token_classification_loss_skips_ignored_tokens():
+    head = TokenClassificationHead(4, ["O", "B-X", "I-X"], rngs=nnx.Rngs(0))
+    logits = jnp.array([[[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [7.0, 7.0, 7.0], [0.0, 0.0, 1.0]],
+                        [[3.0, 0.0, 0.0], [3.0, 0.0, 0.0], [3.0, 0.0, 0.0], [3.0, 0.0, 0.0]]])
+    batch = _batch(labels=[[IGNORE, 1, IGNORE, 2], [0, 0, 0, 0]], weights=[1.0, 0.0])
+    expected = -(_log_softmax([0, 2, 0])[1] + _log_softmax([0, 0, 1])[2]) / 2
+    assert float(head.loss(logits, batch)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_token_classification_decodes_words_from_first_subtokens():
+    head = TokenClassificationHead(4, ["O", "B-X", "I-X"], rngs=nnx.Rngs(0))
+    # [CLS] w0 w0' w1 [SEP]; the sentence has 3 words, the third cut off by truncation.
+    predictions = {"tags": np.array([[2, 1, 2, 2, 0]])}
+    batch = {"weights": np.array([1.0]), "num_words": np.array([3]),
+             "word_index": np.array([[-1, 0, -1, 1, -1]])}
+    assert head.decode(predictions, batch) == [[1, 2, 0]]
+    scores = head.score([[1, 2, 0]], [[1, 2, 1]])  # gold has a second entity at word 2
+    assert scores["entity_precision"] == 1.0 and scores["entity_recall"] == 0.5
+    assert scores["entity_f1"] == pytest.approx(2 / 3)
+    assert scores["token_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_seqeval_strict_iob2_does_not_repair_predictions():
+    true = [["B-PER", "I-PER", "O", "B-LOC"]]
+    pred = [["B-PER", "I-PER", "O", "I-LOC"]]  # I-LOC with no B-LOC: not an entity in strict mode
+    scores = metrics.entity_metrics(true, pred)
+    assert scores["entity_precision"] == 1.0 and scores["entity_recall"] == 0.5
+    assert scores["entity_f1/PER"] == 1.0 and scores["entity_f1/LOC"] == 0.0
+
+
+def test_regression_loss_and_correlations():
+    head = RegressionHead(4, ["score"], rngs=nnx.Rngs(0))
+    batch = _batch(labels=[1.0, 2.0, 0.0], weights=[1.0, 1.0, 0.0])
+    assert float(head.loss(jnp.array([[0.5], [3.0], [9.0]]), batch)) == pytest.approx((0.25 + 1.0) / 2)
+    scores = head.score([1.0, 2.0, 3.0, 5.0], [2.0, 4.0, 6.0, 8.0])
+    assert scores["spearman"] == pytest.approx(1.0)
+    assert scores["pearson"] == pytest.approx(np.corrcoef([1, 2, 3, 5], [2, 4, 6, 8])[0, 1])
+    assert scores["mse"] == pytest.approx((1 + 4 + 9 + 9) / 4)
+
+
+def test_multi_label_bce_and_f1():
+    head = MultiLabelHead(4, ["a", "b"], rngs=nnx.Rngs(0))
+    logits = jnp.array([[0.0, 2.0]])
+    batch = _batch(labels=[[1.0, 0.0]], weights=[1.0])
+    sig = 1 / (1 + math.exp(-2.0))
+    expected = (-math.log(0.5) - math.log(1 - sig)) / 2
+    assert float(head.loss(logits, batch)) == pytest.approx(expected, rel=1e-6)
+    scores = head.score([[1, 1], [0, 1]], [[1, 0], [0, 1]])
+    # micro: TP=2, FP=1, FN=0 -> P=2/3, R=1, F1=0.8; macro: a F1=1, b F1=2/3
+    assert scores["micro_f1"] == pytest.approx(0.8)
+    assert scores["macro_f1"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_pooling_choices():
+    hidden = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2)
+    encoded = EncoderOutput(hidden, pooler_output=jnp.ones((2, 2)))
+    mask = jnp.array([[1, 1, 0], [1, 1, 1]])
+    np.testing.assert_array_equal(pool(encoded, mask, "cls"), hidden[:, 0])
+    np.testing.assert_allclose(pool(encoded, mask, "mean")[0], hidden[0, :2].mean(0))
+    np.testing.assert_array_equal(pool(encoded, mask, "pooler"), jnp.ones((2, 2)))
+    with pytest.raises(MtlError, match="needs an encoder with a pooler"):
+        pool(EncoderOutput(hidden), mask, "pooler")
+
+
+def test_registry_rejects_duplicates_and_lists_known_heads():
+    with pytest.raises(MtlError, match=r"head 'classification' is already registered \(by mtl\.models\.heads\.ClassificationHead\)"):
+        register_head("classification")(type("Another", (ClassificationHead,), {}))
+    with pytest.raises(MtlError, match=r"head 'nope' is unknown; known: \['classification', 'multi_label', 'regression', 'sentiment', 'token_classification'"):
+        get_head("nope")
+    with pytest.raises(MtlError, match=r"cannot import module 'no_such_module'"):
+        get_head("no_such_module:Head")
+    with pytest.raises(MtlError, match=r"user_heads has no Head subclass named 'Missing'"):
+        get_head("user_heads:Missing")
+
+
+def test_user_head_by_dotted_path_and_options():
+    cls = get_head("user_heads:MeanPoolRegression")
+    assert issubclass(cls, Head) and "user_heads:MeanPoolRegression" not in HEADS
+    assert get_head("user_heads.MeanPoolRegression") is cls
+    head = build_head("user_heads:MeanPoolRegression", 8, ["y"], {"scale": 2.0}, rngs=nnx.Rngs(0))
+    assert head.scale == 2.0
+    with pytest.raises(MtlError, match=r"unknown head_options \['pooling'\]; known: \['scale'\]"):
+        build_head("user_heads:MeanPoolRegression", 8, ["y"], {"pooling": "cls"}, rngs=nnx.Rngs(0))

@@ -1,0 +1,156 @@
+"""Bad task input: one clear MtlError naming the file and line or key, for each case."""
+
+import pytest
+
+from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_DATA, CSV_SPEC, write_task
+from mtl import MtlError, load_tokenizer
+from mtl.data import load_task_data
+from mtl.tasks import load_task, load_tasks
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_dir):
+    return load_tokenizer(minilm_dir)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTL_CACHE", str(tmp_path / "cache"))
+
+
+def _load(tmp_path, tokenizer, spec, files, **kwargs):
+    return load_task_data(load_task(write_task(tmp_path, spec, files)), tokenizer, **kwargs)
+
+
+def test_malformed_conll_line(tmp_path, tokenizer):
+    bad = CONLL_TRAIN.replace("visited O", "visited")
+    with pytest.raises(MtlError, match=r"train\.txt:3: malformed CoNLL line 'visited': expected a token and a tag"):
+        _load(tmp_path, tokenizer, CONLL_SPEC, {"train.txt": bad, "dev.txt": CONLL_DEV})
+
+
+def test_label_not_in_declared_set(tmp_path, tokenizer):
+    with pytest.raises(MtlError, match=r"data\.csv:6: label 'meh' is not in the declared labels: \['neg', 'pos'\]"):
+        _load(tmp_path, tokenizer, CSV_SPEC, {"data.csv": CSV_DATA.replace("hated it,neg", "hated it,meh")})
+
+
+def test_tag_not_in_declared_set_names_its_line(tmp_path, tokenizer):
+    bad = CONLL_TRAIN.replace("Paris B-LOC", "Paris B-GPE")
+    with pytest.raises(MtlError, match=r"train\.txt:4: label 'B-GPE' is not in the declared labels"):
+        _load(tmp_path, tokenizer, CONLL_SPEC, {"train.txt": bad, "dev.txt": CONLL_DEV})
+
+
+def test_label_only_in_validation_when_inferring(tmp_path, tokenizer):
+    spec = {k: v for k, v in CONLL_SPEC.items() if k != "labels"}
+    with pytest.raises(MtlError, match=r"dev\.txt:2: label 'B-ORG' is not in the labels seen in train"):
+        _load(tmp_path, tokenizer, spec, {"train.txt": CONLL_TRAIN, "dev.txt": "Anne B-PER\nIBM B-ORG\n"})
+
+
+def test_invalid_bio_is_rejected_in_strict_mode(tmp_path, tokenizer):
+    bad = CONLL_TRAIN.replace("Paris B-LOC", "Paris I-LOC")
+    with pytest.raises(MtlError, match=r"train\.txt:4: tag 'I-LOC' after 'O' is not valid IOB2 \(set bio: repair"):
+        _load(tmp_path, tokenizer, CONLL_SPEC, {"train.txt": bad, "dev.txt": CONLL_DEV})
+
+
+def test_missing_column(tmp_path, tokenizer):
+    spec = dict(CSV_SPEC, columns={"text": "body", "label": "stars"})
+    with pytest.raises(MtlError, match=r"data\.csv: column\(s\) \['body'\] not found; the header has \['review', 'stars'\]"):
+        _load(tmp_path, tokenizer, spec, {"data.csv": CSV_DATA})
+
+
+def test_missing_jsonl_key(tmp_path, tokenizer):
+    spec = dict(CSV_SPEC, source={"format": "jsonl", "files": ["d.jsonl"]})
+    rows = '{"review": "good", "stars": "pos"}\n{"review": "bad"}\n'
+    with pytest.raises(MtlError, match=r"d\.jsonl:2: missing key\(s\) \['stars'\]"):
+        _load(tmp_path, tokenizer, spec, {"d.jsonl": rows})
+
+
+def test_empty_split(tmp_path, tokenizer):
+    spec = dict(CSV_SPEC, split={"seed": 0, "train": 0.9, "validation": 0.05, "test": 0.05})
+    with pytest.raises(MtlError, match=r"toy_csv\.yaml: task 'toy_csv': split 'validation' is empty"):
+        _load(tmp_path, tokenizer, spec, {"data.csv": CSV_DATA})
+
+
+def test_non_utf8_file_without_declared_encoding(tmp_path, tokenizer):
+    data = CSV_DATA.lstrip("\n").replace("fine,pos", "caf\u00e9,pos").encode("latin-1")  # line 7
+    with pytest.raises(MtlError, match=r"data\.csv:7: not valid utf-8 \(byte 0xe9 at offset 83\); declare the file's encoding"):
+        _load(tmp_path, tokenizer, CSV_SPEC, {"data.csv": data})
+    spec = dict(CSV_SPEC, source={"format": "csv", "files": ["data.csv"], "encoding": "latin-1"})
+    loaded = _load(tmp_path / "ok", tokenizer, spec, {"data.csv": data})
+    assert sum(loaded.stats["examples"].values()) == 8
+
+
+def test_unknown_head(tmp_path):
+    path = write_task(tmp_path, dict(CSV_SPEC, head="clasification"), {})
+    with pytest.raises(MtlError, match=r"toy_csv\.yaml: key 'head': head 'clasification' is unknown; known: \['classification'"):
+        load_task(path)
+
+
+def test_duplicate_task_name(tmp_path):
+    a = write_task(tmp_path / "a", CSV_SPEC, {})
+    b = write_task(tmp_path / "b", CSV_SPEC, {})
+    with pytest.raises(MtlError, match=r"task name 'toy_csv' is defined twice: in .*a/toy_csv\.yaml and .*b/toy_csv\.yaml"):
+        load_tasks([a, b])
+
+
+def test_max_length_above_encoder_limit(tmp_path, tokenizer):
+    spec = dict(CSV_SPEC, max_length=1024)
+    with pytest.raises(MtlError, match=r"toy_csv\.yaml: key 'max_length': 1024 exceeds the encoder's limit of 512 positions"):
+        _load(tmp_path, tokenizer, spec, {"data.csv": CSV_DATA}, max_positions=512)
+
+
+def test_unknown_spec_key_and_wrong_type(tmp_path):
+    with pytest.raises(MtlError, match=r"toy_csv\.yaml: key 'max_lenght': Key 'max_lenght' not in 'TaskSpec'"):
+        load_task(write_task(tmp_path, dict(CSV_SPEC, max_lenght=64), {}))
+    with pytest.raises(MtlError, match=r"key 'source.fils': Key 'fils' not in 'SourceSpec'. Did you mean: 'files'\?"):
+        load_task(write_task(tmp_path / "b", dict(CSV_SPEC, source={"format": "csv", "fils": ["x"]}), {}))
+    with pytest.raises(MtlError, match=r"key 'max_length': Value 'long' of type 'str' could not be converted to Integer"):
+        load_task(write_task(tmp_path / "c", dict(CSV_SPEC, max_length="long"), {}))
+
+
+def test_metric_must_come_from_the_head(tmp_path):
+    with pytest.raises(MtlError, match=r"key 'metric': 'entity_f1' is not reported by head 'classification'; choose one of \['accuracy', 'macro_f1', 'weighted_f1'\]"):
+        load_task(write_task(tmp_path, dict(CSV_SPEC, metric="entity_f1"), {}))
+
+
+def test_sentiment_needs_declared_labels(tmp_path):
+    spec = {k: v for k, v in CSV_SPEC.items() if k != "labels"} | {"head": "sentiment", "metric": "macro_f1"}
+    with pytest.raises(MtlError, match=r"key 'labels': head 'sentiment' needs its labels declared in order"):
+        load_task(write_task(tmp_path, spec, {}))
+
+
+def test_bad_split_fractions_and_sources(tmp_path):
+    with pytest.raises(MtlError, match=r"key 'split': fractions train=0.5, validation=0.1, test=0.1 must .* sum to 1"):
+        load_task(write_task(tmp_path, dict(CSV_SPEC, split={"train": 0.5, "validation": 0.1, "test": 0.1}), {}))
+    with pytest.raises(MtlError, match=r"key 'source': give exactly one of 'files'"):
+        load_task(write_task(tmp_path / "b", dict(CSV_SPEC, source={"format": "csv"}), {}))
+    with pytest.raises(MtlError, match=r"key 'source.format': 'xlsx' is unknown"):
+        load_task(write_task(tmp_path / "c", dict(CSV_SPEC, source={"format": "xlsx", "files": ["a"]}), {}))
+
+
+def test_files_that_match_nothing(tmp_path, tokenizer):
+    with pytest.raises(MtlError, match=r"key 'source.files': 'data.csv' matches no file \(looked in "):
+        _load(tmp_path, tokenizer, CSV_SPEC, {})
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nhead: [classification\nmetric: accuracy\n")
+    with pytest.raises(MtlError, match=r"broken\.yaml:\d+:\d+: invalid YAML"):
+        load_task(path)
+
+
+def test_unknown_shipped_task_lists_the_shipped_ones():
+    with pytest.raises(MtlError, match=r"task 'tweets' is neither a file nor a shipped task; shipped: \['bbc_topic', 'tweet_sentiment', 'wnut_ner'\]"):
+        load_task("tweets")
+
+
+def test_non_numeric_regression_label(tmp_path, tokenizer):
+    spec = {k: v for k, v in CSV_SPEC.items() if k != "labels"} | {"head": "regression", "metric": "pearson"}
+    with pytest.raises(MtlError, match=r"data\.csv:\d+: label '(pos|neg)' is not a number \(head 'regression' needs one\)"):
+        _load(tmp_path, tokenizer, spec, {"data.csv": CSV_DATA})
+
+
+def test_filters_need_columns(tmp_path):
+    spec = dict(CONLL_SPEC, filters=[{"column": "confidence", "min": 0.5}])
+    with pytest.raises(MtlError, match=r"key 'filters': only csv and jsonl rows have columns"):
+        load_task(write_task(tmp_path, spec, {}))

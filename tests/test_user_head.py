@@ -1,0 +1,61 @@
+"""A head defined in a test module, named by dotted path in a spec, trains through a jitted step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from data_helpers import write_task
+from mtl import Encoder, EncoderConfig, load_tokenizer
+from mtl.data import Batcher, TrainStream, load_task_data
+from mtl.models import MultiTaskModel, build_head
+from mtl.tasks import load_task
+
+
+def test_user_head_trains(tmp_path, monkeypatch, minilm_dir):
+    monkeypatch.setenv("MTL_CACHE", str(tmp_path / "cache"))
+    rows = "\n".join('{"text": "%s", "y": %d}' % ("good " * (i % 5 + 1), i % 5) for i in range(40))
+    spec = {"name": "toy_score", "head": "user_heads:MeanPoolRegression", "metric": "mse",
+            "head_options": {"scale": 2.0}, "source": {"format": "jsonl", "files": ["d.jsonl"]},
+            "columns": {"text": "text", "label": "y"}, "max_length": 16,
+            "split": {"seed": 0, "train": 0.8, "validation": 0.2, "test": 0.0}}
+    spec = load_task(write_task(tmp_path, spec, {"d.jsonl": rows}))
+    tokenizer = load_tokenizer(minilm_dir)
+    data = load_task_data(spec, tokenizer)
+
+    config = EncoderConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
+                           intermediate_size=37, max_position_embeddings=64)
+    rngs = nnx.Rngs(0)
+    head = build_head(spec.head, config.hidden_size, data.labels, spec.head_options, rngs=rngs)
+    model = MultiTaskModel(Encoder(config, rngs=rngs), {spec.name: head})
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    optimizer = optax.adam(1e-2)
+    opt_state = optimizer.init(params)
+    traces = []
+
+    @jax.jit
+    def train_step(params, opt_state, batch, rng):
+        traces.append(1)
+
+        def loss_fn(p):
+            return nnx.merge(graphdef, p, rest).loss(spec.name, batch, dropout_rng=rng)[0]
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    batch = TrainStream(Batcher(data.splits["train"], batch_size=8, max_length=16, pad_token_id=0), seed=0).batch(0)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    before = jax.tree.map(np.asarray, params)
+    losses = []
+    for step in range(20):
+        params, opt_state, loss = train_step(params, opt_state, batch, jax.random.fold_in(jax.random.key(0), step))
+        losses.append(float(loss))
+    assert len(traces) == 1
+    assert all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
+    flat_before = dict(nnx.to_flat_state(before))
+    unchanged = sorted(".".join(map(str, path)) for path, value in nnx.to_flat_state(params)
+                       if np.array_equal(np.asarray(value[...]), np.asarray(flat_before[path][...])))
+    # Everything moved but the pooler, which this mean-pooling head never reads.
+    assert unchanged == ["encoder.pooler.bias", "encoder.pooler.kernel"]
