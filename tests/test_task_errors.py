@@ -154,3 +154,13 @@ def test_filters_need_columns(tmp_path):
     spec = dict(CONLL_SPEC, filters=[{"column": "confidence", "min": 0.5}])
     with pytest.raises(MtlError, match=r"key 'filters': only csv and jsonl rows have columns"):
         load_task(write_task(tmp_path, spec, {}))
+
+
+def test_unreachable_hub_dataset(tmp_path, tokenizer, monkeypatch):
+    import datasets
+
+    # datasets reads HF_HUB_OFFLINE at import; patch the constant it keeps.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    spec = dict(CSV_SPEC, source={"format": "hub", "hub": "no-such-org/no-such-dataset"})
+    with pytest.raises(MtlError, match=r"toy_csv\.yaml: key 'source.hub': cannot load 'no-such-org/no-such-dataset' \("):
+        _load(tmp_path, tokenizer, spec, {})
