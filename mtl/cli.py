@@ -62,6 +62,34 @@ def _data(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=None if args.compact else 2))
 
 
+# The metrics `mtl train` and `mtl evaluate` print; metrics.jsonl has them all.
+_SUMMARY = ("accuracy", "macro_f1", "entity_f1", "entity_precision", "entity_recall", "pearson", "spearman",
+            "micro_f1", "polarity_mae", "mse")
+
+
+def _print_summary(results: dict[str, float], everything: bool = False) -> None:
+    import json
+
+    def shown(key: str) -> bool:
+        parts = key.split("/")
+        return everything or len(parts) == 1 or (len(parts) == 2 and parts[1] in _SUMMARY)
+
+    print(json.dumps({k: round(v, 4) for k, v in results.items() if shown(k)}, indent=2))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from mtl.config import load_experiment
+    from mtl.train.loop import train
+
+    _print_summary(train(load_experiment(args.config, args.overrides), args.workdir))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from mtl.train.loop import evaluate
+
+    _print_summary(evaluate(args.workdir, args.split, args.checkpoint), args.all)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtl", description="Transfer learning for NLP in JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -72,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--model", default=DEFAULT_MODEL, help="model name or directory (default: %(default)s)")
     embed.add_argument("--max-length", type=int, default=128, help="truncate longer inputs (default: %(default)s)")
     embed.set_defaults(run=_embed)
+
+    train = sub.add_parser("train", help="train (or resume) an experiment config in a workdir")
+    train.add_argument("config", help="experiment YAML, e.g. configs/multitask.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
+    train.add_argument("--workdir", required=True, help="run directory; an existing one is resumed")
+    train.set_defaults(run=_train)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a workdir's best (or latest) checkpoint")
+    evaluate.add_argument("--workdir", required=True)
+    evaluate.add_argument("--split", default="validation", choices=["validation", "test"])
+    evaluate.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    evaluate.add_argument("--all", action="store_true", help="print every metric (per class, per type)")
+    evaluate.set_defaults(run=_evaluate)
 
     data = sub.add_parser("data", help="load tasks (shipped names or spec files) and print their example and label counts")
     data.add_argument("tasks", nargs="+", help="task names (e.g. tweet_sentiment) or paths to task YAML files")

@@ -8,13 +8,14 @@ wrong types and missing required values. `load_structured` turns OmegaConf's err
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mtl.errors import MtlError
@@ -77,3 +78,119 @@ def load_structured(
 def to_yaml(obj: Any) -> str:
     """A dataclass instance as YAML (for writing the resolved config into a workdir)."""
     return OmegaConf.to_yaml(OmegaConf.structured(obj))
+
+
+# ----------------------------------------------------------------------- experiment schema
+# An experiment file (configs/*.yaml) is an ExperimentConfig; every key is documented in the
+# README's "Experiment configs" table. Defaults here are the defaults of every config.
+
+@dataclasses.dataclass
+class RandomEncoder:
+    """Architecture of a randomly initialised encoder (smoke tests); vocab from the tokenizer."""
+
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 64
+    max_position_embeddings: int = 512
+
+
+@dataclasses.dataclass
+class ModelSection:
+    encoder: str = "sentence-transformers/all-MiniLM-L6-v2"  # name or directory (weights + tokenizer)
+    random_init: RandomEncoder | None = None  # set: a random encoder of this shape, not the weights
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str | None = None
+    init_from: str | None = None  # a workdir to transfer from: its encoder and matching heads
+    reinit_heads: list[str] = dataclasses.field(default_factory=list)  # heads to start fresh
+
+
+@dataclasses.dataclass
+class TaskEntry:
+    task: str = MISSING  # shipped task name or path to a task spec
+    weight: float = 1.0  # static loss weight (loss_weighting: static)
+    max_train_examples: int | None = None  # use a slice: the first N of the shuffled split
+    max_eval_examples: int | None = None
+
+
+@dataclasses.dataclass
+class OptimSection:
+    learning_rate: float = 5e-5
+    schedule: str = "linear"  # linear | cosine | constant (after warmup)
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+    grad_accum: int = 1  # optax.MultiSteps: one update every N steps
+    layer_decay: float | None = None  # LLRD: layer l of L gets lr * decay**(L - l)
+    freeze_encoder: bool = False
+    freeze_layers: int = 0  # freeze the embeddings and the lowest N layers
+
+
+@dataclasses.dataclass
+class TrainSection:
+    steps: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+    sampling: str = "proportional"  # proportional | temperature | uniform | round_robin
+    temperature: float = 2.0  # sampling: temperature, p_t ~ n_t ** (1 / T)
+    loss_weighting: str = "static"  # static | uncertainty
+    dropout: bool = True
+    buckets: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128, 256])
+    eval_every: int = 200
+    eval_split: str = "validation"
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    best_metric: str = "aggregate"  # "aggregate" (mean of primary metrics) or "task/metric"
+    early_stopping_patience: int | None = None  # evaluations without improvement
+    nan_policy: str = "stop"  # stop | skip
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    tasks: list[TaskEntry] = MISSING
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+
+
+_CHOICES = {
+    "optim.schedule": ("linear", "cosine", "constant"),
+    "train.sampling": ("proportional", "temperature", "uniform", "round_robin"),
+    "train.loss_weighting": ("static", "uncertainty"),
+    "train.nan_policy": ("stop", "skip"),
+    "train.eval_split": ("validation", "test"),
+}
+
+
+def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] = (),
+                    data: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Load an experiment config file (or a dict) with dotted overrides, and validate it."""
+    where = str(path) if path is not None else "config"
+    config = load_structured(ExperimentConfig, read_yaml(path) if path is not None else dict(data or {}),
+                             where=where, overrides=overrides)
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in choices:
+            raise MtlError(f"{where}: key {key!r}: {value!r} is not one of {list(choices)}")
+    positive = {"train.steps": config.train.steps, "train.batch_size": config.train.batch_size,
+                "train.eval_every": config.train.eval_every, "train.log_every": config.train.log_every,
+                "train.checkpoint_every": config.train.checkpoint_every, "optim.grad_accum": config.optim.grad_accum,
+                "train.keep_checkpoints": config.train.keep_checkpoints}
+    for key, value in positive.items():
+        if value <= 0:
+            raise MtlError(f"{where}: key {key!r}: must be positive, got {value}")
+    if not config.tasks:
+        raise MtlError(f"{where}: key 'tasks': list at least one task")
+    if not 0.0 <= config.optim.warmup_ratio < 1.0:
+        raise MtlError(f"{where}: key 'optim.warmup_ratio': must be in [0, 1)")
+    if config.optim.layer_decay is not None and not 0.0 < config.optim.layer_decay <= 1.0:
+        raise MtlError(f"{where}: key 'optim.layer_decay': must be in (0, 1]")
+    return config

@@ -48,16 +48,17 @@ class Batcher:
         self.pad_token_id = pad_token_id
         self.buckets = bucket_lengths(max_length, buckets)
         self.size = len(split)
-        columns = split.with_format("numpy")
-        self._ragged = {c: columns[c] for c in ("input_ids", "attention_mask", "token_type_ids")}
         self.lengths = np.asarray(split["length"], np.int64)
         self.token_task = "word_index" in split.column_names
+        ragged = ["input_ids", "attention_mask", "token_type_ids"]
         if self.token_task:
-            self._ragged["labels"] = columns["labels"]
-            self._ragged["word_index"] = columns["word_index"]
+            ragged += ["labels", "word_index"]
             self._num_words = np.asarray(split["num_words"], np.int32)
-            self._labels = None
-        else:
+        # Row r of a ragged column is values[offsets[r]:offsets[r + 1]]: read once from arrow,
+        # so building a batch is numpy slicing, not a per-row arrow lookup.
+        self._ragged = {c: _flat_column(split, c) for c in ragged}
+        self._labels = None
+        if not self.token_task:
             labels = np.asarray(split["labels"])
             self._labels = labels.astype(np.float32 if labels.dtype.kind == "f" else np.int32)
 
@@ -91,11 +92,17 @@ class Batcher:
             shape = (b,) + self._labels.shape[1:]
             out["labels"] = np.zeros(shape, self._labels.dtype)
             out["labels"][: len(rows)] = self._labels[rows]
-        for i, row in enumerate(rows):
-            for name, column in self._ragged.items():
-                values = column[row]
-                out[name][i, : len(values)] = values
+        for name, (values, offsets) in self._ragged.items():
+            for i, row in enumerate(rows):
+                out[name][i, : offsets[row + 1] - offsets[row]] = values[offsets[row]:offsets[row + 1]]
         return out
+
+
+def _flat_column(split: datasets.Dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list column, straight from the arrow table (indices applied)."""
+    column = split.flatten_indices().data.column(name).combine_chunks()
+    return (np.asarray(column.values.to_numpy(zero_copy_only=False), np.int32),
+            np.asarray(column.offsets.to_numpy(), np.int64))
 
 
 class TrainStream:

@@ -1,0 +1,92 @@
+"""Checkpoints, through orbax: the only module that talks to it.
+
+A checkpoint at step s holds two items:
+  state: the TrainState pytree (params, optimizer state, step, RNG key data);
+  meta:  JSON with everything else needed to continue exactly: each task stream's position,
+         the resolved config, every task's label vocabulary, the best score so far and the
+         early-stopping count.
+Saves are asynchronous, and orbax writes to a temporary directory that it renames when
+complete, so a process killed mid-save leaves the previous checkpoint as the latest. The
+manager keeps the latest `keep` checkpoints plus the best one by the chosen metric.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
+
+from mtl.errors import MtlError
+
+
+class Checkpointer:
+    """Save and restore (TrainState, meta) pairs under `directory`."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, best_metric: str | None = None):
+        self.directory = Path(directory).absolute()
+        preserve = [policies.LatestN(keep)]
+        if best_metric is not None:
+            preserve.append(policies.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
+                                           keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policies.AnyPreservationPolicy(preserve),
+            enable_async_checkpointing=True,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        return self.manager.best_step()
+
+    def save(self, step: int, state: Any, meta: dict, metrics: dict[str, float] | None = None) -> None:
+        """Start an asynchronous save; `metrics` rank it for the best-checkpoint policy."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            metrics=metrics,
+            force=True,
+        )
+
+    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+        """(state, meta) of checkpoint `step`, with the state's structure and shapes taken from `like`.
+
+        A checkpoint whose parameters do not match `like` is an MtlError naming the first
+        mismatching parameter.
+        """
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        meta = self.restore_meta(step)
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise MtlError(f"{self.directory}/{step}: the checkpoint does not fit this model ({_first_line(e)})") from None
+        return restored["state"], meta
+
+    def restore_meta(self, step: int) -> dict:
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored["meta"]
+
+    def restore_tree(self, step: int) -> Any:
+        """The saved state as a plain nested dict of arrays, without a target structure."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

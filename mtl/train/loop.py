@@ -1,0 +1,247 @@
+"""The host loop: sample a task, take its step, log, evaluate, checkpoint, stop.
+
+`Trainer(experiment, workdir).run()` trains an experiment; pointed at a workdir that already has
+checkpoints, it resumes from the latest one exactly (same params, optimizer state, data
+positions and RNG), so an interrupted run and an uninterrupted one produce the same losses.
+
+A workdir holds config.yaml (the resolved config), metrics.jsonl, events/ (TensorBoard) and
+checkpoints/.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from mtl.checkpoint import Checkpointer
+from mtl.config import to_yaml
+from mtl.data.batching import Batcher, TrainStream, eval_batches
+from mtl.errors import MtlError
+from mtl.tracking import MetricsWriter
+from mtl.train.experiment import Experiment
+from mtl.train.multitask import TaskSampler, make_predict_steps, make_train_steps
+from mtl.train.optim import build_optimizer, learning_rate_at
+from mtl.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+# Metrics where smaller is better; selection (aggregate, best checkpoint) negates them.
+LOWER_IS_BETTER = ("mse", "polarity_mae")
+
+
+class NonFiniteLossError(MtlError):
+    """Training produced a NaN or infinite loss or gradient."""
+
+
+def selection_value(metric: str, value: float) -> float:
+    return -value if metric.split("/")[-1] in LOWER_IS_BETTER else value
+
+
+class Trainer:
+    """Trains an Experiment in `workdir`; see the module docstring."""
+
+    def __init__(self, experiment: Experiment, workdir: str | Path):
+        self.experiment = experiment
+        self.config = cfg = experiment.config
+        self.workdir = Path(workdir)
+        self.tasks = experiment.task_names
+        pad = experiment.tokenizer.pad_token_id
+        self.batchers = {
+            split: {
+                name: Batcher(data.splits[split], batch_size=cfg.train.batch_size, max_length=data.spec.max_length,
+                              pad_token_id=pad, buckets=cfg.train.buckets)
+                for name, data in experiment.tasks.items() if split in data.splits
+            }
+            for split in ("train", "validation", "test")
+        }
+        self.streams = {name: TrainStream(self.batchers["train"][name], seed=cfg.train.seed * 1000 + i)
+                        for i, name in enumerate(self.tasks)}
+        self.sampler = TaskSampler([self.batchers["train"][n].size for n in self.tasks],
+                                   strategy=cfg.train.sampling, temperature=cfg.train.temperature, seed=cfg.train.seed)
+
+        self.graphdef, params, self.rest = nnx.split(experiment.model, nnx.Param, ...)
+        train_params = {"model": params, "log_vars": jnp.zeros((len(self.tasks),), jnp.float32)}
+        self.tx = build_optimizer(cfg.optim, train_params, experiment.model.encoder.config, cfg.train.steps)
+        self.state = TrainState.create(train_params, self.tx, cfg.train.seed)
+        self.train_steps = make_train_steps(
+            self.graphdef, self.rest, self.tx, self.tasks, [t.weight for t in cfg.tasks],
+            weighting=cfg.train.loss_weighting, skip_nonfinite=cfg.train.nan_policy == "skip",
+            dropout=cfg.train.dropout,
+        )
+        self.predict_steps = make_predict_steps(self.graphdef, self.rest, self.tasks)
+        self.positions = {name: 0 for name in self.tasks}
+        self.best: float | None = None
+        self.evals_without_improvement = 0
+        self.skipped_steps = 0
+        # Checkpoints saved after an evaluation carry its selection score; the best one is kept.
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
+                                         best_metric="selection")
+
+    # ----------------------------------------------------------------------- state
+
+    def meta(self) -> dict:
+        return {
+            "positions": self.positions,
+            "tasks": self.tasks,
+            "labels": {name: data.labels for name, data in self.experiment.tasks.items()},
+            "best": self.best,
+            "evals_without_improvement": self.evals_without_improvement,
+            "skipped_steps": self.skipped_steps,
+            "config": to_yaml(self.config),
+        }
+
+    def resume(self) -> int:
+        """Restore the latest checkpoint if there is one; returns the step to continue from."""
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return 0
+        meta = self.checkpointer.restore_meta(step)
+        labels = {name: data.labels for name, data in self.experiment.tasks.items()}
+        if meta["tasks"] != self.tasks or meta["labels"] != labels:
+            raise MtlError(
+                f"{self.workdir}: its checkpoints were trained on tasks {meta['tasks']} with other labels or "
+                f"order than this config's {self.tasks}; use a new --workdir, or model.init_from to transfer"
+            )
+        self.state, meta = self.checkpointer.restore(step, self.state)
+        self.positions = {name: int(meta["positions"][name]) for name in self.tasks}
+        self.best = meta["best"]
+        self.evals_without_improvement = int(meta["evals_without_improvement"])
+        self.skipped_steps = int(meta["skipped_steps"])
+        log.info("resumed %s at step %d", self.workdir, step)
+        return step
+
+    # -------------------------------------------------------------------- evaluation
+
+    def evaluate(self, split: str = "validation") -> dict[str, float]:
+        """Every task's metrics on `split` ("task/metric"), plus "aggregate": the mean of each
+        task's primary metric (negated where lower is better)."""
+        results: dict[str, float] = {}
+        primaries = []
+        model_params = self.state.params["model"]
+        for name in self.tasks:
+            data = self.experiment.tasks[name]
+            if split not in data.splits:
+                continue
+            head = self.experiment.model.head(name)
+            predicted = []
+            for batch in eval_batches(self.batchers[split][name]):
+                predictions = jax.device_get(self.predict_steps[name](model_params, batch))
+                predicted.extend(head.decode(predictions, batch))
+            references = data.splits[split]["tags" if head.label_kind == "tags" else "labels"]
+            scores = head.score(predicted, references)
+            results.update({f"{name}/{k}": v for k, v in scores.items()})
+            primaries.append(selection_value(data.spec.metric, scores[data.spec.metric]))
+        results["aggregate"] = float(np.mean(primaries)) if primaries else float("nan")
+        return results
+
+    def _selection(self, results: dict[str, float]) -> float:
+        key = self.config.train.best_metric
+        if key not in results:
+            raise MtlError(f"train.best_metric {key!r} is not among the evaluation results: {sorted(results)}")
+        return selection_value(key, results[key])
+
+    # -------------------------------------------------------------------------- loop
+
+    def run(self) -> dict[str, float]:
+        """Train to train.steps (or early stop) and return the last evaluation's results."""
+        cfg = self.config.train
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "config.yaml").write_text(to_yaml(self.config))
+        start = self.resume()
+        writer = MetricsWriter(self.workdir, tensorboard=cfg.tensorboard)
+        window: dict[str, list[float]] = {}
+        results: dict[str, float] = {}
+        progress = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, disable=None)
+        tick, tick_step = time.perf_counter(), start
+        try:
+            for step in range(start, cfg.steps):
+                task = self.tasks[self.sampler.task_at(step)]
+                batch = self.streams[task].batch(self.positions[task])
+                self.positions[task] += 1
+                self.state, metrics = self.train_steps[task](self.state, batch)
+                loss = float(metrics["loss"])
+                if not bool(metrics["finite"]):
+                    if cfg.nan_policy == "stop":
+                        raise NonFiniteLossError(
+                            f"step {step + 1}, task {task!r}: the loss or its gradient is not finite "
+                            f"(loss {loss}); stopped. The last checkpoint ({self.checkpointer.latest_step()}) "
+                            "is intact. Set train.nan_policy=skip to skip such steps instead."
+                        )
+                    self.skipped_steps += 1
+                else:
+                    window.setdefault(task, []).append(loss)
+                done = step + 1
+                progress.update(1)
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    now = time.perf_counter()
+                    record = {f"{t}/loss": float(np.mean(v)) for t, v in window.items()}
+                    record.update(lr=learning_rate_at(self.config.optim, cfg.steps, done),
+                                  steps_per_second=(done - tick_step) / max(now - tick, 1e-9),
+                                  grad_norm=float(metrics["grad_norm"]), skipped_steps=self.skipped_steps)
+                    if self.config.train.loss_weighting == "uncertainty":
+                        log_vars = np.asarray(self.state.params["log_vars"])
+                        record.update({f"{t}/log_var": float(v) for t, v in zip(self.tasks, log_vars)})
+                    writer.write(done, "train", record)
+                    progress.set_postfix({t: f"{np.mean(v):.4f}" for t, v in window.items()}, refresh=False)
+                    window, tick, tick_step = {}, now, done
+                stop = False
+                save_metrics = None
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    results = self.evaluate(cfg.eval_split)
+                    selection = self._selection(results)
+                    if self.best is None or selection > self.best:
+                        self.best, self.evals_without_improvement = selection, 0
+                    else:
+                        self.evals_without_improvement += 1
+                    writer.write(done, "eval", dict(results, selection=selection))
+                    save_metrics = {"selection": selection}
+                    patience = cfg.early_stopping_patience
+                    stop = patience is not None and self.evals_without_improvement >= patience
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
+                    self.checkpointer.save(done, self.state, self.meta(), metrics=save_metrics)
+                if stop:
+                    log.info("early stop at step %d: no improvement in %d evaluations", done, cfg.early_stopping_patience)
+                    break
+        finally:
+            progress.close()
+            writer.close()
+            self.checkpointer.close()
+        return results
+
+
+def train(config, workdir: str | Path) -> dict[str, float]:
+    """Build the experiment a config describes and train it in `workdir` (resuming if possible)."""
+    from mtl.train.experiment import build_experiment
+
+    return Trainer(build_experiment(config), workdir).run()
+
+
+def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str = "best") -> dict[str, float]:
+    """Restore a workdir's best (or latest) checkpoint and evaluate it on `split`."""
+    from mtl.config import load_experiment
+    from mtl.train.experiment import build_experiment
+
+    workdir = Path(workdir)
+    if not (workdir / "config.yaml").is_file() or not (workdir / "checkpoints").is_dir():
+        raise MtlError(f"{workdir}: not a training workdir (no config.yaml and checkpoints/); run mtl train first")
+    config = load_experiment(workdir / "config.yaml")
+    trainer = Trainer(build_experiment(config), workdir)
+    step = trainer.checkpointer.best_step() if checkpoint == "best" else None
+    step = step if step is not None else trainer.checkpointer.latest_step()
+    if step is None:
+        raise MtlError(f"{workdir}: has no checkpoint yet")
+    trainer.state, _ = trainer.checkpointer.restore(step, trainer.state)
+    results = trainer.evaluate(split)
+    writer = MetricsWriter(workdir, tensorboard=False)
+    writer.write(step, split, results)
+    writer.close()
+    trainer.checkpointer.close()
+    return dict(results, checkpoint_step=step)

@@ -1,0 +1,119 @@
+"""Multi-task training: which task each step trains, how task losses combine, the pure steps.
+
+Each task gets its own jitted `(state, batch) -> (state, metrics)` (the task is part of the
+compiled program, so a run compiles once per task and length bucket). The task of step s is a
+pure function of (seed, s), like the batches, so a resumed run trains the same tasks in the
+same order.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mtl.train.state import TrainState
+
+
+class TaskSampler:
+    """Picks the task of each step.
+
+    proportional: p_t ~ n_t (train examples); temperature: p_t ~ n_t ** (1/T), which flattens
+    the mix as T grows (T=1 is proportional, T->inf uniform); uniform; round_robin: cycle.
+    """
+
+    def __init__(self, sizes: Sequence[int], *, strategy: str, temperature: float, seed: int):
+        sizes = np.asarray(sizes, np.float64)
+        self.strategy = strategy
+        self.seed = seed
+        self.num_tasks = len(sizes)
+        if strategy == "proportional":
+            weights = sizes
+        elif strategy == "temperature":
+            weights = sizes ** (1.0 / temperature)
+        else:
+            weights = np.ones_like(sizes)
+        self.probabilities = weights / weights.sum()
+
+    def task_at(self, step: int) -> int:
+        if self.strategy == "round_robin":
+            return step % self.num_tasks
+        u = np.random.default_rng([self.seed, step, 0x7A5C]).random()
+        return int(min(np.searchsorted(np.cumsum(self.probabilities), u, side="right"), self.num_tasks - 1))
+
+
+def make_train_steps(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    tx: optax.GradientTransformation,
+    tasks: Sequence[str],
+    weights: Sequence[float],
+    *,
+    weighting: str,
+    skip_nonfinite: bool,
+    dropout: bool,
+) -> dict[str, Any]:
+    """{task: train step}, each a pure `(state, batch) -> (state, metrics)`.
+
+    A step runs two jitted programs: the task's gradient (compiled per task and length bucket)
+    and the optimizer update, which does not depend on the task or the batch shape and so is
+    compiled once for the whole run instead of once per (task, bucket). `rest` is the model's
+    non-trainable state (constants).
+    """
+    weights = jnp.asarray(weights, jnp.float32)
+
+    def gradients(state: TrainState, batch: Mapping[str, jax.Array], *, task: str, index: int):
+        rng = state.step_key() if dropout else None
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params["model"], rest)
+            task_loss, _ = model.loss(task, batch, dropout_rng=rng)
+            if weighting == "uncertainty":
+                # Kendall et al. 2018: L / (2 sigma^2) + log sigma, with s = log sigma^2 learned.
+                s = params["log_vars"][index]
+                return 0.5 * jnp.exp(-s) * task_loss + 0.5 * s, task_loss
+            return weights[index] * task_loss, task_loss
+
+        (total, task_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return grads, {"loss": task_loss, "total_loss": total}
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def update(state: TrainState, grads: Any, metrics: dict[str, jax.Array]):
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:  # keep the old params and moments; the host counts the skip
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, dict(metrics, grad_norm=grad_norm, finite=finite)
+
+    def make(task: str, index: int):
+        grad_fn = jax.jit(functools.partial(gradients, task=task, index=index))
+
+        def step(state: TrainState, batch: Mapping[str, jax.Array]):
+            grads, metrics = grad_fn(state, batch)
+            return update(state, grads, metrics)
+
+        step.gradients = grad_fn  # exposed so tests can count traces per (task, bucket)
+        return step
+
+    return {task: make(task, i) for i, task in enumerate(tasks)}
+
+
+def make_predict_steps(graphdef: nnx.GraphDef, rest: nnx.State, tasks: Sequence[str]) -> dict[str, Any]:
+    """{task: jitted (model params, batch) -> predictions}, deterministic (no dropout)."""
+
+    def predict(model_params, batch, *, task: str):
+        model = nnx.merge(graphdef, model_params, rest)
+        logits = model(task, batch)
+        return model.head(task).predict(logits, batch)
+
+    return {task: jax.jit(lambda p, b, task=task: predict(p, b, task=task)) for task in tasks}
