@@ -12,6 +12,7 @@ manager keeps the latest `keep` checkpoints plus the best one by the chosen metr
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,15 @@ class Checkpointer:
         return self.manager.best_step()
 
     def save(self, step: int, state: Any, meta: dict, metrics: dict[str, float] | None = None) -> None:
-        """Start an asynchronous save; `metrics` rank it for the best-checkpoint policy."""
+        """Start an asynchronous save; `metrics` rank it for the best-checkpoint policy.
+
+        `meta` is copied now: the write finishes in the background while the caller goes on
+        changing its own objects (stream positions advance with the next step).
+        """
+        snapshot = json.loads(json.dumps(meta))
         self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(snapshot)),
             metrics=metrics,
             force=True,
         )

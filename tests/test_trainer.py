@@ -1,0 +1,216 @@
+"""The multi-task trainer: exact resume after SIGKILL, restore, non-finite losses, traces, bad configs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from data_helpers import CSV_SPEC, write_task
+from mtl import MtlError
+from mtl.checkpoint import Checkpointer
+from mtl.config import load_experiment
+from mtl.tracking import read_metrics
+from mtl.train.experiment import build_experiment
+from mtl.train.loop import NonFiniteLossError, Trainer, evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def _mtl(*args):
+    return [sys.executable, "-m", "mtl.cli", *args]
+
+
+def _losses(workdir):
+    """{step: {task/loss: value}} from metrics.jsonl; a re-logged step keeps its last record."""
+    out = {}
+    for record in read_metrics(workdir):
+        if record["kind"] == "train":
+            out[record["step"]] = {k: v for k, v in record.items() if k.endswith("/loss")}
+    return out
+
+
+def _final_tree(workdir):
+    checkpointer = Checkpointer(Path(workdir) / "checkpoints")
+    try:
+        return checkpointer.restore_tree(checkpointer.latest_step()), checkpointer.latest_step()
+    finally:
+        checkpointer.close()
+
+
+def _assert_same_tree(a, b):
+    leaves_a, def_a = jax.tree.flatten(a)
+    leaves_b, def_b = jax.tree.flatten(b)
+    assert def_a == def_b
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, minilm_dir):
+    """configs/tiny.yaml run to the end without interruption."""
+    workdir = tmp_path_factory.mktemp("reference")
+    proc = subprocess.run(_mtl("train", TINY, "--workdir", str(workdir)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def _kill_when(workdir: Path, predicate, timeout: float = 300) -> None:
+    proc = subprocess.Popen(_mtl("train", TINY, "--workdir", str(workdir)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not predicate(workdir):
+            assert proc.poll() is None, "the run finished before it could be killed"
+            assert time.monotonic() < deadline, "timed out waiting to kill the run"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
+def _past_step(step):
+    return lambda workdir: any(r["step"] >= step for r in read_metrics(workdir))
+
+
+def _saving(workdir: Path) -> bool:
+    """An orbax save of step 20 or later is in flight (its temporary directory exists)."""
+    checkpoints = workdir / "checkpoints"
+    return checkpoints.is_dir() and any(
+        "tmp" in p.name and int(p.name.split(".")[0]) >= 20 for p in checkpoints.iterdir() if p.name[0].isdigit()
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["mid_run", "during_save"])
+def test_sigkill_then_rerun_resumes_exactly(tmp_path, reference_run, when):
+    workdir = tmp_path / "run"
+    _kill_when(workdir, _past_step(25) if when == "mid_run" else _saving)
+    killed_at = max(r["step"] for r in read_metrics(workdir))
+    assert killed_at < 40
+    proc = subprocess.run(_mtl("train", TINY, "--workdir", str(workdir)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The same loss at every step, bit for bit, and the same final parameters and optimizer state.
+    assert _losses(workdir) == _losses(reference_run)
+    resumed, step = _final_tree(workdir)
+    reference, reference_step = _final_tree(reference_run)
+    assert step == reference_step == 40
+    _assert_same_tree(resumed, reference)
+
+
+# ----------------------------------------------------------------- in-process, small
+
+def _toy_config(tmp_path, minilm_dir, **train):
+    rows = "review,stars\n" + "\n".join(f"{'good ' * (i % 7 + 1)}film {i},{'pos' if i % 2 else 'neg'}" for i in range(64))
+    spec = write_task(tmp_path / "task", dict(CSV_SPEC, split={"seed": 0, "train": 0.5, "validation": 0.25, "test": 0.25}),
+                      {"data.csv": rows})
+    data = {
+        "model": {"encoder": str(minilm_dir), "random_init": {"hidden_size": 16, "num_layers": 2, "num_heads": 2,
+                                                             "intermediate_size": 32}},
+        "tasks": [{"task": str(spec)}],
+        "optim": {"learning_rate": 1e-3},
+        "train": dict({"steps": 8, "batch_size": 8, "buckets": [16, 32], "log_every": 1, "eval_every": 4,
+                       "checkpoint_every": 4, "tensorboard": False}, **train),
+    }
+    return load_experiment(None, data=data)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTL_CACHE", str(tmp_path / "cache"))
+
+
+def test_restore_into_another_seed_gives_identical_trees(tmp_path, cache, minilm_dir):
+    first = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "a")
+    first.run()
+    other = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, seed=5)), tmp_path / "a")
+    before = jax.tree.leaves(other.state.params)
+    assert not all(np.array_equal(x, y) for x, y in zip(before, jax.tree.leaves(first.state.params)))
+    other.resume()
+    _assert_same_tree(other.state, first.state)
+
+
+def _poison(trainer, task, position):
+    """Make the `position`-th batch of `task` produce a NaN loss (NaN example weights)."""
+    stream = trainer.streams[task]
+    original = stream.batch
+
+    def batch(pos):
+        out = original(pos)
+        if pos == position:
+            out = dict(out, weights=np.full_like(out["weights"], np.nan))
+        return out
+
+    stream.batch = batch
+
+
+def test_nonfinite_loss_stops_and_names_the_step(tmp_path, cache, minilm_dir):
+    trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "w")
+    _poison(trainer, "toy_csv", 5)  # the 6th step of this single-task run
+    with pytest.raises(NonFiniteLossError, match=r"step 6, task 'toy_csv': the loss or its gradient is not finite .* The last checkpoint \(4\) is intact"):
+        trainer.run()
+
+
+def test_nonfinite_loss_can_be_skipped(tmp_path, cache, minilm_dir):
+    trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, nan_policy="skip")), tmp_path / "w")
+    _poison(trainer, "toy_csv", 5)
+    trainer.run()
+    last = [r for r in read_metrics(tmp_path / "w") if r["kind"] == "train"][-1]
+    assert last["skipped_steps"] == 1
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trainer.state.params))
+
+
+def test_train_step_traces_once_per_bucket(tmp_path, cache, minilm_dir):
+    trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, steps=16)), tmp_path / "w")
+    trainer.run()
+    stream = trainer.streams["toy_csv"]
+    buckets = {stream.batch(p)["input_ids"].shape for p in range(16)}
+    assert trainer.train_steps["toy_csv"].gradients._cache_size() == len(buckets)
+
+
+def test_resume_with_another_label_set_is_refused(tmp_path, cache, minilm_dir):
+    Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "w").run()
+    config = _toy_config(tmp_path, minilm_dir)
+    spec = Path(config.tasks[0].task)
+    relabelled = spec.read_text().replace("- neg\n- pos", "- pos\n- neg")
+    assert relabelled != spec.read_text()
+    spec.write_text(relabelled)
+    with pytest.raises(MtlError, match=r"its checkpoints were trained on tasks \['toy_csv'\] with other labels"):
+        Trainer(build_experiment(config), tmp_path / "w").run()
+
+
+def test_evaluate_restores_and_scores(tmp_path, cache, minilm_dir):
+    config = _toy_config(tmp_path, minilm_dir)
+    trained = Trainer(build_experiment(config), tmp_path / "w")
+    final = trained.run()
+    results = evaluate(tmp_path / "w", "validation", checkpoint="latest")
+    assert results["checkpoint_step"] == 8
+    assert results["toy_csv/accuracy"] == final["toy_csv/accuracy"]
+    with pytest.raises(MtlError, match=r"not a training workdir \(no config\.yaml and checkpoints/\); run mtl train first"):
+        evaluate(tmp_path / "nothing")
+
+
+def test_bad_experiment_configs(tmp_path):
+    with pytest.raises(MtlError, match=r"key 'train.stpes': Key 'stpes' not in 'TrainSection'"):
+        load_experiment(TINY, ["train.stpes=3"])
+    with pytest.raises(MtlError, match=r"key 'train.sampling': 'random' is not one of \['proportional', 'temperature', 'uniform', 'round_robin'\]"):
+        load_experiment(TINY, ["train.sampling=random"])
+    with pytest.raises(MtlError, match=r"override 'train.steps': expected key=value"):
+        load_experiment(TINY, ["train.steps"])
+    config = load_experiment(TINY, ["tasks=[{task: tweets}]"])
+    with pytest.raises(MtlError, match=r"task 'tweets' is neither a file nor a shipped task"):
+        build_experiment(config)
+
+
+def test_cli_train_errors_are_one_line(tmp_path):
+    proc = subprocess.run(_mtl("train", TINY, "train.bogus=1", "--workdir", str(tmp_path)), capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("mtl: error: ") and "key 'train.bogus'" in proc.stderr
+    proc = subprocess.run(_mtl("evaluate", "--workdir", str(tmp_path / "none")), capture_output=True, text=True)
+    assert proc.returncode == 2 and "not a training workdir" in proc.stderr
