@@ -96,3 +96,29 @@ class Checkpointer:
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_trained(workdir: str | os.PathLike, which: str = "best") -> tuple[Any, dict, int]:
+    """(saved train params as a nested dict, meta, step) of a workdir's best or latest checkpoint."""
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise MtlError(f"{workdir}: no checkpoints/ directory; is it a training workdir?")
+    checkpointer = Checkpointer(directory)
+    try:
+        step = checkpointer.best_step() if which == "best" else None
+        step = step if step is not None else checkpointer.latest_step()
+        if step is None:
+            raise MtlError(f"{workdir}: has no finished checkpoint")
+        params = _unwrap_variables(checkpointer.restore_tree(step)["params"])
+        return params, checkpointer.restore_meta(step), step
+    finally:
+        checkpointer.close()
+
+
+def _unwrap_variables(tree: Any) -> Any:
+    """nnx Variables are saved as {"value": array}; return the plain nested dict of arrays."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return tree["value"]
+        return {k: _unwrap_variables(v) for k, v in tree.items()}
+    return tree

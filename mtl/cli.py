@@ -90,6 +90,30 @@ def _evaluate(args: argparse.Namespace) -> None:
     _print_summary(evaluate(args.workdir, args.split, args.checkpoint), args.all)
 
 
+def _predict(args: argparse.Namespace) -> None:
+    import json
+
+    from mtl.inference import Predictor
+
+    texts = args.texts
+    if not texts:  # JSONL on stdin: {"text": ...} per line
+        texts = []
+        for number, line in enumerate(sys.stdin, start=1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise MtlError(f"stdin:{number}: expected a JSON object with a \"text\" key") from None
+    for result in Predictor.from_workdir(args.workdir, args.checkpoint).predict(args.task, texts):
+        print(json.dumps(result, ensure_ascii=False))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from mtl.inference import export
+
+    print(export(args.workdir, args.out, args.checkpoint))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtl", description="Transfer learning for NLP in JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -113,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", default="best", choices=["best", "latest"])
     evaluate.add_argument("--all", action="store_true", help="print every metric (per class, per type)")
     evaluate.set_defaults(run=_evaluate)
+
+    predict = sub.add_parser("predict", help="predict with a trained workdir; texts as arguments or JSONL on stdin")
+    predict.add_argument("texts", nargs="*", help='texts; with none, read {"text": ...} lines from stdin')
+    predict.add_argument("--workdir", required=True)
+    predict.add_argument("--task", required=True)
+    predict.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    predict.set_defaults(run=_predict)
+
+    export = sub.add_parser("export", help="write the encoder in HF format, plus heads and label maps")
+    export.add_argument("--workdir", required=True)
+    export.add_argument("--out", required=True, help="output directory (transformers.AutoModel loads it)")
+    export.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    export.set_defaults(run=_export)
 
     data = sub.add_parser("data", help="load tasks (shipped names or spec files) and print their example and label counts")
     data.add_argument("tasks", nargs="+", help="task names (e.g. tweet_sentiment) or paths to task YAML files")

@@ -111,8 +111,9 @@ class ModelSection:
 class TaskEntry:
     task: str = MISSING  # shipped task name or path to a task spec
     weight: float = 1.0  # static loss weight (loss_weighting: static)
+    overrides: list[str] = dataclasses.field(default_factory=list)  # dotted task-spec overrides
     max_train_examples: int | None = None  # use a slice: the first N of the shuffled split
-    max_eval_examples: int | None = None
+    max_eval_examples: int | None = None  # slice of validation (periodic evals); test stays whole
 
 
 @dataclasses.dataclass

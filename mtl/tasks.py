@@ -166,12 +166,14 @@ def load_task(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) ->
     return spec
 
 
-def load_tasks(names_or_paths: Sequence[str | os.PathLike]) -> list[TaskSpec]:
-    """Load several specs; two with the same `name` is an error naming both files."""
+def load_tasks(names_or_paths: Sequence[str | os.PathLike],
+               overrides: Sequence[Sequence[str]] | None = None) -> list[TaskSpec]:
+    """Load several specs (each with its own dotted overrides); two with the same `name` is an
+    error naming both files."""
     specs: list[TaskSpec] = []
     seen: dict[str, str] = {}
-    for item in names_or_paths:
-        spec = load_task(item)
+    for i, item in enumerate(names_or_paths):
+        spec = load_task(item, overrides[i] if overrides else ())
         if spec.name in seen:
             raise MtlError(f"task name {spec.name!r} is defined twice: in {seen[spec.name]} and {spec.origin}")
         seen[spec.name] = spec.origin

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import jax
@@ -27,17 +26,9 @@ import torch
 import transformers
 from flax import nnx
 
+from timing import median_time  # scripts/timing.py
+
 from mtl import DEFAULT_MODEL, Encoder, resolve_model
-
-
-def median_time(fn, iters: int) -> float:
-    fn()  # warm-up (after compile)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def mtl_steps(encoder: Encoder, ids, mask):

@@ -52,3 +52,18 @@ def padded_batch(pad_token_id: int, seed: int = 0):
 def minilm_dir():
     """The real all-MiniLM-L6-v2, resolved the way users get it (on this machine: the mirror)."""
     return resolve_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_dir):
+    """The real MiniLM fast tokenizer."""
+    from mtl import load_tokenizer
+
+    return load_tokenizer(minilm_dir)
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """mtl's cache (datasets, packages) in a fresh directory for this test."""
+    monkeypatch.setenv("MTL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

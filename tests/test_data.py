@@ -4,21 +4,13 @@ import numpy as np
 import pytest
 
 from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_DATA, CSV_SPEC, write_task
-from mtl import load_tokenizer
 from mtl.data import Batcher, TrainStream, bucket_lengths, eval_batches, load_task_data
 from mtl.data.pipeline import iob2_problems, repair_iob2
 from mtl.models.heads import IGNORE
 from mtl.tasks import load_task
 
 
-@pytest.fixture(scope="module")
-def tokenizer(minilm_dir):
-    return load_tokenizer(minilm_dir)
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MTL_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_subtoken_alignment_labels_first_piece_only(tmp_path, tokenizer):

@@ -54,3 +54,15 @@ def test_encoder_example(tmp_path, monkeypatch, minilm_dir):
     ids = namespace["batch"]["input_ids"]
     jitted = namespace["forward"](namespace["state"], ids, namespace["batch"]["attention_mask"], None)
     np.testing.assert_allclose(jitted, namespace["out"].last_hidden_state, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_from_python_example(tmp_path, monkeypatch, minilm_dir):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MTL_CACHE", str(Path.home() / ".cache" / "mtl"))  # the shared data cache
+    block = _python_block("from mtl.config import load_experiment")
+    block = block.replace('"configs/tiny.yaml"', repr(str(README.parent / "configs" / "tiny.yaml")))
+    namespace: dict = {}
+    exec(block, namespace)
+    assert int(namespace["trainer"].state.step) == 1
+    assert np.isfinite(float(namespace["metrics"]["loss"]))

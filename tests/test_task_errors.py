@@ -3,19 +3,12 @@
 import pytest
 
 from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_DATA, CSV_SPEC, write_task
-from mtl import MtlError, load_tokenizer
+from mtl import MtlError
 from mtl.data import load_task_data
 from mtl.tasks import load_task, load_tasks
 
 
-@pytest.fixture(scope="module")
-def tokenizer(minilm_dir):
-    return load_tokenizer(minilm_dir)
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MTL_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def _load(tmp_path, tokenizer, spec, files, **kwargs):

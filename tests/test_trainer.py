@@ -121,12 +121,7 @@ def _toy_config(tmp_path, minilm_dir, **train):
     return load_experiment(None, data=data)
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MTL_CACHE", str(tmp_path / "cache"))
-
-
-def test_restore_into_another_seed_gives_identical_trees(tmp_path, cache, minilm_dir):
+def test_restore_into_another_seed_gives_identical_trees(tmp_path, isolated_cache, minilm_dir):
     first = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "a")
     first.run()
     other = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, seed=5)), tmp_path / "a")
@@ -150,14 +145,14 @@ def _poison(trainer, task, position):
     stream.batch = batch
 
 
-def test_nonfinite_loss_stops_and_names_the_step(tmp_path, cache, minilm_dir):
+def test_nonfinite_loss_stops_and_names_the_step(tmp_path, isolated_cache, minilm_dir):
     trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "w")
     _poison(trainer, "toy_csv", 5)  # the 6th step of this single-task run
     with pytest.raises(NonFiniteLossError, match=r"step 6, task 'toy_csv': the loss or its gradient is not finite .* The last checkpoint \(4\) is intact"):
         trainer.run()
 
 
-def test_nonfinite_loss_can_be_skipped(tmp_path, cache, minilm_dir):
+def test_nonfinite_loss_can_be_skipped(tmp_path, isolated_cache, minilm_dir):
     trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, nan_policy="skip")), tmp_path / "w")
     _poison(trainer, "toy_csv", 5)
     trainer.run()
@@ -166,7 +161,7 @@ def test_nonfinite_loss_can_be_skipped(tmp_path, cache, minilm_dir):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trainer.state.params))
 
 
-def test_train_step_traces_once_per_bucket(tmp_path, cache, minilm_dir):
+def test_train_step_traces_once_per_bucket(tmp_path, isolated_cache, minilm_dir):
     trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, steps=16)), tmp_path / "w")
     trainer.run()
     stream = trainer.streams["toy_csv"]
@@ -174,7 +169,7 @@ def test_train_step_traces_once_per_bucket(tmp_path, cache, minilm_dir):
     assert trainer.train_steps["toy_csv"].gradients._cache_size() == len(buckets)
 
 
-def test_resume_with_another_label_set_is_refused(tmp_path, cache, minilm_dir):
+def test_resume_with_another_label_set_is_refused(tmp_path, isolated_cache, minilm_dir):
     Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "w").run()
     config = _toy_config(tmp_path, minilm_dir)
     spec = Path(config.tasks[0].task)
@@ -185,7 +180,7 @@ def test_resume_with_another_label_set_is_refused(tmp_path, cache, minilm_dir):
         Trainer(build_experiment(config), tmp_path / "w").run()
 
 
-def test_evaluate_restores_and_scores(tmp_path, cache, minilm_dir):
+def test_evaluate_restores_and_scores(tmp_path, isolated_cache, minilm_dir):
     config = _toy_config(tmp_path, minilm_dir)
     trained = Trainer(build_experiment(config), tmp_path / "w")
     final = trained.run()
@@ -214,3 +209,91 @@ def test_cli_train_errors_are_one_line(tmp_path):
     assert proc.stderr.startswith("mtl: error: ") and "key 'train.bogus'" in proc.stderr
     proc = subprocess.run(_mtl("evaluate", "--workdir", str(tmp_path / "none")), capture_output=True, text=True)
     assert proc.returncode == 2 and "not a training workdir" in proc.stderr
+
+
+# ------------------------------------------------------------ transfer, predict, export
+
+def _trained(tmp_path, minilm_dir, name="a"):
+    trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / name)
+    trainer.run()
+    return trainer
+
+
+def _with(config, **model):
+    from dataclasses import replace
+
+    return replace(config, model=replace(config.model, **model))
+
+
+def test_transfer_loads_encoder_and_matching_heads(tmp_path, isolated_cache, minilm_dir, caplog):
+    source = _trained(tmp_path, minilm_dir)
+    saved = Checkpointer(tmp_path / "a" / "checkpoints")
+    best = saved.best_step()
+    saved.close()
+    config = _with(_toy_config(tmp_path, minilm_dir, seed=3), init_from=str(tmp_path / "a"))
+    with caplog.at_level("INFO"):
+        target = build_experiment(config)
+    assert "toy_csv: loaded" in caplog.text and "encoder: loaded" in caplog.text
+    trained_params = Checkpointer(tmp_path / "a" / "checkpoints")
+    tree = trained_params.restore_tree(best)["params"]["model"]
+    trained_params.close()
+    kernel = np.asarray(target.model.heads["toy_csv"].out.kernel[...])
+    np.testing.assert_array_equal(kernel, np.asarray(tree["heads"]["toy_csv"]["out"]["kernel"]["value"]))
+    assert source.tasks == ["toy_csv"]
+
+
+def test_transfer_refuses_changed_labels_unless_reinitialised(tmp_path, isolated_cache, minilm_dir, caplog):
+    _trained(tmp_path, minilm_dir)
+    config = _with(_toy_config(tmp_path, minilm_dir), init_from=str(tmp_path / "a"))
+    spec = Path(config.tasks[0].task)
+    spec.write_text(spec.read_text().replace("- neg\n- pos", "- pos\n- neg"))
+    with pytest.raises(MtlError, match=r"head 'toy_csv' was trained on labels \['neg', 'pos'\], this task has \['pos', 'neg'\]; list it in model.reinit_heads"):
+        build_experiment(config)
+    with caplog.at_level("INFO"):
+        build_experiment(_with(config, reinit_heads=["toy_csv"]))
+    assert "toy_csv: reinitialised" in caplog.text
+
+
+def test_transfer_into_another_architecture_names_the_parameter(tmp_path, isolated_cache, minilm_dir):
+    _trained(tmp_path, minilm_dir)
+    config = _toy_config(tmp_path, minilm_dir)
+    wider = _with(config, init_from=str(tmp_path / "a"),
+                  random_init=dataclasses_replace(config.model.random_init, hidden_size=32, intermediate_size=64))
+    with pytest.raises(MtlError, match=r"encoder parameter 'encoder.embeddings.norm.bias' is \(16,\) in the checkpoint, \(32,\) in this model"):
+        build_experiment(wider)
+
+
+def dataclasses_replace(obj, **changes):
+    from dataclasses import replace
+
+    return replace(obj, **changes)
+
+
+def test_predict_and_export(tmp_path, isolated_cache, minilm_dir):
+    import json
+
+    import torch
+    import transformers
+
+    from mtl.inference import Predictor, export
+
+    trainer = _trained(tmp_path, minilm_dir)
+    predictor = Predictor.from_workdir(tmp_path / "a")
+    results = predictor.predict("toy_csv", ["good good film", "film"])
+    assert [set(r) for r in results] == [{"text", "label", "probs"}] * 2
+    assert all(r["label"] in ("neg", "pos") and abs(sum(r["probs"].values()) - 1) < 1e-3 for r in results)
+    with pytest.raises(MtlError, match=r"task 'nope' is not in this workdir; tasks: \['toy_csv'\]"):
+        predictor.predict("nope", ["x"])
+
+    out = export(tmp_path / "a", tmp_path / "exported")
+    model, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(["good good film"], return_tensors="np")
+    with torch.no_grad():
+        hf = model(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
+    ours = predictor.model.encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).last_hidden_state
+    np.testing.assert_allclose(ours, hf, atol=1e-5)
+    tasks = json.loads((out / "tasks.json").read_text())["tasks"]
+    assert tasks["toy_csv"]["labels"] == ["neg", "pos"] and tasks["toy_csv"]["head"] == "classification"
+    assert trainer.tasks == ["toy_csv"]

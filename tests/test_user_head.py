@@ -13,8 +13,7 @@ from mtl.models import MultiTaskModel, build_head
 from mtl.tasks import load_task
 
 
-def test_user_head_trains(tmp_path, monkeypatch, minilm_dir):
-    monkeypatch.setenv("MTL_CACHE", str(tmp_path / "cache"))
+def test_user_head_trains(tmp_path, isolated_cache, minilm_dir):
     rows = "\n".join('{"text": "%s", "y": %d}' % ("good " * (i % 5 + 1), i % 5) for i in range(40))
     spec = {"name": "toy_score", "head": "user_heads:MeanPoolRegression", "metric": "mse",
             "head_options": {"scale": 2.0}, "source": {"format": "jsonl", "files": ["d.jsonl"]},

@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
-from flax import nnx
+import numpy as np
+from flax import nnx, traverse_util
 
 from mtl.assets import resolve_model
+from mtl.checkpoint import load_trained
 from mtl.config import ExperimentConfig
 from mtl.data.pipeline import TaskData, load_task_data
 from mtl.errors import MtlError
@@ -38,7 +41,7 @@ class Experiment:
         return list(self.tasks)
 
 
-def _encoder(config: ExperimentConfig, directory: Path, vocab_size: int) -> Encoder:
+def build_encoder(config: ExperimentConfig, directory: Path, vocab_size: int) -> Encoder:
     m = config.model
     run = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy)
     if m.random_init is None:
@@ -51,17 +54,17 @@ def _encoder(config: ExperimentConfig, directory: Path, vocab_size: int) -> Enco
 
 
 def _sliced(data: TaskData, max_train: int | None, max_eval: int | None) -> TaskData:
-    """The first N examples of each (already shuffled) split."""
+    """The first N examples of the (already shuffled) train and validation splits."""
     splits = {}
     for name, split in data.splits.items():
-        limit = max_train if name == "train" else max_eval
+        limit = {"train": max_train, "validation": max_eval}.get(name)
         splits[name] = split.select(range(min(limit, len(split)))) if limit is not None else split
     stats = dict(data.stats, examples={n: len(s) for n, s in splits.items()})
     return dataclasses.replace(data, splits=splits, stats=stats)
 
 
 def load_experiment_data(config: ExperimentConfig, tokenizer, max_positions: int) -> dict[str, TaskData]:
-    specs = load_tasks([entry.task for entry in config.tasks])
+    specs = load_tasks([entry.task for entry in config.tasks], [entry.overrides for entry in config.tasks])
     out = {}
     for entry, spec in zip(config.tasks, specs):
         data = load_task_data(spec, tokenizer, max_positions=max_positions)
@@ -73,7 +76,7 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
     """Resolve the encoder, load every task's data, and build the model (fresh heads)."""
     directory = resolve_model(config.model.encoder)
     tokenizer = load_tokenizer(directory)
-    encoder = _encoder(config, directory, len(tokenizer))
+    encoder = build_encoder(config, directory, len(tokenizer))
     if len(tokenizer) > encoder.config.vocab_size:
         raise MtlError(f"{directory}: the tokenizer has {len(tokenizer)} tokens, the encoder only {encoder.config.vocab_size}")
     tasks = load_experiment_data(config, tokenizer, encoder.config.max_sequence_length)
@@ -82,4 +85,64 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
         name: build_head(data.spec.head, encoder.config.hidden_size, data.labels, data.spec.head_options, rngs=rngs)
         for name, data in tasks.items()
     }
-    return Experiment(config, directory, tokenizer, tasks, MultiTaskModel(encoder, heads))
+    model = MultiTaskModel(encoder, heads)
+    if config.model.init_from is not None:
+        transfer(model, config.model.init_from, {n: d.labels for n, d in tasks.items()}, config.model.reinit_heads)
+    return Experiment(config, directory, tokenizer, tasks, model)
+
+
+def _flat(tree) -> dict[str, Any]:
+    return {".".join(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def assign_params(model: nnx.Module, flat: dict[str, Any]) -> None:
+    """Set the model's Params from {"encoder.layers.query.kernel": array, ...} (every one given)."""
+    state = nnx.state(model, nnx.Param)
+    missing = sorted(set(_flat(nnx.to_pure_dict(state))) - set(flat))
+    if missing:
+        raise MtlError(f"no saved value for parameter(s) {missing[:5]}")
+    pure = traverse_util.unflatten_dict({tuple(int(p) if p.isdigit() else p for p in n.split(".")): np.asarray(v)
+                                         for n, v in flat.items()})
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+
+
+def transfer(model: MultiTaskModel, workdir: str, labels: dict[str, list[str]], reinit: list[str]) -> dict[str, str]:
+    """Initialise `model` from a trained workdir's best checkpoint; returns {part: what happened}.
+
+    The encoder must match parameter for parameter (the first mismatch is an error naming it).
+    A head of the same name loads if its label vocabulary is unchanged; a changed one is an
+    error unless the head is listed in `reinit` (model.reinit_heads); other heads start fresh.
+    """
+    saved, meta, step = load_trained(workdir)
+    source = _flat(saved["model"])
+    state = nnx.state(model, nnx.Param)
+    target = _flat(nnx.to_pure_dict(state))
+    where = f"model.init_from {workdir} (step {step})"
+    report = {}
+    for name, value in target.items():
+        if not name.startswith("encoder."):
+            continue
+        if name not in source or np.shape(source[name]) != np.shape(value):
+            found = np.shape(source[name]) if name in source else "nothing"
+            raise MtlError(f"{where}: encoder parameter {name!r} is {found} in the checkpoint, "
+                           f"{tuple(np.shape(value))} in this model: not the same architecture")
+    report["encoder"] = "loaded"
+    for task, task_labels in labels.items():
+        prefix = f"heads.{task}."
+        saved_labels = meta["labels"].get(task)
+        if task in reinit or saved_labels is None:
+            report[task] = "reinitialised" if task in reinit else "new head (not in the checkpoint)"
+            continue
+        if saved_labels != task_labels:
+            raise MtlError(f"{where}: head {task!r} was trained on labels {saved_labels}, this task has "
+                           f"{task_labels}; list it in model.reinit_heads to start it fresh")
+        for name, value in target.items():
+            if name.startswith(prefix) and (name not in source or np.shape(source[name]) != np.shape(value)):
+                raise MtlError(f"{where}: head parameter {name!r} does not fit; list {task!r} in model.reinit_heads")
+        report[task] = "loaded"
+    assign_params(model, {n: (source[n] if n.startswith("encoder.") or report.get(n.split(".")[1]) == "loaded" else v)
+                          for n, v in target.items()})
+    for part, what in report.items():
+        log.info("%s: %s", part, what)
+    return report

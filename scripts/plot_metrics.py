@@ -1,0 +1,61 @@
+"""Plot a workdir's metrics.jsonl: one PNG per task with its train loss and validation scores.
+
+    python scripts/plot_metrics.py workdirs/multitask        # writes workdirs/multitask/plots/*.png
+
+Needs matplotlib (pip install matplotlib); mtl itself does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+from mtl.tracking import read_metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workdir")
+    parser.add_argument("--out", help="directory for the PNGs (default: WORKDIR/plots)")
+    args = parser.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(args.workdir)
+    if not records:
+        raise SystemExit(f"{args.workdir}: no metrics.jsonl records")
+    losses, scores = defaultdict(list), defaultdict(lambda: defaultdict(list))
+    for r in records:
+        for key, value in r.items():
+            if key.count("/") != 1:
+                continue
+            task, metric = key.split("/")
+            if r["kind"] == "train" and metric == "loss":
+                losses[task].append((r["step"], value))
+            elif r["kind"] == "eval" and metric in ("accuracy", "macro_f1", "entity_f1", "pearson", "micro_f1"):
+                scores[task][metric].append((r["step"], value))
+    out = Path(args.out or Path(args.workdir) / "plots")
+    out.mkdir(parents=True, exist_ok=True)
+    for task in sorted(set(losses) | set(scores)):
+        fig, left = plt.subplots(figsize=(7, 4))
+        if losses[task]:
+            left.plot(*zip(*losses[task]), color="tab:blue", label="train loss")
+        left.set_xlabel("step")
+        left.set_ylabel("train loss")
+        right = left.twinx()
+        for metric, points in scores[task].items():
+            right.plot(*zip(*points), marker="o", label=f"validation {metric}")
+        right.set_ylabel("validation score")
+        fig.legend(loc="upper right")
+        left.set_title(task)
+        fig.tight_layout()
+        fig.savefig(out / f"{task}.png", dpi=100)
+        plt.close(fig)
+        print(out / f"{task}.png")
+
+
+if __name__ == "__main__":
+    main()
