@@ -99,10 +99,11 @@ class Batcher:
 
 
 def _flat_column(split: datasets.Dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(values, offsets) of a list column, straight from the arrow table (indices applied)."""
-    column = split.flatten_indices().data.column(name).combine_chunks()
-    return (np.asarray(column.values.to_numpy(zero_copy_only=False), np.int32),
-            np.asarray(column.offsets.to_numpy(), np.int64))
+    """(values, offsets) of a list column, from arrow with the split's row selection applied."""
+    column = split.with_format("arrow")[name].combine_chunks()
+    offsets = np.asarray(column.offsets.to_numpy(), np.int64)
+    # flatten() honours slicing; the offsets of a sliced array start where its values start.
+    return np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.int32), offsets - offsets[0]
 
 
 class TrainStream:

@@ -28,6 +28,13 @@ from mtl.models.encoder import EncoderConfig
 
 
 def _names(path) -> tuple[str, ...]:
+    """A pytree path as names, e.g. ("model", "encoder", "layers", "query", "kernel").
+
+    Leaves inside an nnx Variable end in GetAttrKey("value"); that wrapper is dropped so the
+    last name is the parameter's own (without this, no parameter would ever match "kernel").
+    """
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     out = []
     for entry in path:
         key = getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))

@@ -1,0 +1,134 @@
+"""The optimizer chain and task sampling: each option does what its config key says."""
+
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mtl import Encoder, EncoderConfig
+from mtl.config import OptimSection
+from mtl.models.heads import ClassificationHead
+from mtl.models.model import MultiTaskModel
+from mtl.train.multitask import TaskSampler, make_train_steps
+from mtl.train.optim import _names, build_optimizer, decay_mask, depth_factors, schedule
+from mtl.train.state import TrainState
+
+
+def _setup(scan_layers=True, **optim):
+    config = EncoderConfig(vocab_size=50, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=32,
+                           max_position_embeddings=32, scan_layers=scan_layers)
+    rngs = nnx.Rngs(0)
+    model = MultiTaskModel(Encoder(config, rngs=rngs), {"t": ClassificationHead(16, ["a", "b"], rngs=rngs, pooling="cls")})
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    train_params = {"model": params, "log_vars": jnp.zeros((1,))}
+    cfg = OptimSection(**{"learning_rate": 1e-2, "warmup_ratio": 0.0, "weight_decay": 0.0, **optim})
+    tx = build_optimizer(cfg, train_params, config, total_steps=10)
+    return graphdef, rest, tx, TrainState.create(train_params, tx, seed=0), config
+
+
+BATCH = {"input_ids": np.arange(2, 18, dtype=np.int32).reshape(2, 8), "attention_mask": np.ones((2, 8), np.int32),
+         "token_type_ids": np.zeros((2, 8), np.int32), "labels": np.array([0, 1], np.int32),
+         "weights": np.ones((2,), np.float32)}
+
+
+def _step(graphdef, rest, tx, state, weighting="static"):
+    step = make_train_steps(graphdef, rest, tx, ["t"], [1.0], weighting=weighting, skip_nonfinite=False, dropout=False)["t"]
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = step(state, BATCH)
+    return before, state, metrics
+
+
+def test_schedules():
+    linear = schedule(OptimSection(learning_rate=1.0, warmup_ratio=0.1, schedule="linear"), 100)
+    assert [float(linear(s)) for s in (0, 5, 10, 55, 100)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+    cosine = schedule(OptimSection(learning_rate=1.0, warmup_ratio=0.0, schedule="cosine"), 100)
+    assert float(cosine(50)) == pytest.approx(0.5, abs=1e-6)
+    constant = schedule(OptimSection(learning_rate=1.0, warmup_ratio=0.5, schedule="constant"), 100)
+    assert float(constant(25)) == pytest.approx(0.5) and float(constant(90)) == 1.0
+
+
+def test_weight_decay_skips_biases_and_norms():
+    *_, state, _ = _setup()
+    mask = decay_mask(state.params)["model"]
+    leaf = lambda x: jax.tree.leaves(x)[0]  # the mask keeps the params' Param wrappers, as optax needs
+    assert leaf(mask["encoder"]["layers"]["query"]["kernel"]) is True
+    assert leaf(mask["encoder"]["embeddings"]["word"]["embedding"]) is True
+    assert leaf(mask["heads"]["t"]["out"]["kernel"]) is True
+    assert leaf(mask["encoder"]["layers"]["query"]["bias"]) is False
+    assert leaf(mask["encoder"]["layers"]["ffn_norm"]["scale"]) is False
+    decayed = {_names(p)[1:] for p, v in jax.tree_util.tree_flatten_with_path(decay_mask(state.params))[0] if v}
+    assert decayed == {("encoder", "embeddings", t, "embedding") for t in ("word", "position", "token_type")} | {
+        ("encoder", "layers", m, "kernel") for m in ("query", "key", "value", "attention_out", "ffn_in", "ffn_out")
+    } | {("encoder", "pooler", "kernel"), ("heads", "t", "out", "kernel")}
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_layer_decay_factors(scan_layers):
+    *_, state, config = _setup(scan_layers)
+    factors = depth_factors(state.params, config, layer_decay=0.5, freeze_layers=0)["model"]
+    assert float(factors["encoder"]["embeddings"]["word"]["embedding"]) == 0.5 ** 4
+    assert float(factors["heads"]["t"]["out"]["kernel"]) == 1.0
+    if scan_layers:
+        np.testing.assert_allclose(np.ravel(factors["encoder"]["layers"]["query"]["kernel"]), [0.125, 0.25, 0.5])
+    else:
+        assert [float(factors["encoder"]["layers"][i]["query"]["kernel"]) for i in range(3)] == [0.125, 0.25, 0.5]
+    frozen = depth_factors(state.params, config, layer_decay=None, freeze_layers=2)["model"]
+    assert float(frozen["encoder"]["embeddings"]["word"]["embedding"]) == 0.0
+    if scan_layers:
+        np.testing.assert_allclose(np.ravel(frozen["encoder"]["layers"]["query"]["kernel"]), [0.0, 0.0, 1.0])
+
+
+def test_freeze_lower_layers_leaves_them_unchanged():
+    graphdef, rest, tx, state, _ = _setup(freeze_layers=2)
+    before, after, _ = _step(graphdef, rest, tx, state)
+    kernel_before = before["model"]["encoder"]["layers"]["query"]["kernel"]
+    kernel_after = np.asarray(after.params["model"]["encoder"]["layers"]["query"]["kernel"][...])
+    np.testing.assert_array_equal(kernel_after[:2], np.asarray(kernel_before[...])[:2])
+    assert not np.array_equal(kernel_after[2], np.asarray(kernel_before[...])[2])
+    np.testing.assert_array_equal(np.asarray(after.params["model"]["encoder"]["embeddings"]["word"]["embedding"][...]),
+                                  np.asarray(before["model"]["encoder"]["embeddings"]["word"]["embedding"][...]))
+
+
+def test_freeze_encoder_trains_only_heads():
+    graphdef, rest, tx, state, _ = _setup(freeze_encoder=True)
+    before, after, _ = _step(graphdef, rest, tx, state)
+    for path, value in nnx.to_flat_state(after.params["model"]):
+        old = dict(nnx.to_flat_state(before["model"]))[path]
+        same = np.array_equal(np.asarray(value[...]), np.asarray(old[...]))
+        assert same == (path[0] == "encoder"), path
+
+
+def test_grad_accumulation_updates_every_k_steps():
+    graphdef, rest, tx, state, _ = _setup(grad_accum=2)
+    step = make_train_steps(graphdef, rest, tx, ["t"], [1.0], weighting="static", skip_nonfinite=False, dropout=False)["t"]
+    start = np.asarray(state.params["model"]["heads"]["t"]["out"]["kernel"][...])
+    state, _ = step(state, BATCH)
+    np.testing.assert_array_equal(np.asarray(state.params["model"]["heads"]["t"]["out"]["kernel"][...]), start)
+    state, _ = step(state, BATCH)
+    assert not np.array_equal(np.asarray(state.params["model"]["heads"]["t"]["out"]["kernel"][...]), start)
+
+
+def test_uncertainty_weighting_learns_log_variances():
+    graphdef, rest, tx, state, _ = _setup()
+    _, after, metrics = _step(graphdef, rest, tx, state, weighting="uncertainty")
+    assert float(metrics["total_loss"]) == pytest.approx(0.5 * float(metrics["loss"]))  # s = 0 at start
+    assert float(after.params["log_vars"][0]) != 0.0
+    _, static, _ = _step(*_setup()[:4])
+    assert float(static.params["log_vars"][0]) == 0.0
+
+
+@pytest.mark.parametrize("strategy,expected", [
+    ("proportional", [0.9, 0.1]), ("temperature", [0.75, 0.25]), ("uniform", [0.5, 0.5]), ("round_robin", [0.5, 0.5]),
+])
+def test_task_sampling(strategy, expected):
+    sampler = TaskSampler([900, 100], strategy=strategy, temperature=2.0, seed=0)
+    picks = [sampler.task_at(s) for s in range(4000)]
+    counts = Counter(picks)
+    assert [counts[0] / 4000, counts[1] / 4000] == pytest.approx(expected, abs=0.03)
+    assert picks == [TaskSampler([900, 100], strategy=strategy, temperature=2.0, seed=0).task_at(s) for s in range(4000)]
+    if strategy == "round_robin":
+        assert picks[:4] == [0, 1, 0, 1]
