@@ -85,7 +85,7 @@ def make_train_steps(
 
     @functools.partial(jax.jit, donate_argnums=(0,))
     def update(state: TrainState, grads: Any, metrics: dict[str, jax.Array]):
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
