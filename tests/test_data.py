@@ -155,3 +155,30 @@ def test_confidence_filter_drops_low_and_missing(tmp_path, tokenizer):
     data = load_task_data(load_task(write_task(tmp_path, spec, {"t.csv": rows})), tokenizer)
     # kept: i/20 >= 0.5 -> i in 10..19, minus i=10 and 15 (no confidence)
     assert data.stats["rows_read"] == 20 and data.stats["rows_kept"] == 8
+
+
+def test_hub_source_maps_class_ids_to_names(tmp_path, tokenizer, monkeypatch):
+    """A hub dataset (here built in memory; no hub is reachable in tests) with ClassLabel ids."""
+    import datasets
+
+    classes = datasets.ClassLabel(names=["neg", "pos"])
+    tags = datasets.Sequence(datasets.ClassLabel(names=["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]))
+    text = datasets.DatasetDict({
+        split: datasets.Dataset.from_dict({"sentence": ["a good film", "a bad film"], "label": [1, 0]},
+                                          features=datasets.Features({"sentence": datasets.Value("string"), "label": classes}))
+        for split in ("train", "validation")
+    })
+    ner = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"tokens": [["John", "left"]], "ner_tags": [[1, 0]]},
+                                            features=datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")), "ner_tags": tags}))
+    })
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, **kw: {"org/text": text, "org/ner": ner}[name])
+
+    spec = dict(CSV_SPEC, source={"format": "hub", "hub": "org/text"}, columns={"text": "sentence", "label": "label"})
+    data = load_task_data(load_task(write_task(tmp_path, spec, {})), tokenizer)
+    assert data.labels == ["neg", "pos"] and data.splits["train"]["labels"] == [1, 0]
+    assert data.splits["train"]["origin"] == ["org/text[train]:0", "org/text[train]:1"]
+
+    spec = dict(CONLL_SPEC, source={"format": "hub", "hub": "org/ner"}, columns={"text": "tokens", "label": "ner_tags"})
+    data = load_task_data(load_task(write_task(tmp_path / "ner", spec, {})), tokenizer)
+    assert data.splits["train"]["tags"] == [[1, 0]]

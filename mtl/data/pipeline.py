@@ -173,21 +173,44 @@ def _as_strings(value: Any) -> Any:
     return value if isinstance(value, str) else str(value)
 
 
+def _label_names(ds: datasets.Dataset, column: str) -> datasets.Dataset:
+    """Hub datasets often store labels as ClassLabel ids; mtl works with the label names."""
+    feature = ds.features[column]
+    inner = getattr(feature, "feature", None)  # Sequence(ClassLabel) for token tags
+    if isinstance(feature, datasets.ClassLabel):
+        return ds.map(lambda b: {column: [feature.int2str(int(i)) for i in b[column]]}, batched=True,
+                      features=datasets.Features({**ds.features, column: datasets.Value("string")}))
+    if isinstance(inner, datasets.ClassLabel):
+        names = datasets.Sequence(datasets.Value("string"))
+        return ds.map(lambda b: {column: [[inner.int2str(int(i)) for i in row] for row in b[column]]}, batched=True,
+                      features=datasets.Features({**ds.features, column: names}))
+    if isinstance(feature, datasets.Value):
+        return ds.cast_column(column, datasets.Value("string"))
+    return ds
+
+
 def _hub(spec: TaskSpec) -> dict[str, datasets.Dataset]:
+    """A Hugging Face datasets id: its own splits, with columns.text/label as text/label (or, for
+    token tasks, as tokens/tags), label ids turned into names."""
     try:
         loaded = datasets.load_dataset(spec.source.hub, spec.source.hub_config, cache_dir=str(cache_root() / "datasets"))
     except Exception as e:  # noqa: BLE001 - network, missing dataset and bad config all land here
         raise MtlError(f"{spec.origin}: key 'source.hub': cannot load {spec.source.hub!r} ({type(e).__name__}: {e})") from None
+    token_task = get_head(spec.head).label_kind == "tags"
+    rename = ({spec.columns.text: "tokens", spec.columns.label: "tags"} if token_task else _rename_columns(spec))
     out = {}
     for split in SPLITS:
-        if split in loaded:
-            ds = loaded[split]
-            missing = [c for c in (spec.columns.text, spec.columns.label) if c not in ds.column_names]
-            if missing:
-                raise MtlError(f"{spec.origin}: hub dataset {spec.source.hub!r} split {split!r} has no column(s) {missing}; it has {ds.column_names}")
-            ds = ds.select_columns([spec.columns.text, spec.columns.label]).rename_columns(_rename_columns(spec))
-            ds = ds.cast_column("label", datasets.Value("string")) if get_head(spec.head).label_kind != "multi" else ds
-            out[split] = ds.add_column("origin", [f"{spec.source.hub}[{split}]:{i}" for i in range(len(ds))])
+        if split not in loaded:
+            continue
+        ds = loaded[split]
+        missing = [c for c in rename if c not in ds.column_names]
+        if missing:
+            raise MtlError(f"{spec.origin}: hub dataset {spec.source.hub!r} split {split!r} has no column(s) "
+                           f"{missing}; it has {ds.column_names}")
+        ds = _label_names(ds.select_columns(list(rename)), spec.columns.label).rename_columns(rename)
+        out[split] = ds.add_column("origin", [f"{spec.source.hub}[{split}]:{i}" for i in range(len(ds))])
+    if "train" not in out:
+        raise MtlError(f"{spec.origin}: hub dataset {spec.source.hub!r} has no train split; it has {sorted(loaded)}")
     return out
 
 
