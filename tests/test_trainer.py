@@ -1,6 +1,5 @@
 """The multi-task trainer: exact resume after SIGKILL, restore, non-finite losses, traces, bad configs."""
 
-import os
 import signal
 import subprocess
 import sys

@@ -11,7 +11,6 @@ checkpoints/.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
