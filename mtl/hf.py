@@ -28,11 +28,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
 from mtl.assets import resolve_model
 from mtl.errors import MtlError
 from mtl.models.encoder import Encoder, EncoderConfig
+from mtl.params import flatten, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -294,18 +295,6 @@ def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _flatten(pure: Mapping) -> dict[str, Any]:
-    """{"layers.0.query.kernel": array} from nnx's nested pure dict (list layers have int keys)."""
-    return {".".join(map(str, path)): v for path, v in traverse_util.flatten_dict(pure).items()}
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict:
-    """Inverse of `_flatten`: digit components become the int keys of `nnx.List` layers."""
-    return traverse_util.unflatten_dict(
-        {tuple(int(p) if p.isdigit() else p for p in name.split(".")): v for name, v in flat.items()}
-    )
-
-
 def _layer_view(flat: dict[str, Any], config: EncoderConfig) -> dict[str, Any]:
     """Present stacked (scanned) layer params as per-layer `layers.{i}.*` entries."""
     if not config.scan_layers:
@@ -387,7 +376,7 @@ def load_encoder(name_or_dir: str | os.PathLike, **run_options) -> Encoder:
     abstract = nnx.eval_shape(lambda: Encoder(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
-    expected = _layer_view(_flatten(pure), config)
+    expected = _layer_view(flatten(pure), config)
     extra = sorted(mapped[n][0] for n in set(mapped) - set(expected))
     if extra:  # matched a rule, but the config has no such parameter (e.g. a layer too many)
         raise MtlError(f"{where}: unexpected key(s) for this config.json: {extra}")
@@ -404,7 +393,7 @@ def load_encoder(name_or_dir: str | os.PathLike, **run_options) -> Encoder:
             raise MtlError(f"{where}: key {key!r} has shape {tuple(shown)}, the encoder expects {tuple(want)}")
         per_layer[name] = value.astype(shape_struct.dtype)
     loaded = {n: jnp.asarray(v) for n, v in _stack_layers(per_layer, config).items()}
-    nnx.replace_by_pure_dict(state, _unflatten(loaded))
+    nnx.replace_by_pure_dict(state, unflatten(loaded))
     return nnx.merge(graphdef, state)
 
 
@@ -412,7 +401,7 @@ def encoder_to_hf_tensors(encoder: Encoder) -> dict[str, np.ndarray]:
     """The encoder's parameters under their HF names and layouts (the inverse of import)."""
     config = encoder.config
     arch = _architecture(config.model_type, "encoder")
-    flat = _layer_view(_flatten(nnx.to_pure_dict(nnx.state(encoder))), config)
+    flat = _layer_view(flatten(nnx.to_pure_dict(nnx.state(encoder))), config)
     out: dict[str, np.ndarray] = {}
     for name, value in flat.items():
         hits = _translate(name, arch.rules, to="hf")

@@ -23,12 +23,14 @@ from mtl.assets import resolve_model
 from mtl.checkpoint import load_trained
 from mtl.config import load_experiment
 from mtl.data.batching import bucket_lengths
+from mtl.data.pipeline import first_subtoken_words
 from mtl.errors import MtlError
 from mtl.models.heads import build_head, get_head
 from mtl.models.model import MultiTaskModel
 from mtl.tasks import TaskSpec, load_tasks
 from mtl.tokenizer import load_tokenizer
-from mtl.train.experiment import _flat, assign_params, build_encoder
+from mtl.params import flatten
+from mtl.train.experiment import assign_params, build_encoder
 
 
 @dataclasses.dataclass
@@ -54,7 +56,7 @@ class Predictor:
         heads = {name: build_head(spec.head, encoder.config.hidden_size, meta["labels"][name], spec.head_options, rngs=rngs)
                  for name, spec in specs.items()}
         model = MultiTaskModel(encoder, heads)
-        assign_params(model, _flat(saved["model"]))
+        assign_params(model, flatten(saved["model"]))
         return cls(model, tokenizer, specs, meta["labels"], step)
 
     def _batch(self, spec: TaskSpec, texts: Sequence[str], words: list[list[str]] | None) -> dict[str, np.ndarray]:
@@ -75,11 +77,8 @@ class Predictor:
                 values = enc[key][i] if key in enc else [0] * len(enc["input_ids"][i])
                 out[key][i, : len(values)] = values
             if words is not None:
-                previous = None
-                for t, word in enumerate(enc.word_ids(i)):
-                    if word is not None and word != previous:
-                        out["word_index"][i, t] = word
-                    previous = word
+                index = first_subtoken_words(enc.word_ids(i))
+                out["word_index"][i, : len(index)] = index
         return out
 
     def predict(self, task: str, texts: Sequence[str]) -> list[dict[str, Any]]:
@@ -130,7 +129,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = "bes
     out.mkdir(parents=True, exist_ok=True)
     predictor.model.encoder.save_pretrained(out)
     predictor.tokenizer.save_pretrained(str(out))
-    heads = _flat(nnx.to_pure_dict(nnx.state(predictor.model.heads, nnx.Param)))
+    heads = flatten(nnx.to_pure_dict(nnx.state(predictor.model.heads, nnx.Param)))
     save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in heads.items()}, str(out / "heads.safetensors"))
     tasks = {name: {"head": spec.head, "head_options": spec.head_options, "max_length": spec.max_length,
                     "labels": predictor.labels[name]} for name, spec in predictor.specs.items()}

@@ -333,6 +333,19 @@ def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Datase
 # ---------------------------------------------------------------------------- tokenizing
 
 
+def first_subtoken_words(word_ids: Sequence[int | None]) -> list[int]:
+    """Per token: its word's index if it is that word's first sub-token, else -1.
+
+    Only these tokens carry a word's label (in training) and its prediction (when decoding);
+    special tokens and later sub-tokens get -1.
+    """
+    out, previous = [], None
+    for word in word_ids:
+        out.append(word if word is not None and word != previous else -1)
+        previous = word
+    return out
+
+
 def _encode(spec: TaskSpec, kind: str, labels: list[str], tokenizer, ds: datasets.Dataset) -> datasets.Dataset:
     label_id = {label: i for i, label in enumerate(labels)}
     max_length = spec.max_length
@@ -363,14 +376,8 @@ def _encode(spec: TaskSpec, kind: str, labels: list[str], tokenizer, ds: dataset
         token_labels, word_index, tags = [], [], []
         for i, sentence_tags in enumerate(batch["tags"]):
             ids = [label_id[t] for t in sentence_tags]
-            previous = None
-            row_labels, row_index = [], []
-            for word in enc.word_ids(i):
-                first = word is not None and word != previous
-                row_labels.append(ids[word] if first else IGNORE)
-                row_index.append(word if first else -1)
-                previous = word
-            token_labels.append(row_labels)
+            row_index = first_subtoken_words(enc.word_ids(i))
+            token_labels.append([ids[w] if w >= 0 else IGNORE for w in row_index])
             word_index.append(row_index)
             tags.append(ids)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],

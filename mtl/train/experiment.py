@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
 from mtl.assets import resolve_model
 from mtl.checkpoint import load_trained
@@ -22,6 +22,7 @@ from mtl.errors import MtlError
 from mtl.models.encoder import Encoder, EncoderConfig
 from mtl.models.heads import build_head
 from mtl.models.model import MultiTaskModel
+from mtl.params import flatten, unflatten
 from mtl.tasks import load_tasks
 from mtl.tokenizer import load_tokenizer
 
@@ -91,19 +92,13 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
     return Experiment(config, directory, tokenizer, tasks, model)
 
 
-def _flat(tree) -> dict[str, Any]:
-    return {".".join(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
-
-
 def assign_params(model: nnx.Module, flat: dict[str, Any]) -> None:
     """Set the model's Params from {"encoder.layers.query.kernel": array, ...} (every one given)."""
     state = nnx.state(model, nnx.Param)
-    missing = sorted(set(_flat(nnx.to_pure_dict(state))) - set(flat))
+    missing = sorted(set(flatten(nnx.to_pure_dict(state))) - set(flat))
     if missing:
         raise MtlError(f"no saved value for parameter(s) {missing[:5]}")
-    pure = traverse_util.unflatten_dict({tuple(int(p) if p.isdigit() else p for p in n.split(".")): np.asarray(v)
-                                         for n, v in flat.items()})
-    nnx.replace_by_pure_dict(state, pure)
+    nnx.replace_by_pure_dict(state, unflatten({n: np.asarray(v) for n, v in flat.items()}))
     nnx.update(model, state)
 
 
@@ -115,9 +110,9 @@ def transfer(model: MultiTaskModel, workdir: str, labels: dict[str, list[str]], 
     error unless the head is listed in `reinit` (model.reinit_heads); other heads start fresh.
     """
     saved, meta, step = load_trained(workdir)
-    source = _flat(saved["model"])
+    source = flatten(saved["model"])
     state = nnx.state(model, nnx.Param)
-    target = _flat(nnx.to_pure_dict(state))
+    target = flatten(nnx.to_pure_dict(state))
     where = f"model.init_from {workdir} (step {step})"
     report = {}
     for name, value in target.items():
