@@ -118,6 +118,7 @@ class TaskEntry:
 
 @dataclasses.dataclass
 class OptimSection:
+    optimizer: str = "adamw"  # adamw | sgd (e.g. Reptile's outer step)
     learning_rate: float = 5e-5
     schedule: str = "linear"  # linear | cosine | constant (after warmup)
     warmup_ratio: float = 0.1
@@ -154,14 +155,49 @@ class TrainSection:
 
 
 @dataclasses.dataclass
+class EpisodeSourceEntry:
+    task: str = MISSING  # the name of a task listed under `tasks`
+    classes: list[str] | None = None  # labels (entity types for NER) episodes may draw; None: all
+    split: str = "train"
+
+
+@dataclasses.dataclass
+class MetaSection:
+    """Few-shot meta-learning (mtl meta-train); see mtl.train.meta and mtl.data.episodes."""
+
+    algorithm: str = "maml"  # maml | fomaml | anil | meta_sgd | reptile | protonet
+    adapt: str = "all"  # what the inner loop adapts: head | top (adapt_layers + head) | all
+    adapt_layers: int = 1
+    proto_init: bool = False  # Proto-MAML: each episode's head starts at the class prototypes
+    ways: int = 5
+    shots: int = 5
+    queries: int = 5
+    meta_batch: int = 4  # episodes per meta-step
+    max_length: int = 64  # every episode is padded (and its texts truncated) to this length
+    inner_steps: int = 1
+    inner_lr: float = 0.01
+    test_inner_steps: int | None = None  # adaptation steps at meta-test; None: inner_steps
+    remat: bool = False  # rematerialise the inner loop (bounds second-order memory)
+    pooling: str = "mean"  # how a text becomes one vector: pooler | cls | mean
+    train: list[EpisodeSourceEntry] = MISSING  # meta-train episode sources
+    test: list[EpisodeSourceEntry] = MISSING  # meta-test sources: held-out classes or tasks
+    eval_split: str = "validation"  # split of the meta-test classes used by periodic evaluation
+    eval_episodes: int = 40  # episodes per periodic evaluation
+    test_episodes: int = 200  # episodes of `mtl meta-test`
+    baseline_from: str | None = None  # a multi-task workdir: the meta-test baseline (b)
+
+
+@dataclasses.dataclass
 class ExperimentConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     tasks: list[TaskEntry] = MISSING
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    meta: MetaSection | None = None  # set: a meta-learning experiment (mtl meta-train)
 
 
 _CHOICES = {
+    "optim.optimizer": ("adamw", "sgd"),
     "optim.schedule": ("linear", "cosine", "constant"),
     "train.sampling": ("proportional", "temperature", "uniform", "round_robin"),
     "train.loss_weighting": ("static", "uncertainty"),
@@ -194,4 +230,32 @@ def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] = (
         raise MtlError(f"{where}: key 'optim.warmup_ratio': must be in [0, 1)")
     if config.optim.layer_decay is not None and not 0.0 < config.optim.layer_decay <= 1.0:
         raise MtlError(f"{where}: key 'optim.layer_decay': must be in (0, 1]")
+    if config.meta is not None:
+        _check_meta(config, where)
     return config
+
+
+_META_CHOICES = {
+    "algorithm": ("maml", "fomaml", "anil", "meta_sgd", "reptile", "protonet"),
+    "adapt": ("head", "top", "all"),
+    "pooling": ("pooler", "cls", "mean"),
+}
+
+
+def _check_meta(config: ExperimentConfig, where: str) -> None:
+    meta = config.meta
+    for name, choices in _META_CHOICES.items():
+        if getattr(meta, name) not in choices:
+            raise MtlError(f"{where}: key 'meta.{name}': {getattr(meta, name)!r} is not one of {list(choices)}")
+    for name in ("ways", "shots", "queries", "meta_batch", "max_length", "eval_episodes", "test_episodes"):
+        if getattr(meta, name) <= 0:
+            raise MtlError(f"{where}: key 'meta.{name}': must be positive, got {getattr(meta, name)}")
+    tasks = [entry.task for entry in config.tasks]
+    for part in ("train", "test"):
+        sources = getattr(meta, part)
+        if not sources:
+            raise MtlError(f"{where}: key 'meta.{part}': list at least one episode source")
+        for i, source in enumerate(sources):
+            if source.task not in tasks:
+                raise MtlError(f"{where}: key 'meta.{part}[{i}].task': {source.task!r} is not one of the "
+                               f"config's tasks {tasks}")

@@ -47,6 +47,11 @@ REMAT_POLICIES = (
 )
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """x in float32, or wider if it already is (float64 gradient checks stay float64)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 class Buffer(nnx.Variable):
     """A non-trainable array that is still part of the checkpoint (DistilBERT's sinusoids)."""
 
@@ -255,7 +260,7 @@ class Layer(nnx.Module):
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         # Softmax runs in float32 whatever the compute dtype: bf16 logits lose the small
         # differences attention depends on.
-        logits = jnp.matmul(q, k.transpose(0, 2, 1)).astype(jnp.float32)
+        logits = at_least_float32(jnp.matmul(q, k.transpose(0, 2, 1)))
         logits = logits.reshape(b, cfg.num_heads, t, t) * (1.0 / math.sqrt(cfg.head_dim)) + mask_bias
         probs = _dropout(jax.nn.softmax(logits, axis=-1), cfg.attention_dropout, k_attn)
         probs = probs.astype(v.dtype).reshape(b * cfg.num_heads, t, t)

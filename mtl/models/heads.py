@@ -36,7 +36,7 @@ from flax import nnx
 
 from mtl import metrics
 from mtl.errors import MtlError
-from mtl.models.encoder import EncoderOutput
+from mtl.models.encoder import EncoderOutput, at_least_float32
 
 Batch = Mapping[str, jax.Array]
 
@@ -170,7 +170,7 @@ class _PooledHead(Head):
         self.out = _dense(hidden_size, outputs, rngs)
 
     def __call__(self, encoded, batch, *, dropout_rng=None):
-        pooled = pool(encoded, batch["attention_mask"], self.pooling).astype(jnp.float32)
+        pooled = at_least_float32(pool(encoded, batch["attention_mask"], self.pooling))
         return self.out(_dropout(pooled, self.dropout, dropout_rng))
 
 
@@ -202,14 +202,14 @@ class ClassificationHead(_PooledHead):
 
     def loss(self, logits, batch):
         labels = batch["labels"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+        ce = optax.softmax_cross_entropy_with_integer_labels(at_least_float32(logits), labels)
         weights = batch["weights"]
         if self.class_weights is not None:
             weights = weights * self.class_weights[...][labels]
         return _weighted_mean(ce, weights)
 
     def predict(self, logits, batch):
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        probs = jax.nn.softmax(at_least_float32(logits), axis=-1)
         return {"label": jnp.argmax(probs, axis=-1), "probs": probs}
 
     def decode(self, predictions, batch):
@@ -277,7 +277,7 @@ class TokenClassificationHead(Head):
         self.out = _dense(hidden_size, len(labels), rngs)
 
     def __call__(self, encoded, batch, *, dropout_rng=None):
-        hidden = encoded.last_hidden_state.astype(jnp.float32)
+        hidden = at_least_float32(encoded.last_hidden_state)
         return self.out(_dropout(hidden, self.dropout, dropout_rng))
 
     def loss(self, logits, batch):

@@ -1,6 +1,9 @@
-"""The host loop: sample a task, take its step, log, evaluate, checkpoint, stop.
+"""The host loop: take a step, log, evaluate, checkpoint, stop; and the multi-task Trainer.
 
-`Trainer(experiment, workdir).run()` trains an experiment; pointed at a workdir that already has
+`TrainLoop` is the loop both trainers share (mtl.train.meta_trainer.MetaTrainer is the other):
+they differ only in their pure steps, their batch source and their evaluation.
+
+`Trainer(experiment, workdir).run()` trains a multi-task experiment; pointed at a workdir that already has
 checkpoints, it resumes from the latest one exactly (same params, optimizer state, data
 positions and RNG), so an interrupted run and an uninterrupted one produce the same losses.
 
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +26,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from mtl.checkpoint import Checkpointer
-from mtl.config import to_yaml
+from mtl.config import ExperimentConfig, to_yaml
 from mtl.data.batching import Batcher, TrainStream, eval_batches
 from mtl.errors import MtlError
 from mtl.tracking import MetricsWriter
@@ -44,10 +49,152 @@ def selection_value(metric: str, value: float) -> float:
     return -value if metric.split("/")[-1] in LOWER_IS_BETTER else value
 
 
-class Trainer:
-    """Trains an Experiment in `workdir`; see the module docstring."""
+class TrainLoop:
+    """The host loop both trainers share; subclasses supply the batches, steps and evaluation.
+
+    A subclass sets `config`, `workdir`, `state`, `train_steps` ({name: jitted step}) and
+    `checkpointer` in its constructor, and implements `next_batch`, `evaluate` and the
+    progress hooks. Everything else (logging, the non-finite policy, evaluation cadence, early
+    stopping, checkpoints, exact resume) lives here once.
+    """
+
+    config: ExperimentConfig
+    workdir: Path
+    state: TrainState
+    train_steps: dict[str, Callable]
+    checkpointer: Checkpointer
+
+    def __init__(self) -> None:
+        self.best: float | None = None
+        self.evals_without_improvement = 0
+        self.skipped_steps = 0
+
+    # ----------------------------------------------------------------- subclass hooks
+
+    def next_batch(self, step: int) -> tuple[str, Any]:
+        """(name of the train step to run, its batch) for `step`; advances the data position."""
+        raise NotImplementedError
+
+    def evaluate(self, split: str = "validation") -> dict[str, float]:
+        raise NotImplementedError
+
+    def progress(self) -> dict:
+        """JSON-able data positions, saved in every checkpoint's meta."""
+        raise NotImplementedError
+
+    def restore_progress(self, meta: dict) -> None:
+        """Check a checkpoint's meta fits this run (an MtlError if not), then restore positions."""
+        raise NotImplementedError
+
+    def log_extras(self) -> dict[str, float]:
+        """Extra scalars for each train log record."""
+        return {}
+
+    # ----------------------------------------------------------------------- state
+
+    def meta(self) -> dict:
+        return dict(self.progress(), best=self.best, evals_without_improvement=self.evals_without_improvement,
+                    skipped_steps=self.skipped_steps, config=to_yaml(self.config))
+
+    def resume(self) -> int:
+        """Restore the latest checkpoint if there is one; returns the step to continue from."""
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return 0
+        meta = self.checkpointer.restore_meta(step)
+        self.restore_progress(meta)
+        self.state, meta = self.checkpointer.restore(step, self.state)
+        self.best = meta["best"]
+        self.evals_without_improvement = int(meta["evals_without_improvement"])
+        self.skipped_steps = int(meta["skipped_steps"])
+        log.info("resumed %s at step %d", self.workdir, step)
+        return step
+
+    def restore(self, which: str = "best") -> int:
+        """Load the best (or latest) checkpoint's state, for evaluation; returns its step."""
+        step = self.checkpointer.best_step() if which == "best" else None
+        step = step if step is not None else self.checkpointer.latest_step()
+        if step is None:
+            raise MtlError(f"{self.workdir}: has no checkpoint yet")
+        self.state, _ = self.checkpointer.restore(step, self.state)
+        return step
+
+    def _selection(self, results: dict[str, float]) -> float:
+        key = self.config.train.best_metric
+        if key not in results:
+            raise MtlError(f"train.best_metric {key!r} is not among the evaluation results: {sorted(results)}")
+        return selection_value(key, results[key])
+
+    # -------------------------------------------------------------------------- loop
+
+    def run(self) -> dict[str, float]:
+        """Train to train.steps (or early stop) and return the last evaluation's results."""
+        cfg = self.config.train
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "config.yaml").write_text(to_yaml(self.config))
+        start = self.resume()
+        writer = MetricsWriter(self.workdir, tensorboard=cfg.tensorboard)
+        window: dict[str, list[float]] = {}
+        results: dict[str, float] = {}
+        progress = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, disable=None)
+        tick, tick_step = time.perf_counter(), start
+        try:
+            for step in range(start, cfg.steps):
+                name, batch = self.next_batch(step)
+                self.state, metrics = self.train_steps[name](self.state, batch)
+                loss = float(metrics["loss"])
+                if not bool(metrics["finite"]):
+                    if cfg.nan_policy == "stop":
+                        raise NonFiniteLossError(
+                            f"step {step + 1}, task {name!r}: the loss or its gradient is not finite "
+                            f"(loss {loss}); stopped. The last checkpoint ({self.checkpointer.latest_step()}) "
+                            "is intact. Set train.nan_policy=skip to skip such steps instead."
+                        )
+                    self.skipped_steps += 1
+                else:
+                    window.setdefault(name, []).append(loss)
+                done = step + 1
+                progress.update(1)
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    now = time.perf_counter()
+                    record = {f"{t}/loss": float(np.mean(v)) for t, v in window.items()}
+                    record.update(lr=learning_rate_at(self.config.optim, cfg.steps, done),
+                                  steps_per_second=(done - tick_step) / max(now - tick, 1e-9),
+                                  grad_norm=float(metrics["grad_norm"]), skipped_steps=self.skipped_steps)
+                    record.update(self.log_extras())
+                    writer.write(done, "train", record)
+                    progress.set_postfix({t: f"{np.mean(v):.4f}" for t, v in window.items()}, refresh=False)
+                    window, tick, tick_step = {}, now, done
+                stop = False
+                save_metrics = None
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    results = self.evaluate(cfg.eval_split)
+                    selection = self._selection(results)
+                    if self.best is None or selection > self.best:
+                        self.best, self.evals_without_improvement = selection, 0
+                    else:
+                        self.evals_without_improvement += 1
+                    writer.write(done, "eval", dict(results, selection=selection))
+                    save_metrics = {"selection": selection}
+                    patience = cfg.early_stopping_patience
+                    stop = patience is not None and self.evals_without_improvement >= patience
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
+                    self.checkpointer.save(done, self.state, self.meta(), metrics=save_metrics)
+                if stop:
+                    log.info("early stop at step %d: no improvement in %d evaluations", done, cfg.early_stopping_patience)
+                    break
+        finally:
+            progress.close()
+            writer.close()
+            self.checkpointer.close()
+        return results
+
+
+class Trainer(TrainLoop):
+    """Multi-task training of an Experiment in `workdir`; see the module docstring."""
 
     def __init__(self, experiment: Experiment, workdir: str | Path):
+        super().__init__()
         self.experiment = experiment
         self.config = cfg = experiment.config
         self.workdir = Path(workdir)
@@ -77,47 +224,34 @@ class Trainer:
         )
         self.predict_steps = make_predict_steps(self.graphdef, self.rest, self.tasks)
         self.positions = {name: 0 for name in self.tasks}
-        self.best: float | None = None
-        self.evals_without_improvement = 0
-        self.skipped_steps = 0
         # Checkpoints saved after an evaluation carry its selection score; the best one is kept.
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
                                          best_metric="selection")
 
-    # ----------------------------------------------------------------------- state
+    def next_batch(self, step: int) -> tuple[str, dict]:
+        task = self.tasks[self.sampler.task_at(step)]
+        batch = self.streams[task].batch(self.positions[task])
+        self.positions[task] += 1
+        return task, batch
 
-    def meta(self) -> dict:
-        return {
-            "positions": self.positions,
-            "tasks": self.tasks,
-            "labels": {name: data.labels for name, data in self.experiment.tasks.items()},
-            "best": self.best,
-            "evals_without_improvement": self.evals_without_improvement,
-            "skipped_steps": self.skipped_steps,
-            "config": to_yaml(self.config),
-        }
+    def progress(self) -> dict:
+        return {"positions": self.positions, "tasks": self.tasks,
+                "labels": {name: data.labels for name, data in self.experiment.tasks.items()}}
 
-    def resume(self) -> int:
-        """Restore the latest checkpoint if there is one; returns the step to continue from."""
-        step = self.checkpointer.latest_step()
-        if step is None:
-            return 0
-        meta = self.checkpointer.restore_meta(step)
+    def restore_progress(self, meta: dict) -> None:
         labels = {name: data.labels for name, data in self.experiment.tasks.items()}
-        if meta["tasks"] != self.tasks or meta["labels"] != labels:
+        if meta.get("tasks") != self.tasks or meta.get("labels") != labels:
             raise MtlError(
-                f"{self.workdir}: its checkpoints were trained on tasks {meta['tasks']} with other labels or "
+                f"{self.workdir}: its checkpoints were trained on tasks {meta.get('tasks')} with other labels or "
                 f"order than this config's {self.tasks}; use a new --workdir, or model.init_from to transfer"
             )
-        self.state, meta = self.checkpointer.restore(step, self.state)
         self.positions = {name: int(meta["positions"][name]) for name in self.tasks}
-        self.best = meta["best"]
-        self.evals_without_improvement = int(meta["evals_without_improvement"])
-        self.skipped_steps = int(meta["skipped_steps"])
-        log.info("resumed %s at step %d", self.workdir, step)
-        return step
 
-    # -------------------------------------------------------------------- evaluation
+    def log_extras(self) -> dict[str, float]:
+        if self.config.train.loss_weighting != "uncertainty":
+            return {}
+        log_vars = np.asarray(self.state.params["log_vars"])
+        return {f"{t}/log_var": float(v) for t, v in zip(self.tasks, log_vars)}
 
     def evaluate(self, split: str = "validation") -> dict[str, float]:
         """Every task's metrics on `split` ("task/metric"), plus "aggregate": the mean of each
@@ -141,80 +275,6 @@ class Trainer:
         results["aggregate"] = float(np.mean(primaries)) if primaries else float("nan")
         return results
 
-    def _selection(self, results: dict[str, float]) -> float:
-        key = self.config.train.best_metric
-        if key not in results:
-            raise MtlError(f"train.best_metric {key!r} is not among the evaluation results: {sorted(results)}")
-        return selection_value(key, results[key])
-
-    # -------------------------------------------------------------------------- loop
-
-    def run(self) -> dict[str, float]:
-        """Train to train.steps (or early stop) and return the last evaluation's results."""
-        cfg = self.config.train
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "config.yaml").write_text(to_yaml(self.config))
-        start = self.resume()
-        writer = MetricsWriter(self.workdir, tensorboard=cfg.tensorboard)
-        window: dict[str, list[float]] = {}
-        results: dict[str, float] = {}
-        progress = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, disable=None)
-        tick, tick_step = time.perf_counter(), start
-        try:
-            for step in range(start, cfg.steps):
-                task = self.tasks[self.sampler.task_at(step)]
-                batch = self.streams[task].batch(self.positions[task])
-                self.positions[task] += 1
-                self.state, metrics = self.train_steps[task](self.state, batch)
-                loss = float(metrics["loss"])
-                if not bool(metrics["finite"]):
-                    if cfg.nan_policy == "stop":
-                        raise NonFiniteLossError(
-                            f"step {step + 1}, task {task!r}: the loss or its gradient is not finite "
-                            f"(loss {loss}); stopped. The last checkpoint ({self.checkpointer.latest_step()}) "
-                            "is intact. Set train.nan_policy=skip to skip such steps instead."
-                        )
-                    self.skipped_steps += 1
-                else:
-                    window.setdefault(task, []).append(loss)
-                done = step + 1
-                progress.update(1)
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    now = time.perf_counter()
-                    record = {f"{t}/loss": float(np.mean(v)) for t, v in window.items()}
-                    record.update(lr=learning_rate_at(self.config.optim, cfg.steps, done),
-                                  steps_per_second=(done - tick_step) / max(now - tick, 1e-9),
-                                  grad_norm=float(metrics["grad_norm"]), skipped_steps=self.skipped_steps)
-                    if self.config.train.loss_weighting == "uncertainty":
-                        log_vars = np.asarray(self.state.params["log_vars"])
-                        record.update({f"{t}/log_var": float(v) for t, v in zip(self.tasks, log_vars)})
-                    writer.write(done, "train", record)
-                    progress.set_postfix({t: f"{np.mean(v):.4f}" for t, v in window.items()}, refresh=False)
-                    window, tick, tick_step = {}, now, done
-                stop = False
-                save_metrics = None
-                if done % cfg.eval_every == 0 or done == cfg.steps:
-                    results = self.evaluate(cfg.eval_split)
-                    selection = self._selection(results)
-                    if self.best is None or selection > self.best:
-                        self.best, self.evals_without_improvement = selection, 0
-                    else:
-                        self.evals_without_improvement += 1
-                    writer.write(done, "eval", dict(results, selection=selection))
-                    save_metrics = {"selection": selection}
-                    patience = cfg.early_stopping_patience
-                    stop = patience is not None and self.evals_without_improvement >= patience
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
-                    self.checkpointer.save(done, self.state, self.meta(), metrics=save_metrics)
-                if stop:
-                    log.info("early stop at step %d: no improvement in %d evaluations", done, cfg.early_stopping_patience)
-                    break
-        finally:
-            progress.close()
-            writer.close()
-            self.checkpointer.close()
-        return results
-
 
 def train(config, workdir: str | Path) -> dict[str, float]:
     """Build the experiment a config describes and train it in `workdir` (resuming if possible)."""
@@ -233,11 +293,7 @@ def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str = "
         raise MtlError(f"{workdir}: not a training workdir (no config.yaml and checkpoints/); run mtl train first")
     config = load_experiment(workdir / "config.yaml")
     trainer = Trainer(build_experiment(config), workdir)
-    step = trainer.checkpointer.best_step() if checkpoint == "best" else None
-    step = step if step is not None else trainer.checkpointer.latest_step()
-    if step is None:
-        raise MtlError(f"{workdir}: has no checkpoint yet")
-    trainer.state, _ = trainer.checkpointer.restore(step, trainer.state)
+    step = trainer.restore(checkpoint)
     results = trainer.evaluate(split)
     writer = MetricsWriter(workdir, tensorboard=False)
     writer.write(step, split, results)

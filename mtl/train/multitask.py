@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mtl.train.state import TrainState
+from mtl.train.state import TrainState, make_update
 
 
 class TaskSampler:
@@ -83,17 +83,7 @@ def make_train_steps(
         (total, task_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         return grads, {"loss": task_loss, "total_loss": total}
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
-    def update(state: TrainState, grads: Any, metrics: dict[str, jax.Array]):
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
-        if skip_nonfinite:  # keep the old params and moments; the host counts the skip
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, dict(metrics, grad_norm=grad_norm, finite=finite)
+    update = make_update(tx, skip_nonfinite=skip_nonfinite)
 
     def make(task: str, index: int):
         grad_fn = jax.jit(functools.partial(gradients, task=task, index=index))

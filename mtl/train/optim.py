@@ -1,6 +1,6 @@
 """The optax chain an experiment trains with, built from its `optim` section.
 
-    clip_by_global_norm -> adamw(schedule, decay mask) -> layer-wise scale -> (partition) -> MultiSteps
+    clip_by_global_norm -> adamw(schedule, decay mask) or sgd -> layer-wise scale -> (partition) -> MultiSteps
 
 - schedule: linear warmup over warmup_ratio of the updates, then linear or cosine decay to 0,
   or constant.
@@ -55,8 +55,10 @@ def schedule(cfg: OptimSection, total_updates: int) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-    """True for parameters that get weight decay: kernels and embedding tables."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: _names(p)[-1] in ("kernel", "embedding"), params)
+    """True for model parameters that get weight decay: kernels and embedding tables (not
+    biases, norms, loss weights or Meta-SGD's learned learning rates)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: _names(p)[0] == "model" and _names(p)[-1] in ("kernel", "embedding"), params)
 
 
 def depth_factors(params: Any, encoder: EncoderConfig, layer_decay: float | None, freeze_layers: int) -> Any | None:
@@ -97,8 +99,13 @@ def build_optimizer(cfg: OptimSection, params: Any, encoder: EncoderConfig, tota
     parts = []
     if cfg.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(schedule(cfg, total_updates), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    if cfg.optimizer == "sgd":
+        if cfg.weight_decay:
+            parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
+        parts.append(optax.sgd(schedule(cfg, total_updates)))
+    else:
+        parts.append(optax.adamw(schedule(cfg, total_updates), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay, mask=decay_mask))
     factors = depth_factors(params, encoder, cfg.layer_decay, cfg.freeze_layers)
     if factors is not None:
         parts.append(optax.stateless(lambda updates, _: jax.tree.map(jnp.multiply, updates, factors)))

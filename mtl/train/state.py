@@ -6,10 +6,12 @@ lives in the checkpoint's metadata beside it; see mtl.checkpoint.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import struct
 
 
@@ -36,3 +38,27 @@ class TrainState:
 
     def step_key(self) -> jax.Array:
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+
+
+def make_update(tx: optax.GradientTransformation, *, skip_nonfinite: bool):
+    """The jitted `(state, grads, metrics) -> (state, metrics)` that applies one optimizer update.
+
+    Both trainers share it. It depends on neither the task nor the batch shape, so a run
+    compiles it once. `metrics["total_loss"]` is the loss the gradients came from; a non-finite
+    loss or gradient norm sets `finite` False, and with `skip_nonfinite` keeps the old params
+    and moments (the host counts the skip). The state is donated.
+    """
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def update(state: TrainState, grads: Any, metrics: dict[str, jax.Array]):
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, dict(metrics, grad_norm=grad_norm, finite=finite)
+
+    return update

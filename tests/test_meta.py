@@ -1,0 +1,262 @@
+"""Meta-learning algorithms on a tiny encoder: each one computes what its paper defines."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtl import Encoder, EncoderConfig
+from mtl.config import OptimSection
+from mtl.errors import MtlError
+from mtl.models.heads import ClassificationHead, TokenClassificationHead
+from mtl.models.model import MultiTaskModel
+from mtl.train.meta import HEAD, MetaLearner, make_meta_step
+from mtl.train.optim import build_optimizer
+from mtl.train.state import TrainState
+
+WAYS, SHOTS, QUERIES, LENGTH = 2, 2, 3, 8
+
+
+def _model(kind="class", dtype="float32", seed=0, scan_layers=True):
+    config = EncoderConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                           max_position_embeddings=32, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
+    rngs = nnx.Rngs(seed)
+    if kind == "class":
+        head = ClassificationHead(16, [str(i) for i in range(WAYS)], rngs=rngs, pooling="mean", dropout=0.0)
+    else:
+        head = TokenClassificationHead(16, ["O", "B-0", "I-0", "B-1", "I-1"], rngs=rngs, dropout=0.0)
+    model = MultiTaskModel(Encoder(config, rngs=rngs), {HEAD: head})
+    if dtype == "float64":  # heads are built in float32
+        nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.float64), nnx.state(model, nnx.Param)))
+    return model, config
+
+
+def _learner(algorithm, kind="class", **options):
+    model, config = _model(kind, dtype=options.pop("dtype", "float32"), scan_layers=options.pop("scan_layers", True))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    learner = MetaLearner(graphdef, rest, config, algorithm=algorithm, kind=kind, **options)
+    return learner, learner.init_params(params)
+
+
+def _batch(rng, rows, kind):
+    ids = rng.integers(3, 50, size=(rows, LENGTH)).astype(np.int32)
+    mask = np.ones((rows, LENGTH), np.int32)
+    mask[:, LENGTH - 2:] = rng.integers(0, 2, size=(rows, 2))
+    mask[:, LENGTH - 1] *= mask[:, LENGTH - 2]
+    per_class = rows // WAYS
+    if kind == "class":
+        labels = np.repeat(np.arange(WAYS, dtype=np.int32), per_class)
+    else:
+        labels = rng.integers(0, 2 * WAYS + 1, size=(rows, LENGTH)).astype(np.int32)
+        labels[:, 0] = -100
+        labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
+            "labels": labels, "weights": np.ones((rows,), np.float32)}
+
+
+def _episodes(count=1, kind="class", seed=0):
+    rng = np.random.default_rng(seed)
+    episodes = [{"support": _batch(rng, WAYS * SHOTS, kind), "query": _batch(rng, WAYS * QUERIES, kind)}
+                for _ in range(count)]
+    return jax.tree.map(lambda *x: np.stack(x), *episodes)
+
+
+def _one(episodes, i=0):
+    return jax.tree.map(lambda x: x[i], episodes)
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+@pytest.fixture
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_maml_meta_gradient_matches_finite_differences(x64):
+    """Second-order MAML differentiates through the inner step: its gradient along random
+    directions equals central differences of the post-adaptation query loss.
+
+    Tolerance: along a unit direction in float64 with eps = 1e-5, the central difference's
+    truncation error is ~eps^2 |L'''| / 6 (measured: ~1e-8 relative, shrinking 100x per 10x in
+    eps, as it should) and its rounding error ~1e-16 / eps ~ 1e-11, so 1e-6 relative is loose for
+    a correct gradient; the first-order gradient (FOMAML) is off by 60% or more on these episodes.
+    """
+    learner, meta_params = _learner("maml", dtype="float64", inner_lr=0.5, inner_steps=2)
+    episodes = _episodes(2)
+    loss = lambda p: jax.vmap(learner.task_loss, in_axes=(None, 0))(p, episodes)[0].mean()
+    grads, _ = jax.jit(learner.meta_gradients)(meta_params, episodes)
+    fomaml = MetaLearner(learner.graphdef, learner.rest, learner.encoder, algorithm="fomaml", inner_lr=0.5, inner_steps=2)
+    fo_grads, _ = jax.jit(fomaml.meta_gradients)(meta_params, episodes)
+    rng = np.random.default_rng(1)
+    eps = 1e-5
+    for _ in range(3):
+        direction = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape)), meta_params)
+        norm = np.linalg.norm(_flat(direction))
+        direction = jax.tree.map(lambda d: d / norm, direction)
+        shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, meta_params, direction)
+        numeric = (float(loss(shifted(1.0))) - float(loss(shifted(-1.0)))) / (2 * eps)
+        analytic = float(_flat(grads) @ _flat(direction))
+        first_order = float(_flat(fo_grads) @ _flat(direction))
+        assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+        assert abs(first_order - numeric) > 0.1 * abs(numeric)  # the check tells the two apart
+
+
+def test_fomaml_is_the_query_gradient_at_the_adapted_params():
+    learner, meta_params = _learner("fomaml", inner_lr=0.3, inner_steps=2)
+    episode = _one(_episodes(1))
+    grads, _ = learner.meta_gradients(meta_params, jax.tree.map(lambda x: x[None], episode))
+    _, _, adapted = learner.adapted_query_logits(meta_params, episode)
+    _, slow = learner.split(meta_params["model"])
+
+    def query_loss(params):
+        model = nnx.merge(learner.graphdef, params, learner.rest)
+        return model.loss(HEAD, episode["query"])[0]
+
+    expected = jax.grad(query_loss)(nnx.merge_state(adapted, slow))
+    np.testing.assert_allclose(_flat(grads["model"]), _flat(expected), rtol=1e-5, atol=1e-7)
+    assert np.abs(_flat(expected)).max() > 0
+
+
+@pytest.mark.parametrize("kind", ["class", "tags"])
+def test_anil_adapts_only_the_head(kind):
+    learner, meta_params = _learner("anil", kind=kind, inner_lr=0.5, inner_steps=3)
+    fast, slow = learner.split(meta_params["model"])
+    assert {p[0] for p, _ in nnx.to_flat_state(fast)} == {"heads"}
+    episode = _one(_episodes(1, kind))
+    logits, losses, adapted = learner.adapted_query_logits(meta_params, episode)
+    assert float(losses[-1]) < float(losses[0])  # the head did adapt
+    # The adapted model is the original encoder with the adapted head: same query logits.
+    model = nnx.merge(learner.graphdef, nnx.merge_state(adapted, slow), learner.rest)
+    np.testing.assert_allclose(logits, model(HEAD, episode["query"]), rtol=1e-5, atol=1e-6)
+    for before, after in zip(jax.tree.leaves(slow), jax.tree.leaves(learner.split(meta_params["model"])[1])):
+        np.testing.assert_array_equal(before, after)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_top_layer_adaptation_moves_only_the_top_layers(scan_layers):
+    learner, meta_params = _learner("fomaml", adapt="top", adapt_layers=1, inner_lr=0.5, scan_layers=scan_layers)
+    fast, _ = learner.split(meta_params["model"])
+    _, _, adapted = learner.adapted_query_logits(meta_params, _one(_episodes(1)))
+    moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)), fast, adapted)
+    flat = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(moved)}
+    names = {p[:3] for p in flat}
+    assert ("encoder", "embeddings") not in {p[:2] for p in flat}
+    if scan_layers:  # stacked [L, ...]: layer 0 stays, layer 1 moves
+        query = flat[("encoder", "layers", "query", "kernel")]
+        assert query[0].max() == 0 and query[1].max() > 0
+    else:
+        assert ("encoder", "layers", "0") not in names and ("encoder", "layers", "1") in names
+    assert flat[("heads", HEAD, "out", "kernel")].max() > 0
+
+
+def test_meta_sgd_learning_rates_get_gradients():
+    learner, meta_params = _learner("meta_sgd", inner_lr=0.1)
+    assert jax.tree.structure(meta_params["inner_lr"]) == jax.tree.structure(learner.split(meta_params["model"])[0])
+    grads, _ = learner.meta_gradients(meta_params, _episodes(2))
+    lr_grads = _flat(grads["inner_lr"])
+    assert lr_grads.size == _flat(meta_params["inner_lr"]).size and np.abs(lr_grads).max() > 0
+    assert np.isfinite(lr_grads).all()
+
+
+def test_reptile_step_interpolates_toward_the_adapted_params():
+    learner, meta_params = _learner("reptile", adapt="top", inner_lr=0.3, inner_steps=3)
+    episodes = _episodes(2)
+    epsilon = 0.25
+    tx = build_optimizer(OptimSection(optimizer="sgd", learning_rate=epsilon, schedule="constant", warmup_ratio=0.0,
+                                      weight_decay=0.0, clip_norm=None), meta_params, learner.encoder, 10)
+    state = TrainState.create(meta_params, tx, seed=0)
+    step = make_meta_step(learner, tx, skip_nonfinite=False)
+    theta = jax.tree.map(np.asarray, meta_params["model"])
+    adapted = [learner.adapted_query_logits(meta_params, _one(episodes, i))[2] for i in range(2)]
+    new_state, _ = step(state, episodes)
+    fast0, slow = learner.split(theta)
+    mean_adapted = jax.tree.map(lambda a, b: (a + b) / 2, *adapted)
+    expected = jax.tree.map(lambda t, phi: t + epsilon * (phi - t), fast0, mean_adapted)
+    np.testing.assert_allclose(_flat(learner.split(new_state.params["model"])[0]), _flat(expected), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(_flat(learner.split(new_state.params["model"])[1]), _flat(slow))
+
+
+@pytest.mark.parametrize("kind", ["class", "tags"])
+def test_protonet_logits_are_negative_squared_distances_to_class_means(kind):
+    learner, meta_params = _learner("protonet", kind=kind)
+    episode = _one(_episodes(1, kind))
+    logits, _, _ = learner.adapted_query_logits(meta_params, episode)
+    params = meta_params["model"]
+    feats = lambda part: np.asarray(learner.features(learner.encode(params, episode[part]), episode[part]), np.float64)
+    support, query = feats("support"), feats("query")
+    labels = np.asarray(episode["support"]["labels"])
+    classes = 2 * WAYS + 1 if kind == "tags" else WAYS
+    means = np.stack([support[labels == c].mean(0) if (labels == c).any() else np.zeros(support.shape[-1])
+                      for c in range(classes)])
+    expected = -((query[..., None, :] - means) ** 2).sum(-1)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_proto_maml_head_starts_at_the_prototypes():
+    learner, meta_params = _learner("fomaml", adapt="head", proto_init=True, inner_steps=1, inner_lr=0.0)
+    proto, _ = _learner("protonet")
+    episode = _one(_episodes(1))
+    logits, _, _ = learner.adapted_query_logits(meta_params, episode)
+    distance, _, _ = proto.adapted_query_logits(meta_params, episode)
+    # W = 2c, b = -|c|^2: logits = distance logits + |q|^2, a per-row constant (same softmax).
+    np.testing.assert_allclose(jax.nn.softmax(logits), jax.nn.softmax(distance), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "meta_sgd", "protonet"])
+def test_vmapped_meta_batch_equals_mean_of_per_task_gradients(algorithm):
+    learner, meta_params = _learner(algorithm, inner_lr=0.2, inner_steps=2)
+    episodes = _episodes(3)
+    grads, metrics = learner.meta_gradients(meta_params, episodes)
+    singles = [learner.meta_gradients(meta_params, jax.tree.map(lambda x: x[i:i + 1], episodes)) for i in range(3)]
+    mean = jax.tree.map(lambda *g: sum(g) / 3, *[g for g, _ in singles])
+    np.testing.assert_allclose(_flat(grads), _flat(mean), rtol=1e-4, atol=1e-6)
+    assert float(metrics["loss"]) == pytest.approx(np.mean([float(m["loss"]) for _, m in singles]), rel=1e-5)
+
+
+def test_meta_step_traces_once():
+    learner, meta_params = _learner("maml", inner_lr=0.1)
+    tx = build_optimizer(OptimSection(learning_rate=1e-3), meta_params, learner.encoder, 10)
+    state = TrainState.create(meta_params, tx, seed=0)
+    step = make_meta_step(learner, tx, skip_nonfinite=False)
+    losses = []
+    for i in range(3):
+        state, metrics = step(state, _episodes(2, seed=i))
+        losses.append(float(metrics["loss"]))
+    assert step.gradients._cache_size() == 1
+    assert all(np.isfinite(losses)) and int(state.step) == 3
+
+
+def test_remat_gives_the_same_meta_gradient():
+    plain, meta_params = _learner("maml", inner_lr=0.2, inner_steps=2)
+    remat = MetaLearner(plain.graphdef, plain.rest, plain.encoder, algorithm="maml", inner_lr=0.2, inner_steps=2, remat=True)
+    episodes = _episodes(2)
+    np.testing.assert_allclose(_flat(jax.jit(remat.meta_gradients)(meta_params, episodes)[0]),
+                               _flat(jax.jit(plain.meta_gradients)(meta_params, episodes)[0]), rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_algorithm_and_adapt_are_errors():
+    model, config = _model()
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    with pytest.raises(MtlError, match="meta algorithm 'mamll' is unknown; known: .*'maml'"):
+        MetaLearner(graphdef, rest, config, algorithm="mamll")
+    with pytest.raises(MtlError, match="meta.adapt 'middle' is unknown"):
+        MetaLearner(graphdef, rest, config, algorithm="maml", adapt="middle")
+    with pytest.raises(MtlError, match="adapt_layers must be in 1..2"):
+        MetaLearner(graphdef, rest, config, algorithm="maml", adapt="top", adapt_layers=3)
+
+
+def test_optimizer_choice():
+    _, meta_params = _learner("reptile")
+    cfg = OptimSection(optimizer="sgd", learning_rate=0.5, schedule="constant", warmup_ratio=0.0, clip_norm=None,
+                       weight_decay=0.0)
+    tx = build_optimizer(cfg, meta_params, EncoderConfig(num_layers=2), 10)
+    grads = jax.tree.map(jnp.ones_like, meta_params)
+    updates, _ = tx.update(grads, tx.init(meta_params), meta_params)
+    assert set(np.unique(_flat(updates))) == {-0.5}
