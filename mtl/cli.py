@@ -84,6 +84,26 @@ def _train(args: argparse.Namespace) -> None:
     _print_summary(train(load_experiment(args.config, args.overrides), args.workdir))
 
 
+def _meta_train(args: argparse.Namespace) -> None:
+    from mtl.config import load_experiment
+    from mtl.train.meta_trainer import meta_train
+
+    _print_summary(meta_train(load_experiment(args.config, args.overrides), args.workdir))
+
+
+def _meta_test(args: argparse.Namespace) -> None:
+    from mtl.train.meta_trainer import meta_test
+
+    report = meta_test(args.workdir, split=args.split, episodes=args.episodes, ways=args.ways, shots=args.shots,
+                       queries=args.queries, baseline_from=args.baseline_from)
+    print(f"{report['algorithm']}: {report['ways']}-way {report['shots']}-shot, {report['queries']} queries, "
+          f"{report['inner_steps']} adaptation steps, split {report['split']} (checkpoint step {report['step']})")
+    for row, result in report["results"].items():
+        metric = next(k for k in result if not k.endswith("_ci95") and k != "episodes")
+        print(f"  {row:32s} {metric} {result[metric]:.4f} +- {result[metric + '_ci95']:.4f} "
+              f"(95% CI, {result['episodes']} episodes)")
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from mtl.train.loop import evaluate
 
@@ -130,6 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
     train.add_argument("--workdir", required=True, help="run directory; an existing one is resumed")
     train.set_defaults(run=_train)
+
+    meta_train = sub.add_parser("meta-train", help="meta-train (or resume) a config with a `meta` section")
+    meta_train.add_argument("config", help="experiment YAML, e.g. configs/meta_text.yaml")
+    meta_train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. meta.shots=1")
+    meta_train.add_argument("--workdir", required=True, help="run directory; an existing one is resumed")
+    meta_train.set_defaults(run=_meta_train)
+
+    meta_test = sub.add_parser("meta-test", help="few-shot evaluation of a meta-trained workdir beside its baselines")
+    meta_test.add_argument("--workdir", required=True)
+    meta_test.add_argument("--split", default="test", choices=["validation", "test"])
+    meta_test.add_argument("--episodes", type=int, help="episodes (default: the config's meta.test_episodes)")
+    meta_test.add_argument("--ways", type=int, help="classes per episode (protonet or proto_init only)")
+    meta_test.add_argument("--shots", type=int, help="support examples per class")
+    meta_test.add_argument("--queries", type=int, help="query examples per class")
+    meta_test.add_argument("--baseline-from", help="multi-task workdir for baseline (b) (default: meta.baseline_from)")
+    meta_test.set_defaults(run=_meta_test)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a workdir's best (or latest) checkpoint")
     evaluate.add_argument("--workdir", required=True)

@@ -158,7 +158,7 @@ class TrainSection:
 class EpisodeSourceEntry:
     task: str = MISSING  # the name of a task listed under `tasks`
     classes: list[str] | None = None  # labels (entity types for NER) episodes may draw; None: all
-    split: str = "train"
+    split: str | None = None  # default: train for meta.train sources, test for meta.test
 
 
 @dataclasses.dataclass
@@ -181,7 +181,8 @@ class MetaSection:
     pooling: str = "mean"  # how a text becomes one vector: pooler | cls | mean
     train: list[EpisodeSourceEntry] = MISSING  # meta-train episode sources
     test: list[EpisodeSourceEntry] = MISSING  # meta-test sources: held-out classes or tasks
-    eval_split: str = "validation"  # split of the meta-test classes used by periodic evaluation
+    eval: list[EpisodeSourceEntry] | None = None  # periodic-evaluation sources (split default: eval_split)
+    eval_split: str = "validation"  # with eval unset: the meta.test classes on this split
     eval_episodes: int = 40  # episodes per periodic evaluation
     test_episodes: int = 200  # episodes of `mtl meta-test`
     baseline_from: str | None = None  # a multi-task workdir: the meta-test baseline (b)
@@ -251,8 +252,10 @@ def _check_meta(config: ExperimentConfig, where: str) -> None:
         if getattr(meta, name) <= 0:
             raise MtlError(f"{where}: key 'meta.{name}': must be positive, got {getattr(meta, name)}")
     tasks = [entry.task for entry in config.tasks]
-    for part in ("train", "test"):
+    for part in ("train", "test", "eval"):
         sources = getattr(meta, part)
+        if part == "eval" and sources is None:
+            continue
         if not sources:
             raise MtlError(f"{where}: key 'meta.{part}': list at least one episode source")
         for i, source in enumerate(sources):

@@ -141,9 +141,10 @@ def test_anil_adapts_only_the_head(kind):
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_top_layer_adaptation_moves_only_the_top_layers(scan_layers):
-    learner, meta_params = _learner("fomaml", adapt="top", adapt_layers=1, inner_lr=0.5, scan_layers=scan_layers)
+    learner, meta_params = _learner("fomaml", adapt="top", adapt_layers=1, inner_lr=0.5, scan_layers=scan_layers,
+                                    proto_init=True)
     fast, _ = learner.split(meta_params["model"])
-    _, _, adapted = learner.adapted_query_logits(meta_params, _one(_episodes(1)))
+    _, _, adapted = jax.jit(learner.adapted_query_logits)(meta_params, _one(_episodes(1)))
     moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)), fast, adapted)
     flat = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(moved)}
     names = {p[:3] for p in flat}

@@ -280,6 +280,8 @@ def train(config, workdir: str | Path) -> dict[str, float]:
     """Build the experiment a config describes and train it in `workdir` (resuming if possible)."""
     from mtl.train.experiment import build_experiment
 
+    if config.meta is not None:
+        raise MtlError("this config has a `meta` section: run it with mtl meta-train")
     return Trainer(build_experiment(config), workdir).run()
 
 
@@ -292,6 +294,8 @@ def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str = "
     if not (workdir / "config.yaml").is_file() or not (workdir / "checkpoints").is_dir():
         raise MtlError(f"{workdir}: not a training workdir (no config.yaml and checkpoints/); run mtl train first")
     config = load_experiment(workdir / "config.yaml")
+    if config.meta is not None:
+        raise MtlError(f"{workdir}: is a meta-learning workdir; evaluate it with mtl meta-test")
     trainer = Trainer(build_experiment(config), workdir)
     step = trainer.restore(checkpoint)
     results = trainer.evaluate(split)

@@ -211,7 +211,11 @@ class MetaLearner:
             logits = self.distance_logits(self.features(self.encode(params, query), query), protos)
             return logits, jnp.zeros((0,)), None
         fast, slow = self.split(params)
-        merged = lambda f: nnx.merge_state(f, slow)
+
+        def merged(f):
+            # Fresh Variables for `slow` at the caller's trace level: nnx transforms inside the
+            # model (the scanned layers) refuse Variables created at an outer level (jit, vmap).
+            return nnx.merge_state(f, jax.tree.map(lambda x: x, slow))
         encoded_support = self.encode(params, support) if self.adapt == "head" or self.proto_init else None
         if self.proto_init:
             protos = self.prototypes(self.features(encoded_support, support), support["labels"],

@@ -1,0 +1,176 @@
+"""Meta-step throughput and peak memory: mtl's MAML against a torch.func peer, in the same run.
+
+    python scripts/bench_meta.py               # MiniLM, 5-way 5-shot 5-query, meta-batch 4, seq 64
+    python scripts/bench_meta.py --iters 1 --only mtl-maml torch-maml
+
+Setup (the issue's): all-MiniLM-L6-v2 with a mean-pooled 5-way linear head; a meta-batch of 4
+episodes of 25 support + 25 query sequences of 64 random tokens; one inner SGD step over all
+parameters; an AdamW outer update. No dropout in either.
+
+  mtl-maml        second-order MAML: mtl's MetaLearner + make_meta_step, as mtl meta-train runs it
+  mtl-maml-remat  the same with meta.remat (each inner step recomputed in the backward pass) and
+                  the encoder's remat_policy nothing_saveable
+  mtl-fomaml, mtl-anil   first-order MAML; ANIL (head-only inner loop, encoder run once)
+  torch-maml      the peer: torch.func.functional_call + grad + vmap over the episodes on
+                  transformers' BertModel with eager attention (its default SDPA attention has no
+                  double backward on CPU) and torch.optim.AdamW
+
+Each variant runs in its own subprocess so that its peak resident memory (ru_maxrss) is its
+own. Prints seconds per meta-step (median after one warm-up step), tasks per second, the ratio
+against the peer (above 1: mtl is faster), mtl's compile time and the peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+WAYS, SHOTS, QUERIES, META_BATCH, SEQ, INNER_LR = 5, 5, 5, 4, 64, 0.01
+VARIANTS = ("mtl-maml", "mtl-maml-remat", "mtl-fomaml", "mtl-anil", "torch-maml")
+
+
+def episodes():
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+
+    def part(per_class):
+        rows = WAYS * per_class
+        ids = rng.randint(1000, 20000, size=(META_BATCH, rows, SEQ)).astype(np.int32)
+        labels = np.tile(np.repeat(np.arange(WAYS, dtype=np.int32), per_class), (META_BATCH, 1))
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
+                "labels": labels, "weights": np.ones((META_BATCH, rows), np.float32)}
+
+    return {"support": part(SHOTS), "query": part(QUERIES)}
+
+
+def run_mtl(variant: str, directory: str, iters: int) -> dict:
+    import jax
+    from flax import nnx
+    from timing import median_time  # scripts/timing.py
+
+    from mtl import Encoder
+    from mtl.config import OptimSection
+    from mtl.models.heads import ClassificationHead
+    from mtl.models.model import MultiTaskModel
+    from mtl.train.meta import HEAD, MetaLearner, make_meta_step
+    from mtl.train.optim import build_optimizer
+    from mtl.train.state import TrainState
+
+    remat = variant == "mtl-maml-remat"
+    encoder = Encoder.from_pretrained(directory, remat_policy="nothing_saveable" if remat else None)
+    head = ClassificationHead(encoder.config.hidden_size, [str(i) for i in range(WAYS)], rngs=nnx.Rngs(0),
+                              pooling="mean", dropout=0.0)
+    graphdef, params, rest = nnx.split(MultiTaskModel(encoder, {HEAD: head}), nnx.Param, ...)
+    algorithm = {"mtl-maml": "maml", "mtl-maml-remat": "maml", "mtl-fomaml": "fomaml", "mtl-anil": "anil"}[variant]
+    learner = MetaLearner(graphdef, rest, encoder.config, algorithm=algorithm, inner_lr=INNER_LR, remat=remat)
+    meta_params = learner.init_params(params)
+    tx = build_optimizer(OptimSection(learning_rate=1e-5, warmup_ratio=0.0, clip_norm=None), meta_params,
+                         encoder.config, total_steps=1000)
+    holder = {"state": TrainState.create(meta_params, tx, seed=0)}
+    step = make_meta_step(learner, tx, skip_nonfinite=False)
+    batch = episodes()
+
+    def one():
+        holder["state"], metrics = step(holder["state"], batch)
+        jax.block_until_ready(metrics)
+
+    start = time.perf_counter()
+    one()
+    compile_seconds = time.perf_counter() - start
+    return {"seconds": median_time(one, iters), "compile_seconds": compile_seconds}
+
+
+def run_torch(directory: str, iters: int) -> dict:
+    import torch
+    import transformers
+    from torch.func import functional_call, grad, vmap
+    from timing import median_time
+
+    torch.set_num_threads(os.cpu_count())
+    body = transformers.BertModel.from_pretrained(directory, attn_implementation="eager", add_pooling_layer=False).eval()
+    head = torch.nn.Linear(body.config.hidden_size, WAYS)
+    params = {**{f"body.{k}": v for k, v in body.named_parameters()}, **{f"head.{k}": v for k, v in head.named_parameters()}}
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-5)
+    batch = {part: {k: torch.as_tensor(v).long() if k != "weights" else torch.as_tensor(v) for k, v in d.items()}
+             for part, d in episodes().items()}
+
+    def loss_fn(p, ids, mask, labels):
+        hidden = functional_call(body, {k[5:]: v for k, v in p.items() if k.startswith("body.")},
+                                 (ids,), {"attention_mask": mask}).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        logits = functional_call(head, {k[5:]: v for k, v in p.items() if k.startswith("head.")}, (pooled,))
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    def task_loss(p, s_ids, s_mask, s_y, q_ids, q_mask, q_y):
+        g = grad(loss_fn)(p, s_ids, s_mask, s_y)
+        adapted = {k: v - INNER_LR * g[k] for k, v in p.items()}
+        return loss_fn(adapted, q_ids, q_mask, q_y)
+
+    def meta_loss(p):
+        s, q = batch["support"], batch["query"]
+        losses = vmap(task_loss, in_dims=(None, 0, 0, 0, 0, 0, 0))(
+            p, s["input_ids"], s["attention_mask"], s["labels"], q["input_ids"], q["attention_mask"], q["labels"])
+        return losses.mean()
+
+    def one():
+        optimizer.zero_grad(set_to_none=True)
+        grads = grad(meta_loss)({k: v.detach() for k, v in params.items()})
+        for k, v in params.items():
+            v.grad = grads[k]
+        optimizer.step()
+
+    return {"seconds": median_time(one, iters)}
+
+
+def worker(variant: str, directory: str, iters: int) -> None:
+    result = run_torch(directory, iters) if variant == "torch-maml" else run_mtl(variant, directory, iters)
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+    parser.add_argument("--iters", type=int, default=2, help="timed meta-steps per variant after a warm-up")
+    parser.add_argument("--only", nargs="*", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--directory", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.directory, args.iters)
+        return
+    from mtl import resolve_model
+
+    directory = str(resolve_model(args.model))
+    print(f"{args.model}: {WAYS}-way {SHOTS}-shot {QUERIES}-query, meta-batch {META_BATCH}, seq {SEQ}, "
+          f"1 inner step over all params, {os.cpu_count()} cores")
+    results = {}
+    for variant in args.only:
+        proc = subprocess.run([sys.executable, __file__, "--worker", variant, "--directory", directory,
+                               "--iters", str(args.iters)], capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"{variant:16s} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            continue
+        results[variant] = r = json.loads(line[len("RESULT "):])
+        extra = f"   compile {r['compile_seconds']:.1f} s" if "compile_seconds" in r else ""
+        print(f"{variant:16s} {r['seconds']:7.2f} s/meta-step  {META_BATCH / r['seconds']:6.3f} tasks/s  "
+              f"peak {r['peak_rss_gb']:5.2f} GB{extra}", flush=True)
+    peer = results.get("torch-maml")
+    if peer:
+        for variant, r in results.items():
+            if variant != "torch-maml":
+                print(f"{variant:16s} tasks/s ratio mtl/torch {peer['seconds'] / r['seconds']:.2f}x, "
+                      f"peak memory ratio {r['peak_rss_gb'] / peer['peak_rss_gb']:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main()
