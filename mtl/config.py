@@ -197,6 +197,10 @@ class ExperimentConfig:
     meta: MetaSection | None = None  # set: a meta-learning experiment (mtl meta-train)
 
 
+META_ALGORITHMS = ("maml", "fomaml", "anil", "meta_sgd", "reptile", "protonet")
+META_ADAPT = ("head", "top", "all")
+
+# Keys whose value must be one of a few names; keys in an absent section (meta) are skipped.
 _CHOICES = {
     "optim.optimizer": ("adamw", "sgd"),
     "optim.schedule": ("linear", "cosine", "constant"),
@@ -204,7 +208,26 @@ _CHOICES = {
     "train.loss_weighting": ("static", "uncertainty"),
     "train.nan_policy": ("stop", "skip"),
     "train.eval_split": ("validation", "test"),
+    "meta.algorithm": META_ALGORITHMS,
+    "meta.adapt": META_ADAPT,
+    "meta.pooling": ("pooler", "cls", "mean"),
 }
+_POSITIVE = (
+    "train.steps", "train.batch_size", "train.eval_every", "train.log_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "optim.grad_accum",
+    "meta.ways", "meta.shots", "meta.queries", "meta.meta_batch", "meta.max_length", "meta.eval_episodes",
+    "meta.test_episodes",
+)
+
+
+def _present(config: ExperimentConfig, keys) -> list[tuple[str, Any]]:
+    """(key, value) of the dotted `keys` whose section the config has."""
+    out = []
+    for key in keys:
+        section, name = key.split(".")
+        if getattr(config, section) is not None:
+            out.append((key, getattr(getattr(config, section), name)))
+    return out
 
 
 def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] = (),
@@ -213,16 +236,10 @@ def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] = (
     where = str(path) if path is not None else "config"
     config = load_structured(ExperimentConfig, read_yaml(path) if path is not None else dict(data or {}),
                              where=where, overrides=overrides)
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value not in choices:
-            raise MtlError(f"{where}: key {key!r}: {value!r} is not one of {list(choices)}")
-    positive = {"train.steps": config.train.steps, "train.batch_size": config.train.batch_size,
-                "train.eval_every": config.train.eval_every, "train.log_every": config.train.log_every,
-                "train.checkpoint_every": config.train.checkpoint_every, "optim.grad_accum": config.optim.grad_accum,
-                "train.keep_checkpoints": config.train.keep_checkpoints}
-    for key, value in positive.items():
+    for key, value in _present(config, _CHOICES):
+        if value not in _CHOICES[key]:
+            raise MtlError(f"{where}: key {key!r}: {value!r} is not one of {list(_CHOICES[key])}")
+    for key, value in _present(config, _POSITIVE):
         if value <= 0:
             raise MtlError(f"{where}: key {key!r}: must be positive, got {value}")
     if not config.tasks:
@@ -232,25 +249,13 @@ def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] = (
     if config.optim.layer_decay is not None and not 0.0 < config.optim.layer_decay <= 1.0:
         raise MtlError(f"{where}: key 'optim.layer_decay': must be in (0, 1]")
     if config.meta is not None:
-        _check_meta(config, where)
+        _check_meta_sources(config, where)
     return config
 
 
-_META_CHOICES = {
-    "algorithm": ("maml", "fomaml", "anil", "meta_sgd", "reptile", "protonet"),
-    "adapt": ("head", "top", "all"),
-    "pooling": ("pooler", "cls", "mean"),
-}
-
-
-def _check_meta(config: ExperimentConfig, where: str) -> None:
+def _check_meta_sources(config: ExperimentConfig, where: str) -> None:
+    """Every episode source names one of the config's tasks."""
     meta = config.meta
-    for name, choices in _META_CHOICES.items():
-        if getattr(meta, name) not in choices:
-            raise MtlError(f"{where}: key 'meta.{name}': {getattr(meta, name)!r} is not one of {list(choices)}")
-    for name in ("ways", "shots", "queries", "meta_batch", "max_length", "eval_episodes", "test_episodes"):
-        if getattr(meta, name) <= 0:
-            raise MtlError(f"{where}: key 'meta.{name}': must be positive, got {getattr(meta, name)}")
     tasks = [entry.task for entry in config.tasks]
     for part in ("train", "test", "eval"):
         sources = getattr(meta, part)

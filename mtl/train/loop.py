@@ -52,9 +52,9 @@ def selection_value(metric: str, value: float) -> float:
 class TrainLoop:
     """The host loop both trainers share; subclasses supply the batches, steps and evaluation.
 
-    A subclass sets `config`, `workdir`, `state`, `train_steps` ({name: jitted step}) and
-    `checkpointer` in its constructor, and implements `next_batch`, `evaluate` and the
-    progress hooks. Everything else (logging, the non-finite policy, evaluation cadence, early
+    A subclass sets `state` and `train_steps` ({name: jitted step}) in its constructor, then
+    calls `super().__init__(config, workdir)` last (it opens the checkpoint manager); it
+    implements `next_batch`, `evaluate` and the progress hooks. Everything else (logging, the non-finite policy, evaluation cadence, early
     stopping, checkpoints, exact resume) lives here once.
     """
 
@@ -64,7 +64,12 @@ class TrainLoop:
     train_steps: dict[str, Callable]
     checkpointer: Checkpointer
 
-    def __init__(self) -> None:
+    def __init__(self, config: ExperimentConfig, workdir: str | Path) -> None:
+        self.config = config
+        self.workdir = Path(workdir)
+        # Checkpoints saved after an evaluation carry its selection score; the best one is kept.
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                                         best_metric="selection")
         self.best: float | None = None
         self.evals_without_improvement = 0
         self.skipped_steps = 0
@@ -194,10 +199,8 @@ class Trainer(TrainLoop):
     """Multi-task training of an Experiment in `workdir`; see the module docstring."""
 
     def __init__(self, experiment: Experiment, workdir: str | Path):
-        super().__init__()
         self.experiment = experiment
-        self.config = cfg = experiment.config
-        self.workdir = Path(workdir)
+        cfg = experiment.config
         self.tasks = experiment.task_names
         pad = experiment.tokenizer.pad_token_id
         self.batchers = {
@@ -224,9 +227,7 @@ class Trainer(TrainLoop):
         )
         self.predict_steps = make_predict_steps(self.graphdef, self.rest, self.tasks)
         self.positions = {name: 0 for name in self.tasks}
-        # Checkpoints saved after an evaluation carry its selection score; the best one is kept.
-        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
-                                         best_metric="selection")
+        super().__init__(cfg, workdir)  # last: opens the checkpoint manager
 
     def next_batch(self, step: int) -> tuple[str, dict]:
         task = self.tasks[self.sampler.task_at(step)]

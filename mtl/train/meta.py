@@ -32,21 +32,17 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mtl.config import META_ADAPT, META_ALGORITHMS
 from mtl.errors import MtlError
 from mtl.models.encoder import EncoderConfig, at_least_float32
 from mtl.models.heads import IGNORE, pool
 from mtl.train.optim import _names
 from mtl.train.state import TrainState, make_update
 
-ALGORITHMS = ("maml", "fomaml", "anil", "meta_sgd", "reptile", "protonet")
-ADAPT = ("head", "top", "all")
+ALGORITHMS, ADAPT = META_ALGORITHMS, META_ADAPT
 HEAD = "episode"
 
 Batch = Mapping[str, jax.Array]
-
-
-def _path_names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", k)) for k in path)
 
 
 class MetaLearner:
@@ -82,7 +78,7 @@ class MetaLearner:
     # --------------------------------------------------------------- parameter split
 
     def _is_fast(self, path, _value) -> bool:
-        names = _path_names(path)
+        names = _names(path)
         if names[0] == "heads" or self.adapt == "all":
             return True
         if self.adapt == "head":

@@ -22,7 +22,6 @@ import numpy as np
 from flax import nnx
 
 from mtl.assets import resolve_model
-from mtl.checkpoint import Checkpointer
 from mtl.config import ExperimentConfig, load_experiment
 from mtl.data.episodes import EpisodeSampler, check_disjoint, make_source
 from mtl.data.pipeline import TaskData
@@ -121,8 +120,7 @@ def episode_scores(learner: MetaLearner, meta_params: dict, sampler: EpisodeSamp
     scores: list[float] = []
     for start in range(0, episodes, chunk):
         # Always `chunk` episodes per call (one compile); the extras past `episodes` are dropped.
-        batch = [sampler.episode(i) for i in range(start, start + chunk)]
-        stacked = {part: {k: np.stack([e[part][k] for e in batch]) for k in batch[0][part]} for part in ("support", "query")}
+        stacked = sampler.meta_batch(start // chunk, chunk)
         predictions = np.asarray(jax.device_get(predict(meta_params, stacked)))
         for e in range(min(chunk, episodes - start)):
             labels = stacked["query"]["labels"][e]
@@ -140,10 +138,8 @@ class MetaTrainer(TrainLoop):
     """Meta-trains a MetaExperiment in `workdir`; see the module docstring."""
 
     def __init__(self, experiment: MetaExperiment, workdir: str | Path):
-        super().__init__()
         self.experiment = experiment
-        self.config = cfg = experiment.config
-        self.workdir = Path(workdir)
+        cfg = experiment.config
         self.samplers = experiment.samplers
         self.kind = self.samplers["train"].kind
         self.learner, self.graphdef, params = learner_for(cfg, experiment.model, self.kind)
@@ -152,8 +148,7 @@ class MetaTrainer(TrainLoop):
         self.state = TrainState.create(meta_params, self.tx, cfg.train.seed)
         self.train_steps = {"meta": make_meta_step(self.learner, self.tx, skip_nonfinite=cfg.train.nan_policy == "skip")}
         self.metric = "accuracy" if self.kind == "class" else "entity_f1"
-        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
-                                         best_metric="selection")
+        super().__init__(cfg, workdir)  # last: opens the checkpoint manager
 
     def next_batch(self, step: int) -> tuple[str, dict]:
         return "meta", self.samplers["train"].meta_batch(step, self.config.meta.meta_batch)
@@ -184,10 +179,6 @@ class MetaTrainer(TrainLoop):
 
 def meta_train(config: ExperimentConfig, workdir: str | Path) -> dict[str, float]:
     return MetaTrainer(build_meta_experiment(config), workdir).run()
-
-
-def _params_from(trainer: MetaTrainer, model_params: nnx.State) -> dict:
-    return trainer.learner.init_params(model_params)
 
 
 def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None = None, ways: int | None = None,
@@ -224,7 +215,7 @@ def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None 
             model = nnx.merge(trainer.graphdef, experiment.initial_params, trainer.learner.rest)
             transfer(model, str(workdir), {HEAD: labels}, [HEAD])
             step = trainer.checkpointer.best_step() or trainer.checkpointer.latest_step()
-            trained_params = _params_from(trainer, nnx.state(model, nnx.Param))
+            trained_params = trainer.learner.init_params(nnx.state(model, nnx.Param))
         else:
             step = trainer.restore("best")
             trained_params = trainer.state.params
@@ -232,7 +223,7 @@ def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None 
         if baseline_from is not None:
             model = nnx.merge(trainer.graphdef, experiment.initial_params, trainer.learner.rest)
             transfer(model, baseline_from, {HEAD: labels}, [HEAD])
-            rows["multi-task (no meta-training)"] = _params_from(trainer, nnx.state(model, nnx.Param))
+            rows["multi-task (no meta-training)"] = trainer.learner.init_params(nnx.state(model, nnx.Param))
         count = episodes or config.meta.test_episodes
         results = {}
         for name, params in rows.items():
