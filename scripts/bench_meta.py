@@ -101,8 +101,11 @@ def run_torch(directory: str, iters: int) -> dict:
              for part, d in episodes().items()}
 
     def loss_fn(p, ids, mask, labels):
+        # An additive [batch, 1, 1, seq] mask: given the 2-D mask, transformers' mask builder branches
+        # on mask.all(), which torch.func.vmap refuses as data-dependent control flow.
+        additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
         hidden = functional_call(body, {k[5:]: v for k, v in p.items() if k.startswith("body.")},
-                                 (ids,), {"attention_mask": mask}).last_hidden_state
+                                 (ids,), {"attention_mask": additive}).last_hidden_state
         m = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
         logits = functional_call(head, {k[5:]: v for k, v in p.items() if k.startswith("head.")}, (pooled,))

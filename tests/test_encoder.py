@@ -9,6 +9,7 @@ from flax import nnx
 
 from conftest import padded_batch
 from mtl import Encoder
+from mtl.errors import MtlError
 from mtl.hf import encoder_to_hf_tensors
 
 
@@ -81,6 +82,23 @@ def _grads(encoder, batch, target):
         return jnp.sum(out.last_hidden_state * target) + jnp.sum(out.pooler_output)
 
     return nnx.merge(graphdef, jax.jit(jax.grad(loss))(params))
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_layers_in_two_ranges_equal_the_whole_encoder(tiny_hf, batch, scan_layers):
+    """Meta-learning runs the lower layers once and the top ones in its inner loop: the two
+    ranges, and each range's per-layer outputs, equal one full forward."""
+    encoder = Encoder.from_pretrained(tiny_hf["bert"][1], scan_layers=scan_layers)
+    ids, mask, types = batch
+    whole = encoder(ids, mask, types, output_hidden_states=True)
+    lower, lower_states = encoder.run_layers(encoder.embed(ids, types), mask, 0, 1, output_hidden_states=True)
+    top, top_states = encoder.run_layers(lower, mask, 1, output_hidden_states=True)
+    np.testing.assert_allclose(top, whole.last_hidden_state, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(jnp.concatenate([lower_states, top_states]), whole.hidden_states[1:], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(encoder.pool(top), whole.pooler_output, atol=1e-6, rtol=0)
+    assert encoder.run_layers(top, mask, 2, 2)[0] is top
+    with pytest.raises(MtlError, match="layer range 1..3 is outside the encoder's 0..2"):
+        encoder.run_layers(top, mask, 1, 3)
 
 
 @pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])

@@ -157,6 +157,48 @@ def test_top_layer_adaptation_moves_only_the_top_layers(scan_layers):
     assert flat[("heads", HEAD, "out", "kernel")].max() > 0
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_top_layer_maml_equals_maml_through_the_whole_model(x64, scan_layers):
+    """With adapt: top the lower layers run once, outside the inner loop. The meta-gradient
+    equals a plain MAML written over the whole model, whose inner step leaves everything but
+    the head, the pooler and the top layer where it is."""
+    learner, meta_params = _learner("maml", adapt="top", adapt_layers=1, inner_lr=0.5, inner_steps=2,
+                                    proto_init=True, dtype="float64", scan_layers=scan_layers)
+    episodes = _episodes(2)
+
+    model = lambda p: nnx.merge(learner.graphdef, p, learner.rest)
+
+    def moves(path, x):  # where the inner step reaches: a scalar, or [L, 1, ...] for stacked layers
+        names = tuple(str(getattr(k, "key", k)) for k in path)
+        if names[0] == "heads" or names[:2] == ("encoder", "pooler"):
+            return 1.0
+        if names[:2] == ("encoder", "layers") and scan_layers:
+            return np.array([0.0, 1.0]).reshape((2,) + (1,) * (x.ndim - 1))
+        return float(names[:3] == ("encoder", "layers", "1"))
+
+    def with_proto_head(params, support):  # Proto-MAML: W = 2c, b = -|c|^2 from the mean-pooled support
+        m = model(params)
+        hidden = m.encoder(support["input_ids"], support["attention_mask"]).last_hidden_state
+        mask = support["attention_mask"][..., None]
+        onehot = jax.nn.one_hot(support["labels"], WAYS)
+        protos = (onehot.T @ ((hidden * mask).sum(1) / mask.sum(1))) / onehot.sum(0)[:, None]
+        m.heads[HEAD].out.kernel[...] = 2.0 * protos.T
+        m.heads[HEAD].out.bias[...] = -jnp.sum(protos**2, -1)
+        return nnx.state(m, nnx.Param)
+
+    def reference_loss(meta_params, episode):
+        params = with_proto_head(meta_params["model"], episode["support"])
+        for _ in range(2):
+            grads = jax.grad(lambda p: model(p).loss(HEAD, episode["support"])[0])(params)
+            params = jax.tree_util.tree_map_with_path(lambda path, p, g: p - 0.5 * moves(path, p) * g, params, grads)
+        return model(params).loss(HEAD, episode["query"])[0]
+
+    expected = jax.grad(lambda p: jax.vmap(reference_loss, in_axes=(None, 0))(p, episodes).mean())(meta_params)
+    grads, _ = jax.jit(learner.meta_gradients)(meta_params, episodes)
+    np.testing.assert_allclose(_flat(grads), _flat(expected), rtol=1e-9, atol=1e-12)
+    assert np.abs(_flat(grads["model"])).max() > 0
+
+
 def test_meta_sgd_learning_rates_get_gradients():
     learner, meta_params = _learner("meta_sgd", inner_lr=0.1)
     assert jax.tree.structure(meta_params["inner_lr"]) == jax.tree.structure(learner.split(meta_params["model"])[0])

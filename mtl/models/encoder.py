@@ -313,17 +313,44 @@ class Encoder(nnx.Module):
           output_hidden_states: also return every layer's output (a static choice).
         """
         cfg = self.config
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
-        # Additive mask over keys, as HF builds it: 0 where attended, float32 min where padding.
-        mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
         if dropout_rng is not None:
             embed_rng, layers_rng = jax.random.split(dropout_rng)
             layer_rngs = jax.random.split(layers_rng, cfg.num_layers)
         else:
             embed_rng = layer_rngs = None
-
         embedded = self.embeddings(input_ids, token_type_ids, embed_rng)
+        x, per_layer = self.run_layers(embedded, attention_mask, layer_rngs=layer_rngs,
+                                       output_hidden_states=output_hidden_states)
+        hidden_states = jnp.concatenate([embedded[None], per_layer], axis=0) if output_hidden_states else None
+        return EncoderOutput(x, self.pool(x), hidden_states)
+
+    def embed(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
+        """The deterministic embedding output [batch, seq, hidden], the input of layer 0."""
+        return self.embeddings(input_ids, token_type_ids, None)
+
+    def pool(self, x: jax.Array) -> jax.Array | None:
+        """The pooler output of a last hidden state, or None without a pooler."""
+        return jnp.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
+
+    def run_layers(self, x: jax.Array, attention_mask: jax.Array | None, start: int = 0, stop: int | None = None,
+                   *, layer_rngs: jax.Array | None = None, output_hidden_states: bool = False):
+        """Run layers start..stop-1 on hidden states x; returns (output, [stop - start, ...] per-layer
+        outputs or None).
+
+        Meta-learning that adapts only the top layers runs the frozen lower layers once and the
+        top ones in its inner loop; `__call__` is this over all layers. `layer_rngs` holds one
+        dropout key per layer in the range, or None for deterministic.
+        """
+        cfg = self.config
+        stop = cfg.num_layers if stop is None else stop
+        if not 0 <= start <= stop <= cfg.num_layers:
+            raise MtlError(f"layer range {start}..{stop} is outside the encoder's 0..{cfg.num_layers}")
+        if start == stop:
+            return x, (jnp.zeros((0,) + x.shape, x.dtype) if output_hidden_states else None)
+        if attention_mask is None:
+            attention_mask = jnp.ones(x.shape[:2], jnp.int32)
+        # Additive mask over keys, as HF builds it: 0 where attended, float32 min where padding.
+        mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
 
         def apply(layer: Layer, x, rng):
             return layer(x, mask_bias, rng)
@@ -332,26 +359,23 @@ class Encoder(nnx.Module):
             apply = nnx.remat(apply, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
 
         if cfg.scan_layers:
+            layers = self.layers
+            if (start, stop) != (0, cfg.num_layers):  # a view of the stacked parameters' rows
+                graphdef, state = nnx.split(layers)
+                layers = nnx.merge(graphdef, jax.tree.map(lambda p: p[start:stop], state))
+
             @nnx.scan(in_axes=(nnx.Carry, 0, 0 if layer_rngs is not None else None),
                       out_axes=(nnx.Carry, 0))
             def run(x, layer, rng):
                 y = apply(layer, x, rng)
                 return y, (y if output_hidden_states else None)
 
-            x_final, per_layer = run(embedded, self.layers, layer_rngs)
-        else:
-            x, outs = embedded, []
-            for i, layer in enumerate(self.layers):
-                x = apply(layer, x, None if layer_rngs is None else layer_rngs[i])
-                outs.append(x)
-            x_final = x
-            per_layer = jnp.stack(outs) if output_hidden_states else None
-
-        hidden_states = None
-        if output_hidden_states:
-            hidden_states = jnp.concatenate([embedded[None], per_layer], axis=0)
-        pooled = jnp.tanh(self.pooler(x_final[:, 0])) if self.pooler is not None else None
-        return EncoderOutput(x_final, pooled, hidden_states)
+            return run(x, layers, layer_rngs)
+        outs = []
+        for i in range(start, stop):
+            x = apply(self.layers[i], x, None if layer_rngs is None else layer_rngs[i - start])
+            outs.append(x)
+        return x, (jnp.stack(outs) if output_hidden_states else None)
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, **run_options) -> Encoder:

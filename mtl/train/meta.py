@@ -34,7 +34,7 @@ from flax import nnx
 
 from mtl.config import META_ADAPT, META_ALGORITHMS
 from mtl.errors import MtlError
-from mtl.models.encoder import EncoderConfig, at_least_float32
+from mtl.models.encoder import EncoderConfig, EncoderOutput, at_least_float32
 from mtl.models.heads import IGNORE, pool
 from mtl.train.optim import _names
 from mtl.train.state import TrainState, make_update
@@ -122,6 +122,16 @@ class MetaLearner:
 
     def encode(self, params: nnx.State, batch: Batch):
         return self._model(params).encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+
+    def _lower_layers(self, params: nnx.State, batch: Batch, stop: int) -> jax.Array:
+        encoder = self._model(params).encoder
+        return encoder.run_layers(encoder.embed(batch["input_ids"], batch.get("token_type_ids")),
+                                  batch["attention_mask"], 0, stop)[0]
+
+    def _upper_layers(self, params: nnx.State, hidden: jax.Array, batch: Batch, start: int) -> EncoderOutput:
+        encoder = self._model(params).encoder
+        last, _ = encoder.run_layers(hidden, batch["attention_mask"], start)
+        return EncoderOutput(last, encoder.pool(last))
 
     def features(self, encoded, batch: Batch) -> jax.Array:
         """Embeddings the prototypes average: one per text, or one per token for NER."""
@@ -212,19 +222,29 @@ class MetaLearner:
             # Fresh Variables for `slow` at the caller's trace level: nnx transforms inside the
             # model (the scanned layers) refuse Variables created at an outer level (jit, vmap).
             return nnx.merge_state(f, jax.tree.map(lambda x: x, slow))
-        encoded_support = self.encode(params, support) if self.adapt == "head" or self.proto_init else None
+        if self.adapt == "top":
+            # The lower layers hold only slow params: run them once per episode, outside the loop.
+            start = self.encoder.num_layers - self.adapt_layers
+            below = {part: self._lower_layers(params, episode[part], start) for part in ("support", "query")}
+
+            def encode_part(p, part):
+                return self._upper_layers(p, below[part], episode[part], start)
+        else:
+            def encode_part(p, part):
+                return self.encode(p, episode[part])
+        encoded_support = encode_part(params, "support") if self.adapt == "head" or self.proto_init else None
         if self.proto_init:
             protos = self.prototypes(self.features(encoded_support, support), support["labels"],
                                      self._weights_of(support), self.num_classes(params))
             fast = self._with_proto_head(fast, protos)
         if self.adapt == "head":  # the encoder is not adapted: run it once, outside the loop
-            encoded = {"support": encoded_support, "query": self.encode(params, query)}
+            encoded = {"support": encoded_support, "query": encode_part(params, "query")}
 
             def logits_of(f, part):
                 return self._head_logits(merged(f), encoded[part], episode[part])
         else:
             def logits_of(f, part):
-                return self._model(merged(f))(HEAD, episode[part])
+                return self._head_logits(merged(f), encode_part(merged(f), part), episode[part])
 
         def support_loss(f):
             return self._head_loss(merged(f), logits_of(f, "support"), support)
