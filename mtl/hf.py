@@ -33,7 +33,7 @@ from flax import nnx
 from mtl.assets import resolve_model
 from mtl.errors import MtlError
 from mtl.models.encoder import Encoder, EncoderConfig
-from mtl.params import flatten, unflatten
+from mtl.params import flatten, stack_layers, unflatten, unstack_layers
 
 log = logging.getLogger(__name__)
 
@@ -295,40 +295,6 @@ def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _layer_view(flat: dict[str, Any], config: EncoderConfig) -> dict[str, Any]:
-    """Present stacked (scanned) layer params as per-layer `layers.{i}.*` entries."""
-    if not config.scan_layers:
-        return flat
-    out = {}
-    for name, value in flat.items():
-        if name.startswith("layers."):
-            rest = name[len("layers."):]
-            for i in range(config.num_layers):
-                out[f"layers.{i}.{rest}"] = (
-                    jax.ShapeDtypeStruct(value.shape[1:], value.dtype)  # abstract, from eval_shape
-                    if isinstance(value, jax.ShapeDtypeStruct) else value[i]
-                )
-        else:
-            out[name] = value
-    return out
-
-
-def _stack_layers(per_layer: dict[str, Any], config: EncoderConfig) -> dict[str, Any]:
-    """Inverse of `_layer_view`."""
-    if not config.scan_layers:
-        return per_layer
-    out, layers = {}, {}
-    for name, value in per_layer.items():
-        if name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            layers.setdefault(rest, {})[int(i)] = value
-        else:
-            out[name] = value
-    for rest, by_index in layers.items():
-        out[f"layers.{rest}"] = np.stack([by_index[i] for i in range(config.num_layers)])
-    return out
-
-
 def hf_to_mtl_names(
     keys: list[str], arch: Architecture, where: str
 ) -> tuple[dict[str, tuple[str, Rule]], list[str]]:
@@ -376,7 +342,7 @@ def load_encoder(name_or_dir: str | os.PathLike, **run_options) -> Encoder:
     abstract = nnx.eval_shape(lambda: Encoder(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
-    expected = _layer_view(flatten(pure), config)
+    expected = unstack_layers(flatten(pure), "layers.")
     extra = sorted(mapped[n][0] for n in set(mapped) - set(expected))
     if extra:  # matched a rule, but the config has no such parameter (e.g. a layer too many)
         raise MtlError(f"{where}: unexpected key(s) for this config.json: {extra}")
@@ -392,7 +358,8 @@ def load_encoder(name_or_dir: str | os.PathLike, **run_options) -> Encoder:
             want = shape_struct.shape[::-1] if rule.transpose else shape_struct.shape
             raise MtlError(f"{where}: key {key!r} has shape {tuple(shown)}, the encoder expects {tuple(want)}")
         per_layer[name] = value.astype(shape_struct.dtype)
-    loaded = {n: jnp.asarray(v) for n, v in _stack_layers(per_layer, config).items()}
+    stacked = stack_layers(per_layer, "layers.") if config.scan_layers else per_layer
+    loaded = {n: jnp.asarray(v) for n, v in stacked.items()}
     nnx.replace_by_pure_dict(state, unflatten(loaded))
     return nnx.merge(graphdef, state)
 
@@ -401,7 +368,7 @@ def encoder_to_hf_tensors(encoder: Encoder) -> dict[str, np.ndarray]:
     """The encoder's parameters under their HF names and layouts (the inverse of import)."""
     config = encoder.config
     arch = _architecture(config.model_type, "encoder")
-    flat = _layer_view(flatten(nnx.to_pure_dict(nnx.state(encoder))), config)
+    flat = unstack_layers(flatten(nnx.to_pure_dict(nnx.state(encoder))), "layers.")
     out: dict[str, np.ndarray] = {}
     for name, value in flat.items():
         hits = _translate(name, arch.rules, to="hf")

@@ -1,7 +1,10 @@
 """Parameter trees as flat {dotted name: value} dicts, e.g. "encoder.layers.query.kernel".
 
 Used by HF conversion, transfer and inference. Looped layers (nnx.List) have integer keys,
-which become and come back from digit components ("encoder.layers.0.query.kernel").
+which become and come back from digit components ("encoder.layers.0.query.kernel"). Scanned
+layers hold one [num_layers, ...] array per name ("encoder.layers.query.kernel");
+`unstack_layers` and `stack_layers` move between the two, so that checkpoints and HF weights
+do not depend on the layout a run chose.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import numpy as np
 from flax import traverse_util
 
 
@@ -20,3 +25,38 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
     return traverse_util.unflatten_dict(
         {tuple(int(p) if p.isdigit() else p for p in name.split(".")): v for name, v in flat.items()}
     )
+
+
+def _is_stacked(name: str, prefix: str) -> bool:
+    return name.startswith(prefix) and not name[len(prefix):].split(".", 1)[0].isdigit()
+
+
+def unstack_layers(flat: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Present stacked layer params `{prefix}{rest}` ([L, ...]) as per-layer `{prefix}{i}.{rest}`
+    entries; anything else (looped layers included) passes through. Abstract values
+    (jax.ShapeDtypeStruct, from eval_shape) stay abstract."""
+    out = {}
+    for name, value in flat.items():
+        if not _is_stacked(name, prefix):
+            out[name] = value
+            continue
+        rest = name[len(prefix):]
+        for i in range(value.shape[0]):
+            out[f"{prefix}{i}.{rest}"] = (jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+                                          if isinstance(value, jax.ShapeDtypeStruct) else value[i])
+    return out
+
+
+def stack_layers(flat: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Inverse of `unstack_layers`: per-layer `{prefix}{i}.{rest}` entries become one stacked
+    `{prefix}{rest}` array each."""
+    out, layers = {}, {}
+    for name, value in flat.items():
+        if name.startswith(prefix) and not _is_stacked(name, prefix):
+            i, rest = name[len(prefix):].split(".", 1)
+            layers.setdefault(rest, {})[int(i)] = value
+        else:
+            out[name] = value
+    for rest, by_index in layers.items():
+        out[f"{prefix}{rest}"] = np.stack([np.asarray(by_index[i]) for i in range(len(by_index))])
+    return out

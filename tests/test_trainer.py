@@ -9,10 +9,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from data_helpers import CSV_SPEC, write_task
 from mtl import MtlError
 from mtl.checkpoint import Checkpointer
+from mtl.params import flatten, unstack_layers
 from mtl.config import load_experiment
 from mtl.tracking import read_metrics
 from mtl.train.experiment import build_experiment
@@ -260,6 +262,31 @@ def test_transfer_into_another_architecture_names_the_parameter(tmp_path, isolat
                   random_init=dataclasses_replace(config.model.random_init, hidden_size=32, intermediate_size=64))
     with pytest.raises(MtlError, match=r"encoder parameter 'encoder.embeddings.norm.bias' is \(16,\) in the checkpoint, \(32,\) in this model"):
         build_experiment(wider)
+
+
+def test_transfer_between_scanned_and_looped_layers(tmp_path, isolated_cache, minilm_dir):
+    """Scanning is a run option, not an architecture: a checkpoint trained with one layout
+    initialises a model with the other, layer by layer; another depth is still refused."""
+    _trained(tmp_path, minilm_dir)  # with the encoder's default, scanned layers
+    config = _with(_toy_config(tmp_path, minilm_dir, seed=3), init_from=str(tmp_path / "a"))
+
+    def per_layer(scan):
+        model = build_experiment(_with(config, scan_layers=scan)).model
+        assert model.encoder.config.scan_layers == scan
+        return unstack_layers(flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))), "encoder.layers.")
+
+    same, other = per_layer(True), per_layer(False)
+    assert set(other) == set(same) and "encoder.layers.1.query.kernel" in other
+    for name in same:
+        np.testing.assert_array_equal(np.asarray(other[name]), np.asarray(same[name]), err_msg=name)
+    deeper = _with(config, scan_layers=True,
+                   random_init=dataclasses_replace(config.model.random_init, num_layers=3))
+    with pytest.raises(MtlError, match=r"encoder parameter 'encoder.layers.2.attention_norm.bias' is nothing in the checkpoint"):
+        build_experiment(deeper)
+    shallower = _with(config, scan_layers=False,
+                      random_init=dataclasses_replace(config.model.random_init, num_layers=1))
+    with pytest.raises(MtlError, match=r"the checkpoint has encoder parameter 'encoder.layers.1\..*', which this model lacks"):
+        build_experiment(shallower)
 
 
 def dataclasses_replace(obj, **changes):

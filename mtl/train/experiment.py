@@ -22,7 +22,7 @@ from mtl.errors import MtlError
 from mtl.models.encoder import Encoder, EncoderConfig
 from mtl.models.heads import build_head
 from mtl.models.model import MultiTaskModel
-from mtl.params import flatten, unflatten
+from mtl.params import flatten, stack_layers, unflatten, unstack_layers
 from mtl.tasks import load_tasks
 from mtl.tokenizer import load_tokenizer
 
@@ -110,9 +110,10 @@ def transfer(model: MultiTaskModel, workdir: str, labels: dict[str, list[str]], 
     error unless the head is listed in `reinit` (model.reinit_heads); other heads start fresh.
     """
     saved, meta, step = load_trained(workdir)
-    source = flatten(saved["model"])
+    # Compared and copied per layer: a run may scan its layers where the checkpoint's looped them.
+    source = unstack_layers(flatten(saved["model"]), "encoder.layers.")
     state = nnx.state(model, nnx.Param)
-    target = flatten(nnx.to_pure_dict(state))
+    target = unstack_layers(flatten(nnx.to_pure_dict(state)), "encoder.layers.")
     where = f"model.init_from {workdir} (step {step})"
     report = {}
     for name, value in target.items():
@@ -122,6 +123,10 @@ def transfer(model: MultiTaskModel, workdir: str, labels: dict[str, list[str]], 
             found = np.shape(source[name]) if name in source else "nothing"
             raise MtlError(f"{where}: encoder parameter {name!r} is {found} in the checkpoint, "
                            f"{tuple(np.shape(value))} in this model: not the same architecture")
+    extra = next((n for n in source if n.startswith("encoder.") and n not in target), None)
+    if extra is not None:
+        raise MtlError(f"{where}: the checkpoint has encoder parameter {extra!r}, which this model lacks: "
+                       "not the same architecture")
     report["encoder"] = "loaded"
     for task, task_labels in labels.items():
         prefix = f"heads.{task}."
@@ -136,8 +141,9 @@ def transfer(model: MultiTaskModel, workdir: str, labels: dict[str, list[str]], 
             if name.startswith(prefix) and (name not in source or np.shape(source[name]) != np.shape(value)):
                 raise MtlError(f"{where}: head parameter {name!r} does not fit; list {task!r} in model.reinit_heads")
         report[task] = "loaded"
-    assign_params(model, {n: (source[n] if n.startswith("encoder.") or report.get(n.split(".")[1]) == "loaded" else v)
-                          for n, v in target.items()})
+    loaded = {n: (source[n] if n.startswith("encoder.") or report.get(n.split(".")[1]) == "loaded" else v)
+              for n, v in target.items()}
+    assign_params(model, stack_layers(loaded, "encoder.layers.") if model.encoder.config.scan_layers else loaded)
     for part, what in report.items():
         log.info("%s: %s", part, what)
     return report
