@@ -7,7 +7,8 @@ A checkpoint at step s holds two items:
          early-stopping count.
 Saves are asynchronous, and orbax writes to a temporary directory that it renames when
 complete, so a process killed mid-save leaves the previous checkpoint as the latest. The
-manager keeps the latest `keep` checkpoints plus the best one by the chosen metric.
+manager keeps the latest `keep` checkpoints plus the best one by the metric the loop saves
+with each evaluated checkpoint (SELECTION); "best" means the same when a workdir is reopened.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 from mtl.errors import MtlError
 
 
+SELECTION = "selection"  # the metric a checkpoint is ranked by (higher is better)
+
+
 class Checkpointer:
     """Save and restore (TrainState, meta) pairs under `directory`."""
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, best_metric: str | None = None):
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, best_metric: str | None = SELECTION):
         self.directory = Path(directory).absolute()
         preserve = [policies.LatestN(keep)]
         if best_metric is not None:
@@ -35,6 +39,9 @@ class Checkpointer:
                                            keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(preserve),
+            # Without best_fn, orbax's best_step() is the latest step, whatever BestN kept.
+            best_fn=(lambda m: m[best_metric]) if best_metric is not None else None,
+            best_mode="max",
             enable_async_checkpointing=True,
             create=True,
         )

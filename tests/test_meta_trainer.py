@@ -14,7 +14,9 @@ from mtl.cli import main
 from mtl.config import load_experiment
 from mtl.errors import MtlError
 from mtl.tracking import read_metrics
+from mtl.train import meta_trainer
 from mtl.train.loop import train
+from mtl.train.meta import make_adapt_predict
 from mtl.train.meta_trainer import meta_test, meta_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,11 +55,14 @@ def test_meta_training_resumes_exactly(meta_run, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def test_meta_test_reports_both_baselines(meta_run, tmp_path):
+def test_meta_test_reports_both_baselines(meta_run, tmp_path, monkeypatch):
     reference, _ = meta_run
     multitask = tmp_path / "multitask"
     train(load_experiment(TINY, ["train.steps=2", "train.eval_every=2", "train.checkpoint_every=2"]), multitask)
+    builds = []  # the three rows share one jitted adapt-and-predict, so it compiles once
+    monkeypatch.setattr(meta_trainer, "make_adapt_predict", lambda *a: builds.append(a) or make_adapt_predict(*a))
     report = meta_test(reference, episodes=6, baseline_from=str(multitask))
+    assert len(builds) == 1
     rows = report["results"]
     assert list(rows) == ["meta-trained", "pretrained (no meta-training)", "multi-task (no meta-training)"]
     for row in rows.values():

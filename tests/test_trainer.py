@@ -13,7 +13,7 @@ from flax import nnx
 
 from data_helpers import CSV_SPEC, write_task
 from mtl import MtlError
-from mtl.checkpoint import Checkpointer
+from mtl.checkpoint import SELECTION, Checkpointer
 from mtl.params import flatten, unstack_layers
 from mtl.config import load_experiment
 from mtl.tracking import read_metrics
@@ -144,6 +144,24 @@ def _poison(trainer, task, position):
         return out
 
     stream.batch = batch
+
+
+def test_best_checkpoint_is_the_best_selection_score_also_after_reopening(tmp_path):
+    """'best' (mtl evaluate, transfer, meta-test) is the highest selection score, not the
+    latest step; a checkpoint saved without an evaluation is never the best."""
+    checkpointer = Checkpointer(tmp_path, keep=1)
+    for step, score in ((1, 0.5), (2, 0.9), (3, 0.7), (4, None)):
+        checkpointer.save(step, {"w": np.full(3, step, np.float32)}, {"step": step},
+                          metrics=None if score is None else {SELECTION: score})
+    checkpointer.wait()
+    assert (checkpointer.best_step(), checkpointer.latest_step()) == (2, 4)
+    checkpointer.close()
+    reopened = Checkpointer(tmp_path)
+    try:
+        assert reopened.best_step() == 2 and sorted(reopened.manager.all_steps()) == [2, 4]
+        np.testing.assert_array_equal(reopened.restore_tree(2)["w"], np.full(3, 2, np.float32))
+    finally:
+        reopened.close()
 
 
 def test_nonfinite_loss_stops_and_names_the_step(tmp_path, isolated_cache, minilm_dir):

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mtl.checkpoint import Checkpointer
+from mtl.checkpoint import SELECTION, Checkpointer
 from mtl.config import ExperimentConfig, to_yaml
 from mtl.data.batching import Batcher, TrainStream, eval_batches
 from mtl.errors import MtlError
@@ -68,8 +68,7 @@ class TrainLoop:
         self.config = config
         self.workdir = Path(workdir)
         # Checkpoints saved after an evaluation carry its selection score; the best one is kept.
-        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.train.keep_checkpoints,
-                                         best_metric="selection")
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.train.keep_checkpoints)
         self.best: float | None = None
         self.evals_without_improvement = 0
         self.skipped_steps = 0
@@ -180,7 +179,7 @@ class TrainLoop:
                     else:
                         self.evals_without_improvement += 1
                     writer.write(done, "eval", dict(results, selection=selection))
-                    save_metrics = {"selection": selection}
+                    save_metrics = {SELECTION: selection}
                     patience = cfg.early_stopping_patience
                     stop = patience is not None and self.evals_without_improvement >= patience
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:

@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from mtl.assets import resolve_model
 from mtl.config import ExperimentConfig, load_experiment
@@ -111,14 +112,13 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
     return float(values.mean()), float(1.96 * values.std(ddof=1) / np.sqrt(len(values)))
 
 
-def episode_scores(learner: MetaLearner, meta_params: dict, sampler: EpisodeSampler, episodes: int,
-                   chunk: int, steps: int) -> list[float]:
-    """Per-episode query accuracy (class episodes) or entity F1 (NER), after adapting each
-    episode's support set with `steps` inner steps; episodes 0..episodes-1 of the sampler."""
-    predict = make_adapt_predict(learner, steps)
+def episode_scores(predict, meta_params: dict, sampler: EpisodeSampler, episodes: int, chunk: int,
+                   desc: str = "episodes") -> list[float]:
+    """Per-episode query accuracy (class episodes) or entity F1 (NER) of `predict` (from
+    `make_adapt_predict`), on episodes 0..episodes-1 of the sampler."""
     names = sampler.episode_labels
     scores: list[float] = []
-    for start in range(0, episodes, chunk):
+    for start in tqdm(range(0, episodes, chunk), desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None):
         # Always `chunk` episodes per call (one compile); the extras past `episodes` are dropped.
         stacked = sampler.meta_batch(start // chunk, chunk)
         predictions = np.asarray(jax.device_get(predict(meta_params, stacked)))
@@ -148,6 +148,7 @@ class MetaTrainer(TrainLoop):
         self.state = TrainState.create(meta_params, self.tx, cfg.train.seed)
         self.train_steps = {"meta": make_meta_step(self.learner, self.tx, skip_nonfinite=cfg.train.nan_policy == "skip")}
         self.metric = "accuracy" if self.kind == "class" else "entity_f1"
+        self._predict = None
         super().__init__(cfg, workdir)  # last: opens the checkpoint manager
 
     def next_batch(self, step: int) -> tuple[str, dict]:
@@ -167,9 +168,10 @@ class MetaTrainer(TrainLoop):
     def scores(self, split: str, meta_params: dict | None = None, episodes: int | None = None) -> list[float]:
         meta = self.config.meta
         episodes = episodes or (meta.eval_episodes if split == "validation" else meta.test_episodes)
-        steps = meta.test_inner_steps or meta.inner_steps
-        return episode_scores(self.learner, meta_params or self.state.params, self.samplers[split], episodes,
-                              meta.meta_batch, steps)
+        if self._predict is None:  # built once: every evaluation and baseline reuses its compilation
+            self._predict = make_adapt_predict(self.learner, meta.test_inner_steps or meta.inner_steps)
+        return episode_scores(self._predict, meta_params or self.state.params, self.samplers[split], episodes,
+                              meta.meta_batch, desc=f"{split} episodes")
 
     def evaluate(self, split: str = "validation") -> dict[str, float]:
         """Mean query score over the split's episodes (held-out classes), with its 95% CI."""
