@@ -148,7 +148,8 @@ class MetaTrainer(TrainLoop):
         self.state = TrainState.create(meta_params, self.tx, cfg.train.seed)
         self.train_steps = {"meta": make_meta_step(self.learner, self.tx, skip_nonfinite=cfg.train.nan_policy == "skip")}
         self.metric = "accuracy" if self.kind == "class" else "entity_f1"
-        self._predict = None
+        # One jitted adapt-and-predict: every evaluation and meta-test row reuses its compilation.
+        self.predict = make_adapt_predict(self.learner, cfg.meta.test_inner_steps or cfg.meta.inner_steps)
         super().__init__(cfg, workdir)  # last: opens the checkpoint manager
 
     def next_batch(self, step: int) -> tuple[str, dict]:
@@ -168,9 +169,7 @@ class MetaTrainer(TrainLoop):
     def scores(self, split: str, meta_params: dict | None = None, episodes: int | None = None) -> list[float]:
         meta = self.config.meta
         episodes = episodes or (meta.eval_episodes if split == "validation" else meta.test_episodes)
-        if self._predict is None:  # built once: every evaluation and baseline reuses its compilation
-            self._predict = make_adapt_predict(self.learner, meta.test_inner_steps or meta.inner_steps)
-        return episode_scores(self._predict, meta_params or self.state.params, self.samplers[split], episodes,
+        return episode_scores(self.predict, meta_params or self.state.params, self.samplers[split], episodes,
                               meta.meta_batch, desc=f"{split} episodes")
 
     def evaluate(self, split: str = "validation") -> dict[str, float]:
