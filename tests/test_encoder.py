@@ -1,5 +1,7 @@
 """Encoder behaviour beyond forward parity: tracing, dropout, remat, bf16, gradients."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,9 +115,14 @@ def test_remat_changes_memory_not_results(tiny_hf, batch, policy):
         _assert_gradients_close(remat[key], plain[key], key)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
-def test_gradients_match_pytorch_autograd(tiny_hf, batch, scan_layers):
-    model, directory = tiny_hf["bert"]
+@pytest.mark.parametrize("arch, scan_layers", [("bert", True), ("bert", False), ("roberta", True)],
+                         ids=["bert-scan", "bert-loop", "roberta-scan"])
+def test_gradients_match_pytorch_autograd(tiny_hf, batch, arch, scan_layers):
+    # RoBERTa's padding-aware positions and single token type go through the one-hot lookup.
+    model, directory = tiny_hf[arch]
+    if arch == "roberta":  # its pad id, and one token type
+        ids, mask, _ = (jnp.asarray(a) for a in padded_batch(model.config.pad_token_id))
+        batch = (ids, mask, jnp.zeros_like(ids))
     target = np.random.RandomState(0).randn(3, 11, 32).astype(np.float32)
     encoder = Encoder.from_pretrained(directory, scan_layers=scan_layers)
     grads = encoder_to_hf_tensors(_grads(encoder, batch, jnp.asarray(target)))
@@ -141,3 +148,23 @@ def test_bfloat16_compute_keeps_float32_params(tiny_hf, batch):
     # bf16 keeps 8 mantissa bits (relative 2^-8 = 0.004 per rounding); through two layers of
     # LayerNorm'd activations of unit scale the error stays a few hundredths.
     assert np.abs(np.asarray(bf16, np.float32) - np.asarray(fp32)).max() < 0.05
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])  # two token types; padding-aware positions
+def test_embedding_gradients_scatter_only_into_the_vocabulary_in_float32(tiny_hf, batch, arch):
+    """A gather's gradient is a scatter-add; into a small table (token types, positions) nearly
+    every token adds into the same row, which serialises on a GPU, and a bf16 scatter-add is a
+    compare-and-swap loop there. So the one scatter-add left is the word table's, in fp32."""
+    encoder = Encoder.from_pretrained(tiny_hf[arch][1], dtype="bfloat16")
+    graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
+    if arch == "roberta":
+        ids, mask, _ = batch
+        batch = (ids, mask, jnp.zeros_like(ids))
+
+    def loss(params, ids, mask, types):
+        return nnx.merge(graphdef, params, rest)(ids, mask, types).last_hidden_state.astype(jnp.float32).sum()
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, *batch))
+    scatters = [line.strip() for line in jaxpr.splitlines() if re.search(r"= scatter", line)]
+    assert len(scatters) == 1, scatters
+    assert scatters[0].split("=")[0].strip().endswith(":f32[99,32]"), scatters  # [vocab, hidden] in float32
