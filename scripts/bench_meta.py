@@ -2,6 +2,7 @@
 
     python scripts/bench_meta.py               # MiniLM, 5-way 5-shot 5-query, meta-batch 4, seq 64
     python scripts/bench_meta.py --iters 1 --only mtl-maml torch-maml
+    python scripts/bench_meta.py --random-init minilm --iters 10     # on a GPU: no download
 
 Setup (the issue's): all-MiniLM-L6-v2 with a mean-pooled 5-way linear head; a meta-batch of 4
 episodes of 25 support + 25 query sequences of 64 random tokens; one inner SGD step over all
@@ -17,14 +18,16 @@ parameters; an AdamW outer update. No dropout in either.
                   transformers' BertModel with eager attention (its default SDPA attention has no
                   double backward on CPU) and torch.optim.AdamW
 
-Each variant runs in its own subprocess so that its peak resident memory (ru_maxrss) is its
-own. Prints seconds per meta-step (median after one warm-up step), tasks per second, the ratio
-against the peer (above 1: mtl is faster), mtl's compile time and the peak memory.
+Each variant runs in its own subprocess so that its peak memory is its own: resident memory
+(ru_maxrss) on a CPU, the allocator's peak on a GPU. Prints seconds per meta-step (median after
+one warm-up step), tasks per second, the ratio against the peer (above 1: mtl is faster), mtl's
+compile time and the peak memory. On a GPU both sides run fp32 with TF32 matmuls (XLA's default).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -51,12 +54,12 @@ def episodes():
     return {"support": part(SHOTS), "query": part(QUERIES)}
 
 
-def run_mtl(variant: str, directory: str, iters: int) -> dict:
+def run_mtl(variant: str, directory: str | None, shape: str | None, iters: int) -> dict:
     import jax
     from flax import nnx
-    from timing import median_time  # scripts/timing.py
+    from timing import SHAPES, VOCAB, device_memory_peak_gb, median_time  # scripts/timing.py
 
-    from mtl import Encoder
+    from mtl import Encoder, EncoderConfig
     from mtl.config import OptimSection
     from mtl.models.heads import ClassificationHead
     from mtl.models.model import MultiTaskModel
@@ -65,8 +68,11 @@ def run_mtl(variant: str, directory: str, iters: int) -> dict:
     from mtl.train.state import TrainState
 
     remat = variant == "mtl-maml-remat"
-    encoder = Encoder.from_pretrained(directory, remat_policy="nothing_saveable" if remat else None,
-                                      scan_layers=variant == "mtl-maml-scan")
+    options = dict(remat_policy="nothing_saveable" if remat else None, scan_layers=variant == "mtl-maml-scan")
+    if shape:
+        encoder = Encoder(EncoderConfig(vocab_size=VOCAB, **SHAPES[shape], **options), rngs=nnx.Rngs(0))
+    else:
+        encoder = Encoder.from_pretrained(directory, **options)
     head = ClassificationHead(encoder.config.hidden_size, [str(i) for i in range(WAYS)], rngs=nnx.Rngs(0),
                               pooling="mean", dropout=0.0)
     graphdef, params, rest = nnx.split(MultiTaskModel(encoder, {HEAD: head}), nnx.Param, ...)
@@ -87,21 +93,33 @@ def run_mtl(variant: str, directory: str, iters: int) -> dict:
     one()
     first = time.perf_counter() - start
     seconds = median_time(one, iters)
-    return {"seconds": seconds, "compile_seconds": first - seconds}  # the first step compiles, then runs
+    # The first step compiles, then runs.
+    return {"seconds": seconds, "compile_seconds": first - seconds, "device_peak_gb": device_memory_peak_gb()}
 
 
-def run_torch(directory: str, iters: int) -> dict:
+def run_torch(directory: str | None, shape: str | None, iters: int) -> dict:
     import torch
     import transformers
     from torch.func import functional_call, grad, vmap
-    from timing import median_time
+    from timing import SHAPES, VOCAB, median_time
 
     torch.set_num_threads(os.cpu_count())
-    body = transformers.BertModel.from_pretrained(directory, attn_implementation="eager", add_pooling_layer=False).eval()
-    head = torch.nn.Linear(body.config.hidden_size, WAYS)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True  # as XLA's default fp32 matmul precision on a GPU
+    if shape:
+        s = SHAPES[shape]
+        config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=s["hidden_size"], num_hidden_layers=s["num_layers"],
+                                         num_attention_heads=s["num_heads"], intermediate_size=s["intermediate_size"],
+                                         attn_implementation="eager")
+        body = transformers.BertModel(config, add_pooling_layer=False)
+    else:
+        body = transformers.BertModel.from_pretrained(directory, attn_implementation="eager", add_pooling_layer=False)
+    body = body.to(device).eval()
+    head = torch.nn.Linear(body.config.hidden_size, WAYS).to(device)
     params = {**{f"body.{k}": v for k, v in body.named_parameters()}, **{f"head.{k}": v for k, v in head.named_parameters()}}
     optimizer = torch.optim.AdamW(params.values(), lr=1e-5)
-    batch = {part: {k: torch.as_tensor(v).long() if k != "weights" else torch.as_tensor(v) for k, v in d.items()}
+    batch = {part: {k: torch.as_tensor(v, device=device).long() if k != "weights" else torch.as_tensor(v, device=device)
+                    for k, v in d.items()}
              for part, d in episodes().items()}
 
     def loss_fn(p, ids, mask, labels):
@@ -132,12 +150,16 @@ def run_torch(directory: str, iters: int) -> dict:
         for k, v in params.items():
             v.grad = grads[k]
         optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
-    return {"seconds": median_time(one, iters)}
+    seconds = median_time(one, iters)
+    return {"seconds": seconds, "device_peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
 
 
-def worker(variant: str, directory: str, iters: int) -> None:
-    result = run_torch(directory, iters) if variant == "torch-maml" else run_mtl(variant, directory, iters)
+def worker(variant: str, directory: str | None, shape: str | None, iters: int) -> None:
+    run = run_torch if variant == "torch-maml" else functools.partial(run_mtl, variant)
+    result = run(directory, shape, iters)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print("RESULT " + json.dumps(result))
 
@@ -145,37 +167,43 @@ def worker(variant: str, directory: str, iters: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+    parser.add_argument("--random-init", choices=("minilm", "bert-base"), help="a random encoder of this shape, not --model")
     parser.add_argument("--iters", type=int, default=2, help="timed meta-steps per variant after a warm-up")
     parser.add_argument("--only", nargs="*", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.directory, args.iters)
+        worker(args.worker, args.directory, args.random_init, args.iters)
         return
     from mtl import resolve_model
 
-    directory = str(resolve_model(args.model))
-    print(f"{args.model}: {WAYS}-way {SHOTS}-shot {QUERIES}-query, meta-batch {META_BATCH}, seq {SEQ}, "
+    directory = None if args.random_init else str(resolve_model(args.model))
+    name = f"random {args.random_init}" if args.random_init else args.model
+    print(f"{name}: {WAYS}-way {SHOTS}-shot {QUERIES}-query, meta-batch {META_BATCH}, seq {SEQ}, "
           f"1 inner step over all params, {os.cpu_count()} cores")
     results = {}
     for variant in args.only:
-        proc = subprocess.run([sys.executable, __file__, "--worker", variant, "--directory", directory,
-                               "--iters", str(args.iters)], capture_output=True, text=True)
+        source = ["--random-init", args.random_init] if args.random_init else ["--directory", directory]
+        proc = subprocess.run([sys.executable, __file__, "--worker", variant, *source, "--iters", str(args.iters)],
+                              capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(f"{variant:16s} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
             continue
         results[variant] = r = json.loads(line[len("RESULT "):])
+        # A GPU's own allocator peak where there is one; resident host memory on a CPU.
+        r["peak_gb"] = r["device_peak_gb"] if r.get("device_peak_gb") is not None else r["peak_rss_gb"]
         extra = f"   compile {r['compile_seconds']:.1f} s" if "compile_seconds" in r else ""
-        print(f"{variant:16s} {r['seconds']:7.2f} s/meta-step  {META_BATCH / r['seconds']:6.3f} tasks/s  "
-              f"peak {r['peak_rss_gb']:5.2f} GB{extra}", flush=True)
+        where = "device" if r.get("device_peak_gb") is not None else "RSS"
+        print(f"{variant:16s} {r['seconds']:7.3f} s/meta-step  {META_BATCH / r['seconds']:7.3f} tasks/s  "
+              f"peak {where} {r['peak_gb']:5.2f} GB{extra}", flush=True)
     peer = results.get("torch-maml")
     if peer:
         for variant, r in results.items():
             if variant != "torch-maml":
                 print(f"{variant:16s} tasks/s ratio mtl/torch {peer['seconds'] / r['seconds']:.2f}x, "
-                      f"peak memory ratio {r['peak_rss_gb'] / peer['peak_rss_gb']:.2f}x")
+                      f"peak memory ratio {r['peak_gb'] / peer['peak_gb']:.2f}x")
 
 
 if __name__ == "__main__":

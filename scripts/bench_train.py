@@ -2,15 +2,20 @@
 
     python scripts/bench_train.py                  # MiniLM, batch 32, seq 128, 10 steps
     python scripts/bench_train.py --iters 5
+    python scripts/bench_train.py --random-init bert-base --dtype bfloat16 --batch 256   # on a GPU
 
 mtl: the Trainer's own step for a classification task (MultiTaskModel, cross-entropy, clipping
-and AdamW from build_optimizer, dropout on) on the real all-MiniLM-L6-v2.
+and AdamW from build_optimizer, dropout on) on the real all-MiniLM-L6-v2, or on a random
+encoder of a named shape (--random-init: speed depends on shapes, not weights).
 Peer: transformers' BertForSequenceClassification (its default attention) with
-torch.optim.AdamW and clip_grad_norm_, on the same weights and the same batch.
+torch.optim.AdamW and clip_grad_norm_, on the same weights (or the same shape) and the same
+batch, on the GPU when there is one; --dtype bfloat16 runs it under torch.autocast, and mtl
+with bf16 compute over fp32 params.
 
 Prints steady-state step time for both, the ratio torch / mtl (above 1: mtl is faster), mtl's
-compile time, and the achieved GFLOP/s (6 * non-embedding params * tokens + attention) as a fraction of the
-measured float32 matmul peak of this machine.
+compile time, tokens/s, and model FLOPs utilisation: 6 * non-embedding params * tokens plus
+attention FLOPs, over the device peak (the data sheet's for a known accelerator, a measured
+matmul for a CPU).
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ import argparse
 import os
 import time
 
+# Grow GPU memory as needed instead of taking 75% at start, so the PyTorch peer in the same
+# process gets the memory it needs (it runs first and hands its cache back).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,9 +35,9 @@ import torch
 import transformers
 from flax import nnx
 
-from timing import median_time  # scripts/timing.py
+from timing import SHAPES, VOCAB, device_memory_peak_gb, device_peak, median_time  # scripts/timing.py
 
-from mtl import DEFAULT_MODEL, Encoder, resolve_model
+from mtl import DEFAULT_MODEL, Encoder, EncoderConfig, resolve_model
 from mtl.config import OptimSection
 from mtl.models.heads import ClassificationHead
 from mtl.models.model import MultiTaskModel
@@ -37,31 +46,46 @@ from mtl.train.optim import build_optimizer
 from mtl.train.state import TrainState
 
 
-def matmul_peak(n: int = 2048) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    seconds = median_time(lambda: f(a).block_until_ready(), 5)
-    return 2 * n**3 / seconds
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--random-init", choices=sorted(SHAPES), help="a random encoder of this shape, not --model")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--no-peer", action="store_true", help="time mtl alone")
+    parser.add_argument("--loop-layers", action="store_true", help="mtl with model.scan_layers false")
+    parser.add_argument("--no-dropout", action="store_true", help="both sides without dropout")
+    parser.add_argument("--prng", choices=("threefry2x32", "rbg", "unsafe_rbg"),
+                        help="JAX's random-number generator (jax_default_prng_impl), which draws the dropout masks")
     args = parser.parse_args()
+    if args.prng:
+        jax.config.update("jax_default_prng_impl", args.prng)
     torch.set_num_threads(os.cpu_count())
-    directory = resolve_model(args.model)
+    torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Both sides use TF32 tensor cores for fp32 matmuls on a GPU (XLA's default precision does).
+    torch.backends.cuda.matmul.allow_tf32 = True
     rng = np.random.RandomState(0)
     ids = rng.randint(1000, 20000, size=(args.batch, args.seq)).astype(np.int32)
     labels = rng.randint(0, 3, size=(args.batch,)).astype(np.int32)
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
              "labels": labels, "weights": np.ones((args.batch,), np.float32)}
-    print(f"{args.model}: batch {args.batch}, seq {args.seq}, {jax.devices()[0].platform}, {os.cpu_count()} cores")
+    name = f"random {args.random_init}" if args.random_init else args.model
+    print(f"{name}: batch {args.batch}, seq {args.seq}, {args.dtype} compute, "
+          f"{'looped' if args.loop_layers else 'scanned'} layers, dropout {'off' if args.no_dropout else 'on'}, prng {jax.config.jax_default_prng_impl}, jax {jax.__version__} on "
+          f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {torch_device}, {os.cpu_count()} cores")
+
+    # The HF PyTorch peer first: it gives its GPU memory back before mtl starts.
+    torch_time = None if args.no_peer else time_peer(args, batch, torch_device)
 
     # mtl
-    encoder = Encoder.from_pretrained(directory)
+    if args.random_init:
+        config = EncoderConfig(vocab_size=VOCAB, **SHAPES[args.random_init], dtype=args.dtype,
+                               scan_layers=not args.loop_layers)
+        encoder = Encoder(config, rngs=nnx.Rngs(0))
+    else:
+        encoder = Encoder.from_pretrained(resolve_model(args.model), dtype=args.dtype, scan_layers=not args.loop_layers)
     head = ClassificationHead(encoder.config.hidden_size, ["a", "b", "c"], rngs=nnx.Rngs(0))
     model = MultiTaskModel(encoder, {"task": head})
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -70,7 +94,7 @@ def main() -> None:
     tx = build_optimizer(optim, train_params, encoder.config, total_steps=1000)
     state = TrainState.create(train_params, tx, seed=0)
     step = make_train_steps(graphdef, rest, tx, ["task"], [1.0], weighting="static",
-                            skip_nonfinite=False, dropout=True)["task"]
+                            skip_nonfinite=False, dropout=not args.no_dropout)["task"]
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -82,21 +106,7 @@ def main() -> None:
         jax.block_until_ready(m)
 
     mtl_time = median_time(mtl_step, args.iters)
-
-    # HF PyTorch peer
-    peer = transformers.BertForSequenceClassification.from_pretrained(directory, num_labels=3)
-    peer.train()
-    optimizer = torch.optim.AdamW(peer.parameters(), lr=2e-5, weight_decay=0.01)
-    t_batch = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items() if k not in ("weights",)}
-
-    def torch_step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = peer(**t_batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
-        optimizer.step()
-
-    torch_time = median_time(torch_step, args.iters)
+    mtl_memory = device_memory_peak_gb()
 
     # Embedding tables are looked up, not multiplied: count the non-embedding parameters.
     n_params = sum(x.size for x in jax.tree.leaves(params)) - sum(
@@ -105,13 +115,53 @@ def main() -> None:
     cfg = encoder.config
     attention = 12 * cfg.num_layers * args.batch * args.seq**2 * cfg.hidden_size  # QK^T and PV, fwd+bwd
     flops = 6 * n_params * tokens + attention
-    peak = matmul_peak()
-    print(f"\nHF PyTorch train step   {torch_time * 1e3:8.1f} ms")
-    print(f"mtl train step          {mtl_time * 1e3:8.1f} ms   ratio torch/mtl {torch_time / mtl_time:.2f}x")
+    peak, peak_source = device_peak(args.dtype)
+    memory = f", device memory peak {mtl_memory:.1f} GB" if mtl_memory is not None else ""
+    print(f"\nmtl train step          {mtl_time * 1e3:8.1f} ms   {tokens / mtl_time:,.0f} tokens/s{memory}")
     print(f"mtl compile (first step) {compile_seconds:7.1f} s")
-    print(f"achieved {flops / mtl_time / 1e9:.1f} GFLOP/s of a measured {peak / 1e9:.1f} GFLOP/s matmul peak "
-          f"({flops / mtl_time / peak:.0%}); torch {flops / torch_time / 1e9:.1f} GFLOP/s ({flops / torch_time / peak:.0%})")
+    print(f"mtl MFU {flops / mtl_time / peak:.1%}: {flops / mtl_time / 1e12:.2f} TFLOP/s of {peak / 1e12:.1f} "
+          f"({peak_source}); {flops / 1e12:.3f} TFLOP per step, {n_params / 1e6:.1f}M non-embedding params")
+    if torch_time is not None:
+        print(f"HF PyTorch train step   {torch_time * 1e3:8.1f} ms   {tokens / torch_time:,.0f} tokens/s   "
+              f"MFU {flops / torch_time / peak:.1%}")
+        print(f"ratio torch/mtl {torch_time / mtl_time:.2f}x")
 
+
+def time_peer(args, batch: dict, device: str) -> float:
+    """Median train-step seconds of BertForSequenceClassification + AdamW on the same batch."""
+    if args.random_init:
+        shape = SHAPES[args.random_init]
+        peer_config = transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=shape["hidden_size"], num_hidden_layers=shape["num_layers"],
+            num_attention_heads=shape["num_heads"], intermediate_size=shape["intermediate_size"], num_labels=3)
+        peer = transformers.BertForSequenceClassification(peer_config)
+    else:
+        peer = transformers.BertForSequenceClassification.from_pretrained(resolve_model(args.model), num_labels=3)
+    if args.no_dropout:
+        peer.config.hidden_dropout_prob = peer.config.attention_probs_dropout_prob = 0.0
+        for module in peer.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    peer.to(device).train()
+    optimizer = torch.optim.AdamW(peer.parameters(), lr=2e-5, weight_decay=0.01)
+    t_batch = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items() if k != "weights"}
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def torch_step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = peer(**t_batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    seconds = median_time(torch_step, args.iters)
+    del peer, optimizer, t_batch
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return seconds
 
 if __name__ == "__main__":
     main()

@@ -1,10 +1,26 @@
-"""Timing helper shared by the benchmark scripts."""
+"""Helpers shared by the benchmark scripts: timing, encoder shapes, device peaks."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable
+
+# Random-init encoder shapes (--random-init): the speed of a step depends on shapes, not weights,
+# and a BERT-base-size run needs no download.
+SHAPES = {
+    "minilm": dict(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),  # all-MiniLM-L6-v2
+    "bert-base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+}
+VOCAB = 30522  # BERT's uncased WordPiece vocabulary
+
+# Dense (no sparsity) peak FLOP/s from the vendors' data sheets, by jax device_kind and dtype.
+SPEC_PEAKS = {
+    ("NVIDIA H100 80GB HBM3", "bfloat16"): 989.4e12,
+    ("NVIDIA H100 80GB HBM3", "float32"): 494.7e12,  # TF32 tensor cores, XLA's default fp32 matmul
+    ("NVIDIA H200", "bfloat16"): 989.4e12,
+    ("NVIDIA H200", "float32"): 494.7e12,
+}
 
 
 def median_time(fn: Callable[[], object], iters: int) -> float:
@@ -16,3 +32,34 @@ def median_time(fn: Callable[[], object], iters: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def matmul_peak(dtype: str = "float32") -> float:
+    """Measured FLOP/s of one large square matmul in `dtype` on JAX's default device."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+    f = jax.jit(lambda x: x @ x)
+    seconds = median_time(lambda: f(a).block_until_ready(), 5)
+    return 2 * n**3 / seconds
+
+
+def device_peak(dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from): the data sheet's figure for a known accelerator, else
+    a measured matmul (CPUs have no meaningful data-sheet figure for XLA)."""
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    if (kind, dtype) in SPEC_PEAKS:
+        return SPEC_PEAKS[kind, dtype], f"{kind} data sheet, dense {dtype}"
+    return matmul_peak(dtype), f"measured {dtype} matmul on {kind}"
+
+
+def device_memory_peak_gb() -> float | None:
+    """Peak bytes JAX's allocator held on the default device (None where it does not say: CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None
