@@ -189,12 +189,22 @@ class MetaSection:
 
 
 @dataclasses.dataclass
+class MeshSection:
+    """Device mesh axis sizes (see mtl.sharding); -1 on one axis: all the devices left."""
+
+    data: int = -1  # batch rows (meta-batch episodes) split, params replicated
+    fsdp: int = 1  # batch rows split, and params + optimizer state split
+    tensor: int = 1  # attention heads and MLP units split
+
+
+@dataclasses.dataclass
 class ExperimentConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     tasks: list[TaskEntry] = MISSING
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     meta: MetaSection | None = None  # set: a meta-learning experiment (mtl meta-train)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
 
 
 META_ALGORITHMS = ("maml", "fomaml", "anil", "meta_sgd", "reptile", "protonet")

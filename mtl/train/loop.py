@@ -29,6 +29,7 @@ from mtl.checkpoint import SELECTION, Checkpointer
 from mtl.config import ExperimentConfig, to_yaml
 from mtl.data.batching import Batcher, TrainStream, eval_batches
 from mtl.errors import MtlError
+from mtl.sharding import Layout, make_mesh
 from mtl.tracking import MetricsWriter
 from mtl.train.experiment import Experiment
 from mtl.train.multitask import TaskSampler, make_predict_steps, make_train_steps
@@ -215,16 +216,19 @@ class Trainer(TrainLoop):
         self.sampler = TaskSampler([self.batchers["train"][n].size for n in self.tasks],
                                    strategy=cfg.train.sampling, temperature=cfg.train.temperature, seed=cfg.train.seed)
 
+        self.layout = Layout(make_mesh(cfg.mesh))
+        self.layout.check_batch(cfg.train.batch_size, "train.batch_size")
         self.graphdef, params, self.rest = nnx.split(experiment.model, nnx.Param, ...)
         train_params = {"model": params, "log_vars": jnp.zeros((len(self.tasks),), jnp.float32)}
         self.tx = build_optimizer(cfg.optim, train_params, experiment.model.encoder.config, cfg.train.steps)
-        self.state = TrainState.create(train_params, self.tx, cfg.train.seed)
+        self.state = self.layout.put(TrainState.create(train_params, self.tx, cfg.train.seed))
+        shardings = self.layout.step_shardings(self.state)
         self.train_steps = make_train_steps(
             self.graphdef, self.rest, self.tx, self.tasks, [t.weight for t in cfg.tasks],
             weighting=cfg.train.loss_weighting, skip_nonfinite=cfg.train.nan_policy == "skip",
-            dropout=cfg.train.dropout,
+            dropout=cfg.train.dropout, shardings=shardings,
         )
-        self.predict_steps = make_predict_steps(self.graphdef, self.rest, self.tasks)
+        self.predict_steps = make_predict_steps(self.graphdef, self.rest, self.tasks, shardings)
         self.positions = {name: 0 for name in self.tasks}
         super().__init__(cfg, workdir)  # last: opens the checkpoint manager
 

@@ -23,6 +23,7 @@ support sentence has) gets the zero prototype. Meta-learning runs without dropou
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +38,7 @@ from mtl.errors import MtlError
 from mtl.models.encoder import EncoderConfig, EncoderOutput, at_least_float32
 from mtl.models.heads import IGNORE, pool
 from mtl.train.optim import _names
+from mtl.sharding import StepShardings
 from mtl.train.state import TrainState, make_update
 
 ALGORITHMS, ADAPT = META_ALGORITHMS, META_ADAPT
@@ -292,12 +294,18 @@ class MetaLearner:
         return grads, dict(metrics, loss=loss, total_loss=loss)
 
 
-def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, *, skip_nonfinite: bool):
+def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, *, skip_nonfinite: bool,
+                   shardings: StepShardings | None = None):
     """The jitted meta step `(state, episodes) -> (state, metrics)`: the meta-gradient program
     (exposed as `step.gradients`, compiled once: every meta-batch has the same shapes) and the
-    optimizer update both trainers share."""
-    grad_fn = jax.jit(lambda state, episodes: learner.meta_gradients(state.params, episodes))
-    update = make_update(tx, skip_nonfinite=skip_nonfinite)
+    optimizer update both trainers share. With `shardings`, the meta-batch's episodes are split
+    over the data axes (each device adapts its own tasks) and params follow the rules table."""
+    layout = {}
+    if shardings is not None:
+        layout = dict(in_shardings=(shardings.state, shardings.batch),
+                      out_shardings=(shardings.state.params, shardings.replicated))
+    grad_fn = jax.jit(lambda state, episodes: learner.meta_gradients(state.params, episodes), **layout)
+    update = make_update(tx, skip_nonfinite=skip_nonfinite, shardings=shardings)
 
     def step(state: TrainState, episodes):
         grads, metrics = grad_fn(state, episodes)
@@ -307,11 +315,14 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, *, sk
     return step
 
 
-def make_adapt_predict(learner: MetaLearner, steps: int):
+def make_adapt_predict(learner: MetaLearner, steps: int, shardings: StepShardings | None = None):
     """Jitted `(meta params, stacked episodes) -> query predictions [E, ...]` for meta-testing:
     adapt on each support set (first order: nothing differentiates through it) and predict."""
+    layout = {}
+    if shardings is not None:
+        layout = dict(in_shardings=(shardings.state.params, shardings.batch), out_shardings=shardings.batch)
 
-    @jax.jit
+    @functools.partial(jax.jit, **layout)
     def predict(meta_params, episodes):
         def one(episode):
             logits, _, _ = learner.adapted_query_logits(meta_params, episode, steps=steps, first_order=True)

@@ -30,6 +30,7 @@ from mtl.errors import MtlError
 from mtl.metrics import entity_metrics
 from mtl.models.heads import IGNORE, build_head
 from mtl.models.model import MultiTaskModel
+from mtl.sharding import Layout, make_mesh
 from mtl.tokenizer import load_tokenizer
 from mtl.tracking import MetricsWriter
 from mtl.train.experiment import build_encoder, load_experiment_data, transfer
@@ -145,11 +146,16 @@ class MetaTrainer(TrainLoop):
         self.learner, self.graphdef, params = learner_for(cfg, experiment.model, self.kind)
         meta_params = self.learner.init_params(params)
         self.tx = build_optimizer(cfg.optim, meta_params, experiment.model.encoder.config, cfg.train.steps)
-        self.state = TrainState.create(meta_params, self.tx, cfg.train.seed)
-        self.train_steps = {"meta": make_meta_step(self.learner, self.tx, skip_nonfinite=cfg.train.nan_policy == "skip")}
+        # The meta-batch's episodes split over the mesh's data axes: each device adapts its own tasks.
+        self.layout = Layout(make_mesh(cfg.mesh))
+        self.layout.check_batch(cfg.meta.meta_batch, "meta.meta_batch")
+        self.state = self.layout.put(TrainState.create(meta_params, self.tx, cfg.train.seed))
+        shardings = self.layout.step_shardings(self.state)
+        self.train_steps = {"meta": make_meta_step(self.learner, self.tx, skip_nonfinite=cfg.train.nan_policy == "skip",
+                                                   shardings=shardings)}
         self.metric = "accuracy" if self.kind == "class" else "entity_f1"
         # One jitted adapt-and-predict: every evaluation and meta-test row reuses its compilation.
-        self.predict = make_adapt_predict(self.learner, cfg.meta.test_inner_steps or cfg.meta.inner_steps)
+        self.predict = make_adapt_predict(self.learner, cfg.meta.test_inner_steps or cfg.meta.inner_steps, shardings)
         super().__init__(cfg, workdir)  # last: opens the checkpoint manager
 
     def next_batch(self, step: int) -> tuple[str, dict]:

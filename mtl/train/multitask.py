@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mtl.sharding import StepShardings
 from mtl.train.state import TrainState, make_update
 
 
@@ -58,13 +59,16 @@ def make_train_steps(
     weighting: str,
     skip_nonfinite: bool,
     dropout: bool,
+    shardings: StepShardings | None = None,
 ) -> dict[str, Any]:
     """{task: train step}, each a pure `(state, batch) -> (state, metrics)`.
 
     A step runs two jitted programs: the task's gradient (compiled per task and length bucket)
     and the optimizer update, which does not depend on the task or the batch shape and so is
     compiled once for the whole run instead of once per (task, bucket). `rest` is the model's
-    non-trainable state (constants).
+    non-trainable state (constants). With `shardings` (mtl.sharding.Layout.step_shardings),
+    both are jitted with explicit in/out shardings: batch rows split over the data axes,
+    params and gradients laid out by the rules table.
     """
     weights = jnp.asarray(weights, jnp.float32)
 
@@ -83,10 +87,14 @@ def make_train_steps(
         (total, task_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         return grads, {"loss": task_loss, "total_loss": total}
 
-    update = make_update(tx, skip_nonfinite=skip_nonfinite)
+    update = make_update(tx, skip_nonfinite=skip_nonfinite, shardings=shardings)
+    layout = {}
+    if shardings is not None:
+        layout = dict(in_shardings=(shardings.state, shardings.batch),
+                      out_shardings=(shardings.state.params, shardings.replicated))
 
     def make(task: str, index: int):
-        grad_fn = jax.jit(functools.partial(gradients, task=task, index=index))
+        grad_fn = jax.jit(functools.partial(gradients, task=task, index=index), **layout)
 
         def step(state: TrainState, batch: Mapping[str, jax.Array]):
             grads, metrics = grad_fn(state, batch)
@@ -98,7 +106,8 @@ def make_train_steps(
     return {task: make(task, i) for i, task in enumerate(tasks)}
 
 
-def make_predict_steps(graphdef: nnx.GraphDef, rest: nnx.State, tasks: Sequence[str]) -> dict[str, Any]:
+def make_predict_steps(graphdef: nnx.GraphDef, rest: nnx.State, tasks: Sequence[str],
+                       shardings: StepShardings | None = None) -> dict[str, Any]:
     """{task: jitted (model params, batch) -> predictions}, deterministic (no dropout)."""
 
     def predict(model_params, batch, *, task: str):
@@ -106,4 +115,7 @@ def make_predict_steps(graphdef: nnx.GraphDef, rest: nnx.State, tasks: Sequence[
         logits = model(task, batch)
         return model.head(task).predict(logits, batch)
 
-    return {task: jax.jit(lambda p, b, task=task: predict(p, b, task=task)) for task in tasks}
+    layout = {}
+    if shardings is not None:
+        layout = dict(in_shardings=(shardings.state.params["model"], shardings.batch), out_shardings=shardings.batch)
+    return {task: jax.jit(lambda p, b, task=task: predict(p, b, task=task), **layout) for task in tasks}

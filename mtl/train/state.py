@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from mtl.sharding import StepShardings
+
 
 @struct.dataclass
 class TrainState:
@@ -40,16 +42,21 @@ class TrainState:
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
-def make_update(tx: optax.GradientTransformation, *, skip_nonfinite: bool):
+def make_update(tx: optax.GradientTransformation, *, skip_nonfinite: bool, shardings: StepShardings | None = None):
     """The jitted `(state, grads, metrics) -> (state, metrics)` that applies one optimizer update.
 
     Both trainers share it. It depends on neither the task nor the batch shape, so a run
     compiles it once. `metrics["total_loss"]` is the loss the gradients came from; a non-finite
     loss or gradient norm sets `finite` False, and with `skip_nonfinite` keeps the old params
-    and moments (the host counts the skip). The state is donated.
+    and moments (the host counts the skip). The state is donated. With `shardings`, the state
+    and gradients keep their layout on the mesh and the metrics come back replicated.
     """
+    layout = {}
+    if shardings is not None:
+        layout = dict(in_shardings=(shardings.state, shardings.state.params, shardings.replicated),
+                      out_shardings=(shardings.state, shardings.replicated))
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
+    @functools.partial(jax.jit, donate_argnums=(0,), **layout)
     def update(state: TrainState, grads: Any, metrics: dict[str, jax.Array]):
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
