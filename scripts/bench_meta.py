@@ -54,15 +54,16 @@ def episodes():
     return {"support": part(SHOTS), "query": part(QUERIES)}
 
 
-def run_mtl(variant: str, directory: str | None, shape: str | None, iters: int) -> dict:
+def run_mtl(variant: str, directory: str | None, shape: str | None, iters: int, mesh: str | None = None) -> dict:
     import jax
     from flax import nnx
-    from timing import SHAPES, VOCAB, device_memory_peak_gb, median_time  # scripts/timing.py
+    from timing import SHAPES, VOCAB, device_memory_peak_gb, median_time, parse_mesh  # scripts/timing.py
 
     from mtl import Encoder, EncoderConfig
     from mtl.config import OptimSection
     from mtl.models.heads import ClassificationHead
     from mtl.models.model import MultiTaskModel
+    from mtl.sharding import Layout, make_mesh
     from mtl.train.meta import HEAD, MetaLearner, make_meta_step
     from mtl.train.optim import build_optimizer
     from mtl.train.state import TrainState
@@ -81,8 +82,10 @@ def run_mtl(variant: str, directory: str | None, shape: str | None, iters: int) 
     meta_params = learner.init_params(params)
     tx = build_optimizer(OptimSection(learning_rate=1e-5, warmup_ratio=0.0, clip_norm=None), meta_params,
                          encoder.config, total_steps=1000)
-    holder = {"state": TrainState.create(meta_params, tx, seed=0)}
-    step = make_meta_step(learner, tx, skip_nonfinite=False)
+    layout = Layout(make_mesh(parse_mesh(mesh)))  # the meta-batch's episodes split over its data axes
+    layout.check_batch(META_BATCH, "the meta-batch")
+    holder = {"state": layout.put(TrainState.create(meta_params, tx, seed=0))}
+    step = make_meta_step(learner, tx, skip_nonfinite=False, shardings=layout.step_shardings(holder["state"]))
     batch = episodes()
 
     def one():
@@ -157,8 +160,8 @@ def run_torch(directory: str | None, shape: str | None, iters: int) -> dict:
     return {"seconds": seconds, "device_peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
 
 
-def worker(variant: str, directory: str | None, shape: str | None, iters: int) -> None:
-    run = run_torch if variant == "torch-maml" else functools.partial(run_mtl, variant)
+def worker(variant: str, directory: str | None, shape: str | None, iters: int, mesh: str | None) -> None:
+    run = run_torch if variant == "torch-maml" else functools.partial(run_mtl, variant, mesh=mesh)
     result = run(directory, shape, iters)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print("RESULT " + json.dumps(result))
@@ -170,11 +173,13 @@ def main() -> None:
     parser.add_argument("--random-init", choices=("minilm", "bert-base"), help="a random encoder of this shape, not --model")
     parser.add_argument("--iters", type=int, default=2, help="timed meta-steps per variant after a warm-up")
     parser.add_argument("--only", nargs="*", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--mesh", help="mtl's device mesh as mesh config keys, e.g. data=4 (default: data parallel "
+                        "over all devices)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.directory, args.random_init, args.iters)
+        worker(args.worker, args.directory, args.random_init, args.iters, args.mesh)
         return
     from mtl import resolve_model
 
@@ -185,7 +190,8 @@ def main() -> None:
     results = {}
     for variant in args.only:
         source = ["--random-init", args.random_init] if args.random_init else ["--directory", directory]
-        proc = subprocess.run([sys.executable, __file__, "--worker", variant, *source, "--iters", str(args.iters)],
+        mesh = ["--mesh", args.mesh] if args.mesh else []
+        proc = subprocess.run([sys.executable, __file__, "--worker", variant, *source, *mesh, "--iters", str(args.iters)],
                               capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:

@@ -35,12 +35,13 @@ import torch
 import transformers
 from flax import nnx
 
-from timing import SHAPES, VOCAB, device_memory_peak_gb, device_peak, median_time  # scripts/timing.py
+from timing import SHAPES, VOCAB, device_memory_peak_gb, device_peak, median_time, parse_mesh  # scripts/timing.py
 
 from mtl import DEFAULT_MODEL, Encoder, EncoderConfig, resolve_model
 from mtl.config import OptimSection
 from mtl.models.heads import ClassificationHead
 from mtl.models.model import MultiTaskModel
+from mtl.sharding import Layout, make_mesh
 from mtl.train.multitask import make_train_steps
 from mtl.train.optim import build_optimizer
 from mtl.train.state import TrainState
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--no-peer", action="store_true", help="time mtl alone")
+    parser.add_argument("--mesh", help="mtl's device mesh as mesh config keys, e.g. data=2,fsdp=4 (default: data "
+                        "parallel over all devices); MFU is then over all devices' peak")
     parser.add_argument("--loop-layers", action="store_true", help="mtl with model.scan_layers false")
     parser.add_argument("--no-dropout", action="store_true", help="both sides without dropout")
     parser.add_argument("--prng", choices=("threefry2x32", "rbg", "unsafe_rbg"),
@@ -94,9 +97,11 @@ def main() -> None:
     train_params = {"model": params, "log_vars": jnp.zeros((1,), jnp.float32)}
     optim = OptimSection(learning_rate=2e-5, warmup_ratio=0.0)
     tx = build_optimizer(optim, train_params, encoder.config, total_steps=1000)
-    state = TrainState.create(train_params, tx, seed=0)
-    step = make_train_steps(graphdef, rest, tx, ["task"], [1.0], weighting="static",
-                            skip_nonfinite=False, dropout=not args.no_dropout)["task"]
+    layout = Layout(make_mesh(parse_mesh(args.mesh)))
+    layout.check_batch(args.batch, "--batch")
+    state = layout.put(TrainState.create(train_params, tx, seed=0))
+    step = make_train_steps(graphdef, rest, tx, ["task"], [1.0], weighting="static", skip_nonfinite=False,
+                            dropout=not args.no_dropout, shardings=layout.step_shardings(state))["task"]
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -118,6 +123,7 @@ def main() -> None:
     attention = 12 * cfg.num_layers * args.batch * args.seq**2 * cfg.hidden_size  # QK^T and PV, fwd+bwd
     flops = 6 * n_params * tokens + attention
     peak, peak_source = device_peak(args.dtype)
+    peak, peak_source = peak * layout.mesh.devices.size, f"{peak_source}, x {layout.mesh.devices.size} devices of mesh {dict(layout.mesh.shape)}"
     memory = f", device memory peak {mtl_memory:.1f} GB" if mtl_memory is not None else ""
     print(f"\nmtl train step          {mtl_time * 1e3:8.1f} ms   {tokens / mtl_time:,.0f} tokens/s{memory}")
     print(f"mtl compile (first step) {compile_seconds:7.1f} s")

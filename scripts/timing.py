@@ -63,3 +63,15 @@ def device_memory_peak_gb() -> float | None:
 
     stats = jax.devices()[0].memory_stats() or {}
     return stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None
+
+
+def parse_mesh(text: str | None):
+    """"data=2,fsdp=4" (the `mesh` config keys) as a MeshSection; None: the default mesh."""
+    from mtl.config import MeshSection
+
+    if not text:
+        return MeshSection()
+    try:
+        return MeshSection(**{k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))})
+    except (TypeError, ValueError):
+        raise SystemExit(f"--mesh {text!r}: expected axis=size pairs such as data=2,fsdp=4 (axes: data, fsdp, tensor)")
