@@ -95,6 +95,19 @@ class StepShardings(NamedTuple):
     batch: NamedSharding  # a prefix for every array of a batch (or of stacked episodes)
     replicated: NamedSharding
 
+    def gradients(self) -> dict:
+        """jax.jit arguments of `(state, batch) -> (grads, scalar metrics)`."""
+        return dict(in_shardings=(self.state, self.batch), out_shardings=(self.state.params, self.replicated))
+
+    def update(self) -> dict:
+        """jax.jit arguments of `(state, grads, metrics) -> (state, metrics)`."""
+        return dict(in_shardings=(self.state, self.state.params, self.replicated),
+                    out_shardings=(self.state, self.replicated))
+
+    def predict(self, params: Any) -> dict:
+        """jax.jit arguments of `(params, batch) -> per-row predictions`; `params` their shardings."""
+        return dict(in_shardings=(params, self.batch), out_shardings=self.batch)
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:

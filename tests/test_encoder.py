@@ -168,3 +168,10 @@ def test_embedding_gradients_scatter_only_into_the_vocabulary_in_float32(tiny_hf
     scatters = [line.strip() for line in jaxpr.splitlines() if re.search(r"= scatter", line)]
     assert len(scatters) == 1, scatters
     assert scatters[0].split("=")[0].strip().endswith(":f32[99,32]"), scatters  # [vocab, hidden] in float32
+
+
+def test_sequences_longer_than_the_position_table_are_an_error(tiny_hf):
+    encoder = Encoder.from_pretrained(tiny_hf["bert"][1])  # 64 positions
+    ids = jnp.ones((1, 65), jnp.int32)
+    with pytest.raises(MtlError, match="65 tokens exceed the encoder's max_position_embeddings 64"):
+        encoder(ids, jnp.ones_like(ids))

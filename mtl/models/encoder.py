@@ -245,6 +245,9 @@ class Embeddings(nnx.Module):
             positions = _lookup_small(self.position, position_ids, cfg.dtype)
             positions = _frozen_row(positions, position_ids == cfg.pad_token_id)
         else:  # 0..T-1 in every row: a slice of the table, whose gradient is a sum over the batch
+            if input_ids.shape[1] > cfg.max_position_embeddings:
+                raise MtlError(f"sequences of {input_ids.shape[1]} tokens exceed the encoder's "
+                               f"max_position_embeddings {cfg.max_position_embeddings}")
             positions = self.position.embedding[: input_ids.shape[1]].astype(cfg.dtype)[None]
         x = x + positions
         if self.token_type is not None:

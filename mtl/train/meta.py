@@ -37,8 +37,8 @@ from mtl.config import META_ADAPT, META_ALGORITHMS
 from mtl.errors import MtlError
 from mtl.models.encoder import EncoderConfig, EncoderOutput, at_least_float32
 from mtl.models.heads import IGNORE, pool
-from mtl.train.optim import _names
 from mtl.sharding import StepShardings
+from mtl.train.optim import _names
 from mtl.train.state import TrainState, make_update
 
 ALGORITHMS, ADAPT = META_ALGORITHMS, META_ADAPT
@@ -300,10 +300,7 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, *, sk
     (exposed as `step.gradients`, compiled once: every meta-batch has the same shapes) and the
     optimizer update both trainers share. With `shardings`, the meta-batch's episodes are split
     over the data axes (each device adapts its own tasks) and params follow the rules table."""
-    layout = {}
-    if shardings is not None:
-        layout = dict(in_shardings=(shardings.state, shardings.batch),
-                      out_shardings=(shardings.state.params, shardings.replicated))
+    layout = shardings.gradients() if shardings is not None else {}
     grad_fn = jax.jit(lambda state, episodes: learner.meta_gradients(state.params, episodes), **layout)
     update = make_update(tx, skip_nonfinite=skip_nonfinite, shardings=shardings)
 
@@ -318,9 +315,7 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, *, sk
 def make_adapt_predict(learner: MetaLearner, steps: int, shardings: StepShardings | None = None):
     """Jitted `(meta params, stacked episodes) -> query predictions [E, ...]` for meta-testing:
     adapt on each support set (first order: nothing differentiates through it) and predict."""
-    layout = {}
-    if shardings is not None:
-        layout = dict(in_shardings=(shardings.state.params, shardings.batch), out_shardings=shardings.batch)
+    layout = shardings.predict(shardings.state.params) if shardings is not None else {}
 
     @functools.partial(jax.jit, **layout)
     def predict(meta_params, episodes):

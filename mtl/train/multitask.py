@@ -88,10 +88,7 @@ def make_train_steps(
         return grads, {"loss": task_loss, "total_loss": total}
 
     update = make_update(tx, skip_nonfinite=skip_nonfinite, shardings=shardings)
-    layout = {}
-    if shardings is not None:
-        layout = dict(in_shardings=(shardings.state, shardings.batch),
-                      out_shardings=(shardings.state.params, shardings.replicated))
+    layout = shardings.gradients() if shardings is not None else {}
 
     def make(task: str, index: int):
         grad_fn = jax.jit(functools.partial(gradients, task=task, index=index), **layout)
@@ -115,7 +112,5 @@ def make_predict_steps(graphdef: nnx.GraphDef, rest: nnx.State, tasks: Sequence[
         logits = model(task, batch)
         return model.head(task).predict(logits, batch)
 
-    layout = {}
-    if shardings is not None:
-        layout = dict(in_shardings=(shardings.state.params["model"], shardings.batch), out_shardings=shardings.batch)
+    layout = shardings.predict(shardings.state.params["model"]) if shardings is not None else {}
     return {task: jax.jit(lambda p, b, task=task: predict(p, b, task=task), **layout) for task in tasks}

@@ -51,10 +51,7 @@ def make_update(tx: optax.GradientTransformation, *, skip_nonfinite: bool, shard
     and moments (the host counts the skip). The state is donated. With `shardings`, the state
     and gradients keep their layout on the mesh and the metrics come back replicated.
     """
-    layout = {}
-    if shardings is not None:
-        layout = dict(in_shardings=(shardings.state, shardings.state.params, shardings.replicated),
-                      out_shardings=(shardings.state, shardings.replicated))
+    layout = shardings.update() if shardings is not None else {}
 
     @functools.partial(jax.jit, donate_argnums=(0,), **layout)
     def update(state: TrainState, grads: Any, metrics: dict[str, jax.Array]):
