@@ -45,7 +45,9 @@ class Checkpointer:
             enable_async_checkpointing=True,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Handlers named up front, so that a checkpoint's metadata reads before any save or restore.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -88,8 +90,12 @@ class Checkpointer:
         return restored["meta"]
 
     def restore_tree(self, step: int) -> Any:
-        """The saved state as a plain nested dict of arrays, without a target structure."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        """The saved state as a plain nested dict of arrays, without a target structure, on this
+        process's first device whatever mesh saved it (transfer, export, inference)."""
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                self.manager.item_metadata(step)["state"])
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         return restored["state"]
 
     def wait(self) -> None:

@@ -198,6 +198,23 @@ class MeshSection:
 
 
 @dataclasses.dataclass
+class DistributedSection:
+    """Several processes (hosts) in one run, through jax.distributed (see mtl.sharding).
+
+    A key left null falls back to its environment variable; with none of the three set (and no
+    cluster_detection), the run is one process. Every process runs the same command.
+    """
+
+    coordinator_address: str | None = None  # host:port of process 0 ($JAX_COORDINATOR_ADDRESS)
+    num_processes: int | None = None  # ($JAX_NUM_PROCESSES)
+    process_id: int | None = None  # this process, 0..num_processes-1 ($JAX_PROCESS_ID)
+    local_device_ids: list[int] | None = None  # accelerators this process drives ($JAX_LOCAL_DEVICE_IDS)
+    cluster_detection: bool = False  # let JAX read the unset keys from SLURM, Open MPI, TPU or Kubernetes
+    initialization_timeout: int = 300  # seconds to wait for every process to join
+    heartbeat_timeout: int = 100  # seconds of silence after which a process counts as dead (the rest stop)
+
+
+@dataclasses.dataclass
 class ExperimentConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     tasks: list[TaskEntry] = MISSING
@@ -205,6 +222,7 @@ class ExperimentConfig:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     meta: MetaSection | None = None  # set: a meta-learning experiment (mtl meta-train)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
 
 
 META_ALGORITHMS = ("maml", "fomaml", "anil", "meta_sgd", "reptile", "protonet")
@@ -226,7 +244,7 @@ _POSITIVE = (
     "train.steps", "train.batch_size", "train.eval_every", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "optim.grad_accum",
     "meta.ways", "meta.shots", "meta.queries", "meta.meta_batch", "meta.max_length", "meta.eval_episodes",
-    "meta.test_episodes",
+    "meta.test_episodes", "distributed.initialization_timeout", "distributed.heartbeat_timeout",
 )
 
 

@@ -96,6 +96,23 @@ def test_eval_batches_cover_every_row_once(toy_split):
     assert (batches[-1]["index"][8:] == -1).all() and (batches[-1]["input_ids"][8:] == 0).all()
 
 
+def test_a_part_of_a_batch_is_that_slice_of_the_whole_batch(toy_split):
+    """What one process of a multi-process run builds: its block of rows, at the whole batch's
+    length (the longest row may be in another process's part)."""
+    batcher = Batcher(toy_split, batch_size=8, max_length=24, pad_token_id=0, buckets=(8, 16))
+    longest_last = np.argsort(batcher.lengths)[-6:]  # 6 rows, the longest one last: filler at 6, 7
+    whole = batcher.batch(longest_last)
+    for part in (slice(0, 4), slice(4, 8), slice(6, 8)):
+        mine = batcher.batch(longest_last, part)
+        assert set(mine) == set(whole)
+        for key in whole:
+            np.testing.assert_array_equal(mine[key], whole[key][part], err_msg=key)
+    assert batcher.batch(longest_last, slice(0, 4))["input_ids"].shape == (4, 24)  # longest row is in 4..8
+    assert batcher.batch(longest_last, slice(6, 8))["weights"].tolist() == [0.0, 0.0]
+    stream = TrainStream(batcher, seed=0)
+    np.testing.assert_array_equal(stream.batch(3, slice(4, 8))["index"], stream.batch(3)["index"][4:])
+
+
 def test_train_stream_is_deterministic_and_restarts_at_any_step(toy_split):
     batcher = Batcher(toy_split, batch_size=4, max_length=24, pad_token_id=0)
     stream = TrainStream(batcher, seed=7)

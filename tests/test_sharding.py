@@ -5,6 +5,7 @@ CPU devices: JAX fixes its device count at start-up, and this process has one.
 """
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,9 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mtl.config import MeshSection
+from mtl.config import DistributedSection, MeshSection
 from mtl.errors import MtlError
-from mtl.sharding import Layout, make_mesh, spec_for
+from mtl.sharding import Layout, initialize_distributed, make_mesh, spec_for
 
 TESTS = Path(__file__).parent
 
@@ -76,3 +77,56 @@ def test_batch_that_does_not_split_over_the_mesh_is_an_error():
     with pytest.raises(MtlError, match="train.batch_size 7 does not split evenly"):
         Layout(jax.sharding.AbstractMesh((2, 1, 1), ("data", "fsdp", "tensor"))).check_batch(7, "train.batch_size")
     layout.check_batch(7, "train.batch_size")  # one device: anything goes
+
+
+# ------------------------------------------------------------- joining a multi-process run
+
+@pytest.fixture
+def clean_distributed_env(monkeypatch):
+    for variable in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS"):
+        monkeypatch.delenv(variable, raising=False)
+    return monkeypatch
+
+
+def test_nothing_set_is_a_one_process_run(clean_distributed_env):
+    assert initialize_distributed(DistributedSection()) is False
+    assert jax.process_count() == 1
+
+
+@pytest.mark.parametrize("config, env, message", [
+    (DistributedSection(num_processes=2), {},
+     r"needs distributed.coordinator_address \(\$JAX_COORDINATOR_ADDRESS\), distributed.process_id \(\$JAX_PROCESS_ID\) too"),
+    (DistributedSection(), {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "2"},
+     r"needs distributed.process_id \(\$JAX_PROCESS_ID\) too"),
+    (DistributedSection(), {"JAX_PROCESS_ID": "one"}, r"\$JAX_PROCESS_ID='one' \(distributed.process_id\): expected an integer"),
+    (DistributedSection(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=2), {},
+     r"key 'distributed.process_id': 2 is not in 0..1"),
+    (DistributedSection(coordinator_address="localhost", num_processes=2, process_id=1), {},
+     r"key 'distributed.coordinator_address': 'localhost' is not host:port"),
+], ids=["missing-keys", "missing-env", "bad-env", "id-out-of-range", "no-port"])
+def test_incomplete_or_bad_distributed_settings_are_clear_errors(clean_distributed_env, config, env, message):
+    for variable, value in env.items():
+        clean_distributed_env.setenv(variable, value)
+    with pytest.raises(MtlError, match=message):
+        initialize_distributed(config)
+
+
+def test_unreachable_coordinator_is_a_clear_error_not_an_abort(clean_distributed_env):
+    # XLA's client would abort the process with a fatal log; mtl checks the address first.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens on it
+    config = DistributedSection(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=1,
+                                initialization_timeout=1)
+    with pytest.raises(MtlError, match=f"process 1 could not reach the coordinator .* at 127.0.0.1:{port} within"):
+        initialize_distributed(config)
+
+
+def test_coordinator_port_in_use_is_a_clear_error(clean_distributed_env):
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = DistributedSection(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=0)
+        with pytest.raises(MtlError, match=f"port {port} is not free"):
+            initialize_distributed(config)

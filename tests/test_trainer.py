@@ -137,8 +137,8 @@ def _poison(trainer, task, position):
     stream = trainer.streams[task]
     original = stream.batch
 
-    def batch(pos):
-        out = original(pos)
+    def batch(pos, part=slice(None)):
+        out = original(pos, part)
         if pos == position:
             out = dict(out, weights=np.full_like(out["weights"], np.nan))
         return out

@@ -6,7 +6,8 @@ Every batch has `batch_size` rows and a length drawn from a small set of buckets
 
 `TrainStream.batch(step)` is a pure function of (seed, step): epoch e = step // steps_per_epoch
 is a permutation drawn from numpy's PCG64 seeded with (seed, e). Resuming at step s therefore
-needs nothing but s, with no replay of the stream.
+needs nothing but s, with no replay of the stream. In a multi-process run every process walks
+the same global order and builds only its own block of each batch (`part`).
 
 A batch is a dict of numpy arrays:
   input_ids, attention_mask, token_type_ids  int32 [B, T]
@@ -68,12 +69,22 @@ class Batcher:
                 return b
         raise MtlError(f"sequence of length {length} exceeds the largest bucket {self.buckets[-1]}")
 
-    def batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """A batch of the given split rows, padded with weight-0 filler up to batch_size."""
+    def batch(self, rows: np.ndarray, part: slice = slice(None)) -> dict[str, np.ndarray]:
+        """A batch of the given split rows, padded with weight-0 filler up to batch_size.
+
+        `part` selects positions of that batch to build (in a multi-process run, the rows this
+        process's devices hold); the length bucket still comes from all `rows`, so every part of
+        a batch has the same shape.
+        """
         rows = np.asarray(rows, np.int64)
         if len(rows) > self.batch_size:
             raise MtlError(f"{len(rows)} rows do not fit a batch of {self.batch_size}")
-        b, t = self.batch_size, self.bucket_for(int(self.lengths[rows].max()) if len(rows) else 1)
+        t = self.bucket_for(int(self.lengths[rows].max()) if len(rows) else 1)
+        positions = range(self.batch_size)[part]
+        if positions.step != 1:
+            raise MtlError(f"a batch part must be one block of positions, got {part}")
+        rows = rows[positions.start:positions.stop]  # positions past the rows are filler
+        b = len(positions)
         out = {
             "input_ids": np.full((b, t), self.pad_token_id, np.int32),
             "attention_mask": np.zeros((b, t), np.int32),
@@ -126,8 +137,9 @@ class TrainStream:
         start = position * self.batcher.batch_size
         return order[start:start + self.batcher.batch_size]
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        return self.batcher.batch(self.rows(step))
+    def batch(self, step: int, part: slice = slice(None)) -> dict[str, np.ndarray]:
+        """Batch `step`, or the positions `part` of it (see Batcher.batch)."""
+        return self.batcher.batch(self.rows(step), part)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self.iterate(0)

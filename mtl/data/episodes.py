@@ -165,9 +165,10 @@ class EpisodeSampler:
             table[(types == c) & ~begin] = 2 + 2 * i
         return np.where(labels == IGNORE, IGNORE, table[np.where(labels == IGNORE, 0, labels)]).astype(np.int32)
 
-    def meta_batch(self, step: int, size: int) -> dict:
-        """Episodes step*size .. step*size + size - 1, stacked on a leading task axis."""
-        episodes = [self.episode(step * size + i) for i in range(size)]
+    def meta_batch(self, step: int, size: int, part: slice = slice(None)) -> dict:
+        """Episodes step*size .. step*size + size - 1, stacked on a leading task axis; `part`:
+        only those positions of the meta-batch (in a multi-process run, this process's tasks)."""
+        episodes = [self.episode(step * size + i) for i in range(size)[part]]
         return {part: {k: np.stack([e[part][k] for e in episodes]) for k in episodes[0][part]}
                 for part in ("support", "query")}
 

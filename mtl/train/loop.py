@@ -13,13 +13,13 @@ checkpoints/.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -29,7 +29,7 @@ from mtl.checkpoint import SELECTION, Checkpointer
 from mtl.config import ExperimentConfig, to_yaml
 from mtl.data.batching import Batcher, TrainStream, eval_batches
 from mtl.errors import MtlError
-from mtl.sharding import Layout, make_mesh
+from mtl.sharding import Layout, fit_mesh, initialize_distributed, is_primary, make_mesh, primary_first
 from mtl.tracking import MetricsWriter
 from mtl.train.experiment import Experiment
 from mtl.train.multitask import TaskSampler, make_predict_steps, make_train_steps
@@ -53,14 +53,17 @@ def selection_value(metric: str, value: float) -> float:
 class TrainLoop:
     """The host loop both trainers share; subclasses supply the batches, steps and evaluation.
 
-    A subclass sets `state` and `train_steps` ({name: jitted step}) in its constructor, then
-    calls `super().__init__(config, workdir)` last (it opens the checkpoint manager); it
-    implements `next_batch`, `evaluate` and the progress hooks. Everything else (logging, the non-finite policy, evaluation cadence, early
-    stopping, checkpoints, exact resume) lives here once.
+    A subclass sets `layout`, `state` and `train_steps` ({name: jitted step}) in its
+    constructor, then calls `super().__init__(config, workdir)` last (it opens the checkpoint
+    manager); it implements `next_batch`, `evaluate` and the progress hooks. Everything else
+    (logging, the non-finite policy, evaluation cadence, early stopping, checkpoints, exact
+    resume) lives here once. In a multi-process run every process runs this loop in lockstep;
+    process 0 alone writes the workdir's files, and orbax has each process save its shards.
     """
 
     config: ExperimentConfig
     workdir: Path
+    layout: Layout
     state: TrainState
     train_steps: dict[str, Callable]
     checkpointer: Checkpointer
@@ -77,7 +80,8 @@ class TrainLoop:
     # ----------------------------------------------------------------- subclass hooks
 
     def next_batch(self, step: int) -> tuple[str, Any]:
-        """(name of the train step to run, its batch) for `step`; advances the data position."""
+        """(name of the train step to run, its batch on the mesh) for `step`; advances the data
+        position. Each process builds only its own rows (`layout.process_rows`)."""
         raise NotImplementedError
 
     def evaluate(self, split: str = "validation") -> dict[str, float]:
@@ -136,12 +140,14 @@ class TrainLoop:
         """Train to train.steps (or early stop) and return the last evaluation's results."""
         cfg = self.config.train
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "config.yaml").write_text(to_yaml(self.config))
+        if is_primary():
+            (self.workdir / "config.yaml").write_text(to_yaml(self.config))
         start = self.resume()
         writer = MetricsWriter(self.workdir, tensorboard=cfg.tensorboard)
         window: dict[str, list[float]] = {}
         results: dict[str, float] = {}
-        progress = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, disable=None)
+        progress = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True,
+                        disable=None if is_primary() else True)
         tick, tick_step = time.perf_counter(), start
         try:
             for step in range(start, cfg.steps):
@@ -234,9 +240,10 @@ class Trainer(TrainLoop):
 
     def next_batch(self, step: int) -> tuple[str, dict]:
         task = self.tasks[self.sampler.task_at(step)]
-        batch = self.streams[task].batch(self.positions[task])
+        rows = self.config.train.batch_size
+        batch = self.streams[task].batch(self.positions[task], part=self.layout.process_rows(rows))
         self.positions[task] += 1
-        return task, batch
+        return task, self.layout.put_batch(batch, rows)
 
     def progress(self) -> dict:
         return {"positions": self.positions, "tasks": self.tasks,
@@ -259,7 +266,8 @@ class Trainer(TrainLoop):
 
     def evaluate(self, split: str = "validation") -> dict[str, float]:
         """Every task's metrics on `split` ("task/metric"), plus "aggregate": the mean of each
-        task's primary metric (negated where lower is better)."""
+        task's primary metric (negated where lower is better). Every process builds each
+        evaluation batch whole, runs its part, and decodes the gathered predictions."""
         results: dict[str, float] = {}
         primaries = []
         model_params = self.state.params["model"]
@@ -270,7 +278,7 @@ class Trainer(TrainLoop):
             head = self.experiment.model.head(name)
             predicted = []
             for batch in eval_batches(self.batchers[split][name]):
-                predictions = jax.device_get(self.predict_steps[name](model_params, batch))
+                predictions = self.layout.gather(self.predict_steps[name](model_params, self.layout.put_whole_batch(batch)))
                 predicted.extend(head.decode(predictions, batch))
             references = data.splits[split]["tags" if head.label_kind == "tags" else "labels"]
             scores = head.score(predicted, references)
@@ -281,12 +289,19 @@ class Trainer(TrainLoop):
 
 
 def train(config, workdir: str | Path) -> dict[str, float]:
-    """Build the experiment a config describes and train it in `workdir` (resuming if possible)."""
+    """Build the experiment a config describes and train it in `workdir` (resuming if possible).
+
+    With a `distributed` config (or its environment variables), this process first joins the
+    multi-process run; every process calls `train` with the same config and workdir.
+    """
     from mtl.train.experiment import build_experiment
 
     if config.meta is not None:
         raise MtlError("this config has a `meta` section: run it with mtl meta-train")
-    return Trainer(build_experiment(config), workdir).run()
+    initialize_distributed(config.distributed)
+    with primary_first("build the experiment"):
+        experiment = build_experiment(config)
+    return Trainer(experiment, workdir).run()
 
 
 def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str = "best") -> dict[str, float]:
@@ -300,6 +315,7 @@ def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str = "
     config = load_experiment(workdir / "config.yaml")
     if config.meta is not None:
         raise MtlError(f"{workdir}: is a meta-learning workdir; evaluate it with mtl meta-test")
+    config = dataclasses.replace(config, mesh=fit_mesh(config.mesh))
     trainer = Trainer(build_experiment(config), workdir)
     step = trainer.restore(checkpoint)
     results = trainer.evaluate(split)

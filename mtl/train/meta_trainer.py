@@ -30,7 +30,7 @@ from mtl.errors import MtlError
 from mtl.metrics import entity_metrics
 from mtl.models.heads import IGNORE, build_head
 from mtl.models.model import MultiTaskModel
-from mtl.sharding import Layout, make_mesh
+from mtl.sharding import Layout, fit_mesh, initialize_distributed, make_mesh, primary_first
 from mtl.tokenizer import load_tokenizer
 from mtl.tracking import MetricsWriter
 from mtl.train.experiment import build_encoder, load_experiment_data, transfer
@@ -114,15 +114,15 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 def episode_scores(predict, meta_params: dict, sampler: EpisodeSampler, episodes: int, chunk: int,
-                   desc: str = "episodes") -> list[float]:
+                   layout: Layout, desc: str = "episodes") -> list[float]:
     """Per-episode query accuracy (class episodes) or entity F1 (NER) of `predict` (from
-    `make_adapt_predict`), on episodes 0..episodes-1 of the sampler."""
+    `make_adapt_predict`), on episodes 0..episodes-1 of the sampler, split over `layout`'s mesh."""
     names = sampler.episode_labels
     scores: list[float] = []
     for start in tqdm(range(0, episodes, chunk), desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None):
         # Always `chunk` episodes per call (one compile); the extras past `episodes` are dropped.
         stacked = sampler.meta_batch(start // chunk, chunk)
-        predictions = np.asarray(jax.device_get(predict(meta_params, stacked)))
+        predictions = np.asarray(layout.gather(predict(meta_params, layout.put_whole_batch(stacked))))
         for e in range(min(chunk, episodes - start)):
             labels = stacked["query"]["labels"][e]
             if sampler.kind == "class":
@@ -159,7 +159,9 @@ class MetaTrainer(TrainLoop):
         super().__init__(cfg, workdir)  # last: opens the checkpoint manager
 
     def next_batch(self, step: int) -> tuple[str, dict]:
-        return "meta", self.samplers["train"].meta_batch(step, self.config.meta.meta_batch)
+        size = self.config.meta.meta_batch  # each process samples only its own tasks
+        episodes = self.samplers["train"].meta_batch(step, size, part=self.layout.process_rows(size))
+        return "meta", self.layout.put_batch(episodes, size)
 
     def progress(self) -> dict:
         # The episode of step s is a pure function of (seed, s): the step is the data position.
@@ -176,7 +178,7 @@ class MetaTrainer(TrainLoop):
         meta = self.config.meta
         episodes = episodes or (meta.eval_episodes if split == "validation" else meta.test_episodes)
         return episode_scores(self.predict, meta_params or self.state.params, self.samplers[split], episodes,
-                              meta.meta_batch, desc=f"{split} episodes")
+                              meta.meta_batch, self.layout, desc=f"{split} episodes")
 
     def evaluate(self, split: str = "validation") -> dict[str, float]:
         """Mean query score over the split's episodes (held-out classes), with its 95% CI."""
@@ -185,7 +187,11 @@ class MetaTrainer(TrainLoop):
 
 
 def meta_train(config: ExperimentConfig, workdir: str | Path) -> dict[str, float]:
-    return MetaTrainer(build_meta_experiment(config), workdir).run()
+    """Meta-train a config in `workdir` (resuming if possible); multi-process as mtl.train.loop.train."""
+    initialize_distributed(config.distributed)
+    with primary_first("build the meta experiment"):
+        experiment = build_meta_experiment(config)
+    return MetaTrainer(experiment, workdir).run()
 
 
 def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None = None, ways: int | None = None,
@@ -206,6 +212,7 @@ def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None 
         raise MtlError(f"{workdir}: was trained by mtl train, not mtl meta-train; meta-test needs a meta workdir")
     overrides = [f"meta.{k}={v}" for k, v in (("ways", ways), ("shots", shots), ("queries", queries)) if v is not None]
     config = load_experiment(workdir / "config.yaml", overrides)
+    config = dataclasses.replace(config, mesh=fit_mesh(config.mesh))
     new_ways = config.meta.ways != trained.meta.ways
     head_is_learned = not (config.meta.algorithm == "protonet" or (config.meta.proto_init and config.meta.algorithm != "meta_sgd"))
     if new_ways and head_is_learned:
