@@ -101,7 +101,7 @@ class ModelSection:
     random_init: RandomEncoder | None = None  # set: a random encoder of this shape, not the weights
     dtype: str = "float32"
     param_dtype: str = "float32"
-    scan_layers: bool = True
+    scan_layers: bool = False  # true: nnx.scan over stacked layers (compile time flat in depth, slower steps)
     remat_policy: str | None = None
     init_from: str | None = None  # a workdir to transfer from: its encoder and matching heads
     reinit_heads: list[str] = dataclasses.field(default_factory=list)  # heads to start fresh

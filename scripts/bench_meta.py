@@ -9,8 +9,8 @@ episodes of 25 support + 25 query sequences of 64 random tokens; one inner SGD s
 parameters; an AdamW outer update. No dropout in either.
 
   mtl-maml        second-order MAML: mtl's MetaLearner + make_meta_step, as mtl meta-train runs it
-                  with the meta configs' looped layers (model.scan_layers: false)
-  mtl-maml-scan   the same with scanned layers (the encoder's default)
+                  (looped layers, the encoder's default)
+  mtl-maml-scan   the same with scanned layers (model.scan_layers: true)
   mtl-maml-remat  looped layers with meta.remat (each inner step recomputed in the backward pass)
                   and the encoder's remat_policy nothing_saveable
   mtl-fomaml, mtl-anil   first-order MAML; ANIL (head-only inner loop, encoder run once)
@@ -22,6 +22,11 @@ Each variant runs in its own subprocess so that its peak memory is its own: resi
 (ru_maxrss) on a CPU, the allocator's peak on a GPU. Prints seconds per meta-step (median after
 one warm-up step), tasks per second, the ratio against the peer (above 1: mtl is faster), mtl's
 compile time and the peak memory. On a GPU both sides run fp32 with TF32 matmuls (XLA's default).
+
+MFU: no closed formula counts second-order MAML (a backward pass through an inner backward
+pass), so the FLOPs are the ones XLA counts in the compiled meta-gradient program (the
+optimizer update adds a few FLOPs per parameter, well under 0.1% of it), over the device peak (scripts/timing.py: data sheet, or a measured matmul on a CPU), summed over
+the mesh's devices.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ def episodes():
 def run_mtl(variant: str, directory: str | None, shape: str | None, iters: int, mesh: str | None = None) -> dict:
     import jax
     from flax import nnx
-    from timing import SHAPES, VOCAB, device_memory_peak_gb, median_time, parse_mesh  # scripts/timing.py
+    from timing import SHAPES, VOCAB, device_memory_peak_gb, device_peak, median_time, parse_mesh  # scripts/timing.py
 
     from mtl import Encoder, EncoderConfig
     from mtl.config import OptimSection
@@ -96,8 +101,18 @@ def run_mtl(variant: str, directory: str | None, shape: str | None, iters: int, 
     one()
     first = time.perf_counter() - start
     seconds = median_time(one, iters)
+    flops = compiled_flops(step.gradients, holder["state"], batch)
+    peak, peak_source = device_peak("float32")
     # The first step compiles, then runs.
-    return {"seconds": seconds, "compile_seconds": first - seconds, "device_peak_gb": device_memory_peak_gb()}
+    return {"seconds": seconds, "compile_seconds": first - seconds, "device_peak_gb": device_memory_peak_gb(),
+            "flops": flops, "peak_flops": peak * layout.mesh.devices.size, "peak_source": peak_source}
+
+
+def compiled_flops(jitted, *args) -> float:
+    """FLOPs XLA counts in the compiled program of `jitted(*args)` (all devices together)."""
+    analysis = jitted.lower(*args).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"])
 
 
 def run_torch(directory: str | None, shape: str | None, iters: int) -> dict:
@@ -201,6 +216,9 @@ def main() -> None:
         # A GPU's own allocator peak where there is one; resident host memory on a CPU.
         r["peak_gb"] = r["device_peak_gb"] if r.get("device_peak_gb") is not None else r["peak_rss_gb"]
         extra = f"   compile {r['compile_seconds']:.1f} s" if "compile_seconds" in r else ""
+        if "flops" in r:
+            extra += (f"   MFU {r['flops'] / r['seconds'] / r['peak_flops']:.1%} ({r['flops'] / 1e12:.2f} TFLOP counted by "
+                      f"XLA; peak: {r['peak_source']})")
         where = "device" if r.get("device_peak_gb") is not None else "RSS"
         print(f"{variant:16s} {r['seconds']:7.3f} s/meta-step  {META_BATCH / r['seconds']:7.3f} tasks/s  "
               f"peak {where} {r['peak_gb']:5.2f} GB{extra}", flush=True)

@@ -12,7 +12,11 @@ torch.optim.AdamW and clip_grad_norm_, on the same weights (or the same shape) a
 batch, on the GPU when there is one; --dtype bfloat16 runs it under torch.autocast, and mtl
 with bf16 compute over fp32 params.
 
-Prints steady-state step time for both, the ratio torch / mtl (above 1: mtl is faster), mtl's
+Second peer, in float32 on one device: scripts/minimal_jax.py, the same model and update as a bare
+jitted JAX function over a dict of arrays. mtl / minimal is mtl's own overhead; torch / minimal
+is how XLA's kernels compare with PyTorch's on this machine.
+
+Prints steady-state step time for each, the ratio torch / mtl (above 1: mtl is faster), mtl's
 compile time, tokens/s, and model FLOPs utilisation: 6 * non-embedding params * tokens plus
 attention FLOPs, over the device peak (the data sheet's for a known accelerator, a measured
 matmul for a CPU).
@@ -31,9 +35,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import torch
 import transformers
 from flax import nnx
+
+import minimal_jax  # scripts/minimal_jax.py
 
 from timing import SHAPES, VOCAB, device_memory_peak_gb, device_peak, median_time, parse_mesh  # scripts/timing.py
 
@@ -55,10 +62,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--no-peer", action="store_true", help="time mtl alone")
+    parser.add_argument("--no-peer", action="store_true", help="time mtl alone (no PyTorch, no minimal JAX)")
     parser.add_argument("--mesh", help="mtl's device mesh as mesh config keys, e.g. data=2,fsdp=4 (default: data "
                         "parallel over all devices); MFU is then over all devices' peak")
-    parser.add_argument("--loop-layers", action="store_true", help="mtl with model.scan_layers false")
+    parser.add_argument("--scan-layers", action="store_true", help="mtl with model.scan_layers true")
     parser.add_argument("--no-dropout", action="store_true", help="both sides without dropout")
     parser.add_argument("--prng", choices=("threefry2x32", "rbg", "unsafe_rbg"),
                         help="JAX's random-number generator (jax_default_prng_impl), which draws the dropout masks")
@@ -76,7 +83,7 @@ def main() -> None:
              "labels": labels, "weights": np.ones((args.batch,), np.float32)}
     name = f"random {args.random_init}" if args.random_init else args.model
     print(f"{name}: batch {args.batch}, seq {args.seq}, {args.dtype} compute, "
-          f"{'looped' if args.loop_layers else 'scanned'} layers, dropout {'off' if args.no_dropout else 'on'}, prng {jax.config.jax_default_prng_impl}, jax {jax.__version__} on "
+          f"{'scanned' if args.scan_layers else 'looped'} layers, dropout {'off' if args.no_dropout else 'on'}, prng {jax.config.jax_default_prng_impl}, jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {torch_device}, {os.cpu_count()} cores")
 
     # The HF PyTorch peer first: it gives its GPU memory back before mtl starts.
@@ -87,10 +94,10 @@ def main() -> None:
     # mtl
     if args.random_init:
         config = EncoderConfig(vocab_size=VOCAB, **SHAPES[args.random_init], dtype=args.dtype,
-                               scan_layers=not args.loop_layers)
+                               scan_layers=args.scan_layers)
         encoder = Encoder(config, rngs=nnx.Rngs(0))
     else:
-        encoder = Encoder.from_pretrained(resolve_model(args.model), dtype=args.dtype, scan_layers=not args.loop_layers)
+        encoder = Encoder.from_pretrained(resolve_model(args.model), dtype=args.dtype, scan_layers=args.scan_layers)
     head = ClassificationHead(encoder.config.hidden_size, ["a", "b", "c"], rngs=nnx.Rngs(0))
     model = MultiTaskModel(encoder, {"task": head})
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -114,6 +121,12 @@ def main() -> None:
 
     mtl_time = median_time(mtl_step, args.iters)
     mtl_memory = device_memory_peak_gb()
+    del holder, state
+    minimal_time = None
+    if not args.no_peer and layout.mesh.devices.size == 1 and args.dtype == "float32":
+        cfg = encoder.config
+        minimal_time = time_minimal(args, batch, vocab=cfg.vocab_size, hidden=cfg.hidden_size, layers=cfg.num_layers,
+                                    heads=cfg.num_heads, intermediate=cfg.intermediate_size)
 
     # Embedding tables are looked up, not multiplied: count the non-embedding parameters.
     n_params = sum(x.size for x in jax.tree.leaves(params)) - sum(
@@ -133,6 +146,29 @@ def main() -> None:
         print(f"HF PyTorch train step   {torch_time * 1e3:8.1f} ms   {tokens / torch_time:,.0f} tokens/s   "
               f"MFU {flops / torch_time / peak:.1%}")
         print(f"ratio torch/mtl {torch_time / mtl_time:.2f}x")
+    if minimal_time is not None:
+        print(f"minimal JAX train step  {minimal_time * 1e3:8.1f} ms   {tokens / minimal_time:,.0f} tokens/s   "
+              f"MFU {flops / minimal_time / peak:.1%}")
+        print(f"mtl overhead: mtl/minimal {mtl_time / minimal_time:.2f}x")
+        if torch_time is not None:
+            print(f"XLA's kernels: torch/minimal {torch_time / minimal_time:.2f}x")
+
+
+def time_minimal(args, batch: dict, *, vocab: int, hidden: int, layers: int, heads: int, intermediate: int) -> float:
+    """Median train-step seconds of scripts/minimal_jax.py at mtl's shapes (fp32, one device)."""
+    params = minimal_jax.init(jax.random.key(0), vocab=vocab, hidden=hidden, layers=layers, intermediate=intermediate)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(2e-5, weight_decay=0.01))
+    step = minimal_jax.make_step(tx, heads=heads, dropout=not args.no_dropout)
+    holder = {"params": params, "opt_state": tx.init(params), "step": 0}
+    device_batch = jax.device_put({k: v for k, v in batch.items() if k != "weights"})
+
+    def run():
+        holder["params"], holder["opt_state"], loss = step(holder["params"], holder["opt_state"], device_batch,
+                                                           holder["step"])
+        holder["step"] += 1
+        loss.block_until_ready()
+
+    return median_time(run, args.iters)
 
 
 def time_peer(args, batch: dict, device: str) -> float:

@@ -3,8 +3,10 @@
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from mtl import Encoder, MtlError
@@ -143,4 +145,5 @@ def test_pre_2019_layernorm_names_load(bert_dir, tmp_path):
     path = _copy_with_tensors(bert_dir, tmp_path / "ckpt", rename)
     assert any(k.endswith("LayerNorm.gamma") for k in load_file(path / "model.safetensors"))
     old, new = Encoder.from_pretrained(path), Encoder.from_pretrained(bert_dir)
-    np.testing.assert_array_equal(old.layers.ffn_norm.scale[...], new.layers.ffn_norm.scale[...])
+    for got, want in zip(jax.tree.leaves(nnx.state(old)), jax.tree.leaves(nnx.state(new)), strict=True):
+        np.testing.assert_array_equal(got, want)  # every LayerNorm scale and bias among them
