@@ -24,9 +24,12 @@ one warm-up step), tasks per second, the ratio against the peer (above 1: mtl is
 compile time and the peak memory. On a GPU both sides run fp32 with TF32 matmuls (XLA's default).
 
 MFU: no closed formula counts second-order MAML (a backward pass through an inner backward
-pass), so the FLOPs are the ones XLA counts in the compiled meta-gradient program (the
-optimizer update adds a few FLOPs per parameter, well under 0.1% of it), over the device peak (scripts/timing.py: data sheet, or a measured matmul on a CPU), summed over
-the mesh's devices.
+pass), so the FLOPs are the ones XLA counts in the compiled meta-gradient program of mtl-maml,
+mtl-fomaml or mtl-anil (the optimizer update adds a few FLOPs per parameter, well under 0.1%),
+over the device peak (scripts/timing.py: data sheet, or a measured matmul on a CPU), summed
+over the mesh's devices. mtl-maml-scan and mtl-maml-remat compute the same model FLOPs as
+mtl-maml and take its count: XLA counts a scanned loop's body once, and remat's recomputation
+is extra work, not model FLOPs.
 """
 
 from __future__ import annotations
@@ -213,10 +216,12 @@ def main() -> None:
             print(f"{variant:16s} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
             continue
         results[variant] = r = json.loads(line[len("RESULT "):])
+        if variant in ("mtl-maml-scan", "mtl-maml-remat"):  # model FLOPs: the plain MAML program's
+            r["flops"] = results["mtl-maml"]["flops"] if "mtl-maml" in results else None
         # A GPU's own allocator peak where there is one; resident host memory on a CPU.
         r["peak_gb"] = r["device_peak_gb"] if r.get("device_peak_gb") is not None else r["peak_rss_gb"]
         extra = f"   compile {r['compile_seconds']:.1f} s" if "compile_seconds" in r else ""
-        if "flops" in r:
+        if r.get("flops") is not None:
             extra += (f"   MFU {r['flops'] / r['seconds'] / r['peak_flops']:.1%} ({r['flops'] / 1e12:.2f} TFLOP counted by "
                       f"XLA; peak: {r['peak_source']})")
         where = "device" if r.get("device_peak_gb") is not None else "RSS"
