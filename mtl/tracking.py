@@ -25,7 +25,6 @@ class MetricsWriter:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)
-        self._tb = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter

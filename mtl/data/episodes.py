@@ -169,8 +169,8 @@ class EpisodeSampler:
         """Episodes step*size .. step*size + size - 1, stacked on a leading task axis; `part`:
         only those positions of the meta-batch (in a multi-process run, this process's tasks)."""
         episodes = [self.episode(step * size + i) for i in range(size)[part]]
-        return {part: {k: np.stack([e[part][k] for e in episodes]) for k in episodes[0][part]}
-                for part in ("support", "query")}
+        return {half: {k: np.stack([e[half][k] for e in episodes]) for k in episodes[0][half]}
+                for half in ("support", "query")}
 
 
 def check_disjoint(train: Sequence[EpisodeSource], test: Sequence[EpisodeSource]) -> None:

@@ -8,7 +8,7 @@ Hugging Face checkpoints lives in `mtl.hf`; this module knows nothing of HF name
 Layers are a Python list by default. `scan_layers=True` stacks them along a leading axis and
 runs them with `nnx.scan`, so compile time does not grow with depth; but the scanned backward
 pass copies every layer's saved activations into and out of the stacked buffers, which made a
-MiniLM train step 7-10% slower on CPU and a BERT-base step 40% slower on an H100 (README,
+MiniLM train step 6-13% slower on CPU and a BERT-base step 41% slower on an H100 (README,
 Benchmarks). Deep encoders whose compile time matters more are the case for scanning.
 Dropout is driven by an explicit key: `dropout_rng=None` means deterministic. The module holds
 parameters only (no RNG state), so a train step can be a pure function of `nnx.split` state.
