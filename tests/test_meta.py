@@ -199,6 +199,46 @@ def test_top_layer_maml_equals_maml_through_the_whole_model(x64, scan_layers):
     assert np.abs(_flat(grads["model"])).max() > 0
 
 
+@pytest.mark.parametrize("algorithm", ["maml", "meta_sgd"])
+def test_all_parameter_maml_equals_maml_over_the_whole_word_table(x64, algorithm):
+    """With adapt: all the inner loop adapts only the word-table rows of the episode's tokens
+    (padding included, whose row stays frozen). The adapted parameters, the meta-gradient and
+    Meta-SGD's learning-rate gradient equal a plain MAML whose inner step moves the whole table."""
+    learner, meta_params = _learner(algorithm, inner_lr=0.5, inner_steps=2, dtype="float64")
+    if algorithm == "meta_sgd":  # a different rate per entry, so a row mix-up shows
+        rng = np.random.default_rng(2)
+        meta_params["inner_lr"] = jax.tree.map(lambda x: x * rng.uniform(0.5, 1.5, x.shape), meta_params["inner_lr"])
+    episodes = _episodes(2)
+    for part in ("support", "query"):
+        episodes[part]["input_ids"] = np.where(episodes[part]["attention_mask"] > 0, episodes[part]["input_ids"], 0)
+    model = lambda p: nnx.merge(learner.graphdef, p, learner.rest)
+
+    def reference_adapt(meta_params, episode):
+        params = meta_params["model"]
+        fast, slow = learner.split(params)
+        lrs = meta_params["inner_lr"] if algorithm == "meta_sgd" else jax.tree.map(lambda _: 0.5, fast)
+        for _ in range(2):
+            grads = jax.grad(lambda f: model(nnx.merge_state(f, slow)).loss(HEAD, episode["support"])[0])(fast)
+            fast = jax.tree.map(lambda p, g, lr: p - lr * g, fast, grads, lrs)
+        return fast, slow
+
+    def reference_loss(meta_params, episode):
+        fast, slow = reference_adapt(meta_params, episode)
+        return model(nnx.merge_state(fast, slow)).loss(HEAD, episode["query"])[0]
+
+    for i in range(2):
+        expected = reference_adapt(meta_params, _one(episodes, i))[0]
+        np.testing.assert_allclose(_flat(learner.adapted_query_logits(meta_params, _one(episodes, i))[2]),
+                                   _flat(expected), rtol=1e-12, atol=1e-14)
+    expected = jax.grad(lambda p: jax.vmap(reference_loss, in_axes=(None, 0))(p, episodes).mean())(meta_params)
+    grads, _ = jax.jit(learner.meta_gradients)(meta_params, episodes)
+    np.testing.assert_allclose(_flat(grads), _flat(expected), rtol=1e-9, atol=1e-12)
+    table = lambda tree: np.asarray(tree["encoder"]["embeddings"]["word"]["embedding"][...])
+    assert np.abs(table(grads["model"])).max() > 0 and not table(grads["model"])[0].any()  # the padding row
+    if algorithm == "meta_sgd":
+        assert np.abs(table(grads["inner_lr"])).max() > 0
+
+
 def test_meta_sgd_learning_rates_get_gradients():
     learner, meta_params = _learner("meta_sgd", inner_lr=0.1)
     assert jax.tree.structure(meta_params["inner_lr"]) == jax.tree.structure(learner.split(meta_params["model"])[0])

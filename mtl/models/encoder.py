@@ -172,14 +172,18 @@ def _embed(cfg: EncoderConfig, rows: int, rngs: nnx.Rngs) -> nnx.Embed:
     )
 
 
-def _lookup(table: nnx.Embed, ids: jax.Array, dtype: str) -> jax.Array:
+def _lookup(table: nnx.Embed, ids: jax.Array, dtype: str, vocab: jax.Array | None = None) -> jax.Array:
     """Rows `ids` of a large table (the vocabulary), gathered in the parameter dtype, then cast.
 
     nnx.Embed casts the table to the compute dtype before its gather, so with bf16 compute the
     backward pass scatter-adds in bf16, which XLA:GPU emits as a compare-and-swap loop
     (openxla/xla#26371); gathering in fp32 keeps the scatter on native fp32 atomics.
+
+    With `vocab` (ascending token ids, repeats allowed) the table holds only those tokens' rows,
+    row i for token vocab[i]; a token's row is its first one.
     """
-    return jnp.take(table.embedding[...], ids, axis=0).astype(dtype)
+    rows = ids if vocab is None else jnp.searchsorted(vocab, ids)
+    return jnp.take(table.embedding[...], rows, axis=0).astype(dtype)
 
 
 def _lookup_small(table: nnx.Embed, ids: jax.Array, dtype: str) -> jax.Array:
@@ -240,9 +244,9 @@ class Embeddings(nnx.Module):
             return jnp.cumsum(not_pad, axis=1) * not_pad + self.cfg.pad_token_id
         return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
 
-    def __call__(self, input_ids, token_type_ids, dropout_rng):
+    def __call__(self, input_ids, token_type_ids, dropout_rng, vocab=None):
         cfg = self.cfg
-        x = _frozen_row(_lookup(self.word, input_ids, cfg.dtype), input_ids == cfg.pad_token_id)
+        x = _frozen_row(_lookup(self.word, input_ids, cfg.dtype, vocab), input_ids == cfg.pad_token_id)
         position_ids = self.position_ids(input_ids)
         if cfg.padding_aware_positions:
             positions = _lookup_small(self.position, position_ids, cfg.dtype)
@@ -355,9 +359,14 @@ class Encoder(nnx.Module):
         hidden_states = jnp.concatenate([embedded[None], per_layer], axis=0) if output_hidden_states else None
         return EncoderOutput(x, self.pool(x), hidden_states)
 
-    def embed(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
-        """The deterministic embedding output [batch, seq, hidden], the input of layer 0."""
-        return self.embeddings(input_ids, token_type_ids, None)
+    def embed(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None, *,
+              vocab: jax.Array | None = None) -> jax.Array:
+        """The deterministic embedding output [batch, seq, hidden], the input of layer 0.
+
+        `vocab`: when the word table holds only some tokens' rows (meta-learning adapts just an
+        episode's rows, not a copy of the whole vocabulary per task), their ids, ascending.
+        """
+        return self.embeddings(input_ids, token_type_ids, None, vocab)
 
     def pool(self, x: jax.Array) -> jax.Array | None:
         """The pooler output of a last hidden state, or None without a pooler."""

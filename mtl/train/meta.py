@@ -3,7 +3,8 @@
 The model is a MultiTaskModel whose one head, "episode", has an output per episode class (or
 per IOB2 tag over the episode's entity types). Its parameters split in two: the *fast* ones
 that the inner loop adapts (chosen by `adapt`: the head, the head plus the top N encoder
-layers and the pooler, or all) and the *slow* rest. The inner loop is a `lax.scan` of SGD steps
+layers and the pooler, or all; of the word-embedding table only the episode's tokens' rows,
+the only ones with a gradient) and the *slow* rest. The inner loop is a `lax.scan` of SGD steps
 on the support loss; a meta-batch is `jax.vmap`ped over its episodes; everything is jitted.
 
   maml      second order: the meta-gradient differentiates through the inner loop.
@@ -117,13 +118,27 @@ class MetaLearner:
             inner_lr = jax.tree.map(lambda p: jnp.full(p.shape, self.inner_lr, jnp.float32), fast)
         return {"model": model_params, "inner_lr": inner_lr}
 
+    @staticmethod
+    def _is_word_table(path) -> bool:
+        return _names(path)[:3] == ("encoder", "embeddings", "word")
+
+    def _word_table(self, tree: Any) -> jax.Array:
+        return next(leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree) if self._is_word_table(path))
+
+    def _on_word_table(self, tree: Any, fn) -> Any:
+        """`tree` with `fn` applied to its word-embedding table."""
+        return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(leaf) if self._is_word_table(path) else leaf, tree)
+
     # ------------------------------------------------------------------ the model
 
     def _model(self, params: nnx.State):
         return nnx.merge(self.graphdef, params, self.rest)
 
-    def encode(self, params: nnx.State, batch: Batch):
-        return self._model(params).encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    def encode(self, params: nnx.State, batch: Batch, vocab: jax.Array | None = None) -> EncoderOutput:
+        """The encoder's output on `batch`; with `vocab`, `params` hold only those tokens' word rows."""
+        encoder = self._model(params).encoder
+        return self._upper_layers(params, encoder.embed(batch["input_ids"], batch.get("token_type_ids"), vocab=vocab),
+                                  batch, 0)
 
     def _lower_layers(self, params: nnx.State, batch: Batch, stop: int) -> jax.Array:
         encoder = self._model(params).encoder
@@ -204,7 +219,12 @@ class MetaLearner:
 
         if self.remat:
             step = jax.checkpoint(step)
-        return jax.lax.scan(step, fast, length=steps)
+        # The first step outside the scan: under vmap a scan's carry is batched from the start, so
+        # it would copy the meta-parameters once per task; here the tasks share them, and each
+        # weight's support matmuls run as one over the whole meta-batch.
+        adapted, first_loss = step(fast, None)
+        adapted, losses = jax.lax.scan(step, adapted, length=steps - 1)
+        return adapted, jnp.concatenate([first_loss[None], losses])
 
     def adapted_query_logits(self, meta_params: dict, episode: Mapping[str, Batch], *, steps: int | None = None,
                              first_order: bool | None = None) -> tuple[jax.Array, jax.Array, nnx.State]:
@@ -219,6 +239,18 @@ class MetaLearner:
             logits = self.distance_logits(self.features(self.encode(params, query), query), protos)
             return logits, jnp.zeros((0,)), None
         fast, slow = self.split(params)
+        inner_lr = meta_params["inner_lr"]
+        vocab = None
+        if self.adapt == "all":
+            # The inner loop adapts only the rows of the episode's tokens: the others get no
+            # gradient, and a whole adapted vocabulary per task would cost a [V, H] gradient,
+            # update and meta-gradient for each task of the meta-batch. Same values, same
+            # gradients (each row's first copy is the one looked up, the repeats stay still).
+            vocab = episode_vocabulary(episode)
+            table = self._word_table(fast)
+            fast = self._on_word_table(fast, lambda t: t[vocab])
+            if self.algorithm == "meta_sgd":
+                inner_lr = self._on_word_table(inner_lr, lambda t: t[vocab])
 
         def merged(f):
             # Fresh Variables for `slow` at the caller's trace level: nnx transforms inside the
@@ -233,14 +265,14 @@ class MetaLearner:
                 return self._upper_layers(p, below[part], episode[part], start)
         else:
             def encode_part(p, part):
-                return self.encode(p, episode[part])
-        encoded_support = encode_part(params, "support") if self.adapt == "head" or self.proto_init else None
+                return self.encode(p, episode[part], vocab)
+        encoded_support = encode_part(merged(fast), "support") if self.adapt == "head" or self.proto_init else None
         if self.proto_init:
             protos = self.prototypes(self.features(encoded_support, support), support["labels"],
                                      self._weights_of(support), self.num_classes(params))
             fast = self._with_proto_head(fast, protos)
         if self.adapt == "head":  # the encoder is not adapted: run it once, outside the loop
-            encoded = {"support": encoded_support, "query": encode_part(params, "query")}
+            encoded = {"support": encoded_support, "query": encode_part(merged(fast), "query")}
 
             def logits_of(f, part):
                 return self._head_logits(merged(f), encoded[part], episode[part])
@@ -251,8 +283,12 @@ class MetaLearner:
         def support_loss(f):
             return self._head_loss(merged(f), logits_of(f, "support"), support)
 
-        fast, losses = self.adapt_fast(fast, meta_params["inner_lr"], support_loss, steps, first_order)
-        return logits_of(fast, "query"), losses, fast
+        adapted, losses = self.adapt_fast(fast, inner_lr, support_loss, steps, first_order)
+        logits = logits_of(adapted, "query")
+        if vocab is not None:  # the adapted rows back into the whole table
+            rows = self._word_table(fast)
+            adapted = self._on_word_table(adapted, lambda t: table.at[vocab].add(t - rows))
+        return logits, losses, adapted
 
     # ----------------------------------------------------------------- meta objective
 
@@ -292,6 +328,12 @@ class MetaLearner:
             (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(meta_params)
         metrics = {k: v.mean() for k, v in aux.items()}
         return grads, dict(metrics, loss=loss, total_loss=loss)
+
+
+def episode_vocabulary(episode: Mapping[str, Batch]) -> jax.Array:
+    """Every token id of an episode's support and query texts, ascending, with repeats: a fixed
+    size under jit, and a repeated id's later rows are never looked up."""
+    return jnp.sort(jnp.concatenate([episode[part]["input_ids"].reshape(-1) for part in ("support", "query")]))
 
 
 def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, *, skip_nonfinite: bool,
