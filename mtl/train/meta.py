@@ -248,7 +248,8 @@ class MetaLearner:
             # gradients (each row's first copy is the one looked up, the repeats stay still).
             vocab = episode_vocabulary(episode)
             table = self._word_table(fast)
-            fast = self._on_word_table(fast, lambda t: t[vocab])
+            rows = table[vocab]
+            fast = self._on_word_table(fast, lambda _: rows)
             if self.algorithm == "meta_sgd":
                 inner_lr = self._on_word_table(inner_lr, lambda t: t[vocab])
 
@@ -286,7 +287,6 @@ class MetaLearner:
         adapted, losses = self.adapt_fast(fast, inner_lr, support_loss, steps, first_order)
         logits = logits_of(adapted, "query")
         if vocab is not None:  # the adapted rows back into the whole table
-            rows = self._word_table(fast)
             adapted = self._on_word_table(adapted, lambda t: table.at[vocab].add(t - rows))
         return logits, losses, adapted
 
