@@ -5,7 +5,7 @@ import pytest
 
 from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_DATA, CSV_SPEC, write_task
 from mtl.data import Batcher, TrainStream, bucket_lengths, eval_batches, load_task_data
-from mtl.data.pipeline import iob2_problems, repair_iob2
+from mtl.data.pipeline import iob2_problems, load_raw_splits, repair_iob2
 from mtl.models.heads import IGNORE
 from mtl.tasks import load_task
 
@@ -54,6 +54,17 @@ def test_seeded_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
     other = load_task_data(load_task(path, overrides=["split.seed=1"]), tokenizer)
     assert other.splits["train"]["origin"] != a.splits["train"]["origin"]
 
+
+
+def test_raw_splits_are_the_rows_that_get_tokenized(tmp_path, tokenizer):
+    # scripts/peer_tfidf.py scores its peer on these rows; they must be the ones mtl scores.
+    path = write_task(tmp_path, CSV_SPEC, {"data.csv": CSV_DATA})
+    raw, _ = load_raw_splits(load_task(path))
+    encoded = load_task_data(load_task(path), tokenizer)
+    for name, split in encoded.splits.items():
+        assert raw[name]["origin"] == split["origin"]
+        assert [tokenizer(t)["input_ids"] for t in raw[name]["text"]] == split["input_ids"]
+        assert [CSV_SPEC["labels"].index(v) for v in raw[name]["label"]] == split["labels"]
 
 def test_bucket_lengths():
     assert bucket_lengths(128) == (32, 64, 128)

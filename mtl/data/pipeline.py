@@ -391,16 +391,14 @@ def _encode(spec: TaskSpec, kind: str, labels: list[str], tokenizer, ds: dataset
                   desc=f"tokenizing {spec.name}")
 
 
-def load_task_data(spec: TaskSpec, tokenizer, *, max_positions: int | None = None) -> TaskData:
-    """Read, filter, split, check and tokenize a task's data; see the module docstring.
+def load_raw_splits(spec: TaskSpec) -> tuple[dict[str, datasets.Dataset], dict[str, Any]]:
+    """Read, filter and split a task's data, before any checking or tokenizing.
 
-    Args:
-      spec: a loaded TaskSpec.
-      tokenizer: the encoder's fast tokenizer (`mtl.load_tokenizer`).
-      max_positions: the encoder's position limit; a larger spec.max_length is an error.
+    Returns ({"train"/"validation"/"test": Dataset with columns origin, text and label, or tokens
+    and tags for token tasks}, stats with rows_read, and for split-by-fraction sources rows_kept
+    and fallback_decoded). These are the exact rows `load_task_data` tokenizes, which is what a
+    peer model outside mtl must train and be scored on (scripts/peer_tfidf.py).
     """
-    if max_positions is not None:
-        check_max_length(spec, max_positions)
     kind = get_head(spec.head).label_kind
     source = spec.source
     stats: dict[str, Any] = {}
@@ -425,6 +423,21 @@ def load_task_data(spec: TaskSpec, tokenizer, *, max_positions: int | None = Non
     for name, ds in splits.items():
         if len(ds) == 0:
             raise MtlError(f"{spec.origin}: task {spec.name!r}: split {name!r} is empty (after filters and splitting)")
+    return splits, stats
+
+
+def load_task_data(spec: TaskSpec, tokenizer, *, max_positions: int | None = None) -> TaskData:
+    """Read, filter, split, check and tokenize a task's data; see the module docstring.
+
+    Args:
+      spec: a loaded TaskSpec.
+      tokenizer: the encoder's fast tokenizer (`mtl.load_tokenizer`).
+      max_positions: the encoder's position limit; a larger spec.max_length is an error.
+    """
+    if max_positions is not None:
+        check_max_length(spec, max_positions)
+    kind = get_head(spec.head).label_kind
+    splits, stats = load_raw_splits(spec)
     if kind == "tags":
         splits = _check_tags(spec, splits)
     labels, label_counts = _resolve_labels(spec, kind, splits)
