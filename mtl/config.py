@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mtl.errors import MtlError
@@ -63,16 +63,37 @@ def load_structured(
         if "=" not in override or not override.split("=", 1)[0]:
             raise MtlError(f"override {override!r}: expected key=value")
     try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(schema),
-            OmegaConf.create(dict(data)),
-            OmegaConf.from_dotlist(list(overrides)),
-        )
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(dict(data)))
+        for override in overrides:
+            _apply_override(merged, *override.split("=", 1), where=where)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         message = str(e).splitlines()[0]
         raise MtlError(f"{where}: key {key!r}: {message}" if key else f"{where}: {message}") from None
+
+
+def _apply_override(config: DictConfig, key: str, text: str, *, where: str) -> None:
+    """Set one dotted key, list items included (`tasks.1.overrides=[max_length=256]`).
+
+    OmegaConf.update indexes lists, where merging `from_dotlist` would build a dict for
+    `tasks.1` and fail to merge it into the list. The value is parsed as from_dotlist parses it.
+    """
+    node: Any = config
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if isinstance(node, ListConfig):
+            if not (part.isdigit() and int(part) < len(node)):
+                items = f"items 0 to {len(node) - 1}" if len(node) else "no items"
+                raise MtlError(f"{where}: key {key!r}: {'.'.join(parts[:depth])!r} is a list; "
+                               f"it has {items}")
+            node = node[int(part)]
+        elif isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        else:
+            break  # an unknown key or a None section: OmegaConf.update names it
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
+    OmegaConf.update(config, key, value, merge=True)
 
 
 def to_yaml(obj: Any) -> str:

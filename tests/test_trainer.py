@@ -217,9 +217,24 @@ def test_bad_experiment_configs(tmp_path):
         load_experiment(TINY, ["train.sampling=random"])
     with pytest.raises(MtlError, match=r"override 'train.steps': expected key=value"):
         load_experiment(TINY, ["train.steps"])
+    with pytest.raises(MtlError, match=r"key 'tasks.7.weight': 'tasks' is a list; it has items 0 to 2$"):
+        load_experiment(TINY, ["tasks.7.weight=2"])
+    with pytest.raises(MtlError, match=r"key 'tasks.first.weight': 'tasks' is a list; it has items 0 to 2$"):
+        load_experiment(TINY, ["tasks.first.weight=2"])
+    with pytest.raises(MtlError, match=r"key 'tasks\[1\].wieght': Key 'wieght' not in 'TaskEntry'"):
+        load_experiment(TINY, ["tasks.1.wieght=2"])
     config = load_experiment(TINY, ["tasks=[{task: tweets}]"])
     with pytest.raises(MtlError, match=r"task 'tweets' is neither a file nor a shipped task"):
         build_experiment(config)
+
+
+def test_overrides_reach_list_items():
+    base = load_experiment(TINY)
+    config = load_experiment(TINY, ["tasks.1.overrides=[max_length=48]", "tasks.0.weight=2.5", "train.buckets.1=48"])
+    assert config.tasks[1].overrides == ["max_length=48"] and config.tasks[0].weight == 2.5
+    assert config.train.buckets[1] == 48 and len(config.train.buckets) == len(base.train.buckets)
+    assert [t.task for t in config.tasks] == [t.task for t in base.tasks]
+    assert config.tasks[2] == base.tasks[2]
 
 
 def test_cli_train_errors_are_one_line(tmp_path):
