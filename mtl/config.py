@@ -65,7 +65,7 @@ def load_structured(
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(dict(data)))
         for override in overrides:
-            _apply_override(merged, *override.split("=", 1), where=where)
+            merged = _apply_override(merged, *override.split("=", 1), where=where)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
@@ -73,27 +73,32 @@ def load_structured(
         raise MtlError(f"{where}: key {key!r}: {message}" if key else f"{where}: {message}") from None
 
 
-def _apply_override(config: DictConfig, key: str, text: str, *, where: str) -> None:
-    """Set one dotted key, list items included (`tasks.1.overrides=[max_length=256]`).
+def _apply_override(config: DictConfig, key: str, text: str, *, where: str) -> DictConfig:
+    """`config` with one dotted `key=text` override, list items included.
 
-    OmegaConf.update indexes lists, where merging `from_dotlist` would build a dict for
-    `tasks.1` and fail to merge it into the list. The value is parsed as from_dotlist parses it.
+    A merge of `from_dotlist` fills a section that is None (`model.random_init.hidden_size=32`
+    builds a RandomEncoder with defaults), but builds a dict for `tasks.1` and cannot merge it
+    into the list, so a key through a list item goes through OmegaConf.update, which indexes
+    lists. Both parse the value the same way.
     """
     node: Any = config
     parts = key.split(".")
+    through_list = False
     for depth, part in enumerate(parts):
         if isinstance(node, ListConfig):
             if not (part.isdigit() and int(part) < len(node)):
                 items = f"items 0 to {len(node) - 1}" if len(node) else "no items"
-                raise MtlError(f"{where}: key {key!r}: {'.'.join(parts[:depth])!r} is a list; "
-                               f"it has {items}")
-            node = node[int(part)]
+                raise MtlError(f"{where}: key {key!r}: {'.'.join(parts[:depth])!r} is a list; it has {items}")
+            node, through_list = node[int(part)], True
         elif isinstance(node, DictConfig) and part in node:
             node = node[part]
         else:
-            break  # an unknown key or a None section: OmegaConf.update names it
-    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
-    OmegaConf.update(config, key, value, merge=True)
+            break  # an unknown key or a None section: the merge fills or names it
+    override = OmegaConf.from_dotlist([f"{key}={text}"] if not through_list else [f"value={text}"])
+    if not through_list:
+        return OmegaConf.merge(config, override)
+    OmegaConf.update(config, key, OmegaConf.to_container(override)["value"], merge=True)
+    return config
 
 
 def to_yaml(obj: Any) -> str:

@@ -235,6 +235,9 @@ def test_overrides_reach_list_items():
     assert config.train.buckets[1] == 48 and len(config.train.buckets) == len(base.train.buckets)
     assert [t.task for t in config.tasks] == [t.task for t in base.tasks]
     assert config.tasks[2] == base.tasks[2]
+    # A dotted key into a section that is None fills it with the schema's defaults.
+    config = load_experiment(TINY, ["model.random_init=null", "model.random_init.hidden_size=16"])
+    assert config.model.random_init.hidden_size == 16 and config.model.random_init.num_layers == 2
 
 
 def test_cli_train_errors_are_one_line(tmp_path):
