@@ -59,10 +59,10 @@ def main() -> None:
         train, validation, test = (splits[s].to_dict() for s in ("train", "validation", "test"))
         labels = spec.labels or sorted(set(train["label"]))
 
-        tuned = max(itertools.product(GRID_C, (False, True)),
-                    key=lambda cs: scores(fit_peer(train, *cs), validation, labels)[spec.metric])
+        peers = {cs: fit_peer(train, *cs) for cs in itertools.product(GRID_C, (False, True))}
+        tuned = max(peers, key=lambda cs: scores(peers[cs], validation, labels)[spec.metric])
         for name, (c, sublinear) in (("DATA.md recipe", (1.0, False)), ("tuned on validation", tuned)):
-            peer = fit_peer(train, c, sublinear)
+            peer = peers[c, sublinear]
             val, tst = scores(peer, validation, labels), scores(peer, test, labels)
             print(f"| {spec.name} | {name} | {c:g} | {sublinear} | {val['accuracy']:.4f} / {val['macro_f1']:.4f} "
                   f"| {tst['accuracy']:.4f} / {tst['macro_f1']:.4f} | {len(test['label'])} |", flush=True)

@@ -1,5 +1,10 @@
 """The data path: alignment, bucketing, deterministic resumable order, readers, IOB2."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -65,6 +70,20 @@ def test_raw_splits_are_the_rows_that_get_tokenized(tmp_path, tokenizer):
         assert raw[name]["origin"] == split["origin"]
         assert [tokenizer(t)["input_ids"] for t in raw[name]["text"]] == split["input_ids"]
         assert [CSV_SPEC["labels"].index(v) for v in raw[name]["label"]] == split["labels"]
+
+
+def test_peer_script_scores_a_separable_task_perfectly(tmp_path):
+    # Every text names its label's word, so a working TF-IDF peer on the right rows scores 1.0.
+    rows = "\n".join(f"{word} item {i} number {i % 7},{label}" for i in range(60)
+                     for word, label in [(("lovely", "pos"), ("awful", "neg"))[i % 2]])
+    path = write_task(tmp_path, CSV_SPEC, {"data.csv": f"review,stars\n{rows}\n"})
+    script = Path(__file__).resolve().parents[1] / "scripts" / "peer_tfidf.py"
+    proc = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True,
+                          env={**os.environ, "MTL_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    table = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| toy_csv")]
+    assert [row[1] for row in table] == ["DATA.md recipe", "tuned on validation"]
+    assert all(row[5] == "1.0000 / 1.0000" and row[6].rstrip(" |") == "15" for row in table)
 
 def test_bucket_lengths():
     assert bucket_lengths(128) == (32, 64, 128)
