@@ -94,10 +94,10 @@ def _apply_override(config: DictConfig, key: str, text: str, *, where: str) -> D
             node = node[part]
         else:
             break  # an unknown key or a None section: the merge fills or names it
-    override = OmegaConf.from_dotlist([f"{key}={text}"] if not through_list else [f"value={text}"])
     if not through_list:
-        return OmegaConf.merge(config, override)
-    OmegaConf.update(config, key, OmegaConf.to_container(override)["value"], merge=True)
+        return OmegaConf.merge(config, OmegaConf.from_dotlist([f"{key}={text}"]))
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
+    OmegaConf.update(config, key, value, merge=True)
     return config
 
 

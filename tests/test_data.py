@@ -60,7 +60,6 @@ def test_seeded_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
     assert other.splits["train"]["origin"] != a.splits["train"]["origin"]
 
 
-
 def test_raw_splits_are_the_rows_that_get_tokenized(tmp_path, tokenizer):
     # scripts/peer_tfidf.py scores its peer on these rows; they must be the ones mtl scores.
     path = write_task(tmp_path, CSV_SPEC, {"data.csv": CSV_DATA})
@@ -84,6 +83,7 @@ def test_peer_script_scores_a_separable_task_perfectly(tmp_path):
     table = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| toy_csv")]
     assert [row[1] for row in table] == ["DATA.md recipe", "tuned on validation"]
     assert all(row[5] == "1.0000 / 1.0000" and row[6].rstrip(" |") == "15" for row in table)
+
 
 def test_bucket_lengths():
     assert bucket_lengths(128) == (32, 64, 128)
