@@ -270,7 +270,8 @@ _POSITIVE = (
     "train.steps", "train.batch_size", "train.eval_every", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "optim.grad_accum",
     "meta.ways", "meta.shots", "meta.queries", "meta.meta_batch", "meta.max_length", "meta.eval_episodes",
-    "meta.test_episodes", "distributed.initialization_timeout", "distributed.heartbeat_timeout",
+    "meta.test_episodes", "meta.test_inner_steps", "distributed.initialization_timeout",
+    "distributed.heartbeat_timeout",
 )
 
 
@@ -294,7 +295,7 @@ def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] = (
         if value not in _CHOICES[key]:
             raise MtlError(f"{where}: key {key!r}: {value!r} is not one of {list(_CHOICES[key])}")
     for key, value in _present(config, _POSITIVE):
-        if value <= 0:
+        if value is not None and value <= 0:  # None: an optional key left to its fallback
             raise MtlError(f"{where}: key {key!r}: must be positive, got {value}")
     if not config.tasks:
         raise MtlError(f"{where}: key 'tasks': list at least one task")

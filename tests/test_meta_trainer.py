@@ -96,6 +96,7 @@ def test_meta_configs_and_workdirs_are_not_mixed_up(meta_run, tmp_path, capsys):
     ("meta.algorithm=mamll", "key 'meta.algorithm': 'mamll' is not one of ['maml', 'fomaml', 'anil', 'meta_sgd', 'reptile', 'protonet']"),
     ("meta.adapt=middle", "key 'meta.adapt': 'middle' is not one of ['head', 'top', 'all']"),
     ("meta.ways=0", "key 'meta.ways': must be positive, got 0"),
+    ("meta.test_inner_steps=-1", "key 'meta.test_inner_steps': must be positive, got -1"),
     ("meta.bogus=1", "key 'meta.bogus'"),
 ])
 def test_bad_meta_config(override, message):

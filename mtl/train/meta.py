@@ -202,7 +202,7 @@ class MetaLearner:
     # ------------------------------------------------------------------ inner loop
 
     def adapt_fast(self, fast: nnx.State, inner_lr: Any, loss_of, steps: int, first_order: bool):
-        """`steps` SGD steps on `loss_of(fast)`; returns (adapted fast params, [steps] losses).
+        """`steps` (>= 1) SGD steps on `loss_of(fast)`; returns (adapted fast params, [steps] losses).
 
         With `first_order` the inner gradients are treated as constants. With `remat` each inner
         step is recomputed in the backward pass instead of stored, bounding second-order memory.
