@@ -155,6 +155,7 @@ class OptimSection:
     clip_norm: float | None = 1.0
     grad_accum: int = 1  # optax.MultiSteps: one update every N steps
     layer_decay: float | None = None  # LLRD: layer l of L gets lr * decay**(L - l)
+    head_lr_scale: float = 1.0  # heads (and pooler, loss weights) learn at lr * scale: fresh heads start from random
     freeze_encoder: bool = False
     freeze_layers: int = 0  # freeze the embeddings and the lowest N layers
 
@@ -268,7 +269,7 @@ _CHOICES = {
 }
 _POSITIVE = (
     "train.steps", "train.batch_size", "train.eval_every", "train.log_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "optim.grad_accum",
+    "train.keep_checkpoints", "optim.grad_accum", "optim.head_lr_scale",
     "meta.ways", "meta.shots", "meta.queries", "meta.meta_batch", "meta.max_length", "meta.eval_episodes",
     "meta.test_episodes", "meta.test_inner_steps", "distributed.initialization_timeout",
     "distributed.heartbeat_timeout",

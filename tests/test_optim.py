@@ -81,6 +81,29 @@ def test_layer_decay_factors(scan_layers):
         np.testing.assert_allclose(np.ravel(frozen["encoder"]["layers"]["query"]["kernel"]), [0.0, 0.0, 1.0])
 
 
+def test_head_lr_scale_speeds_up_only_what_sits_above_the_encoder():
+    """The top's update is exactly `scale` times the unscaled one (the factor multiplies AdamW's
+    whole update, as a learning rate would); encoder updates are untouched."""
+    def deltas(**optim):
+        before, after, _ = _step(*_setup(scan_layers=False, **optim)[:4])
+        after = jax.tree.map(np.asarray, after.params)
+        return {path: np.asarray(a[...]) - np.asarray(b[...]) for (path, a), (_, b) in
+                zip(nnx.to_flat_state(after["model"]), nnx.to_flat_state(before["model"]))}
+
+    plain, fast = deltas(), deltas(head_lr_scale=10.0)
+    for path, delta in plain.items():
+        if path[:2] == ("encoder", "pooler"):  # unused by a "cls"-pooling head: no gradient
+            continue
+        assert np.abs(delta).max() > 0, path
+        scale = 1.0 if path[0] == "encoder" else 10.0
+        np.testing.assert_allclose(fast[path], scale * delta, rtol=1e-5, atol=1e-9, err_msg=str(path))
+
+    *_, state, config = _setup()
+    factors = depth_factors(state.params, config, layer_decay=0.5, freeze_layers=1, head_lr_scale=10.0)["model"]
+    assert float(factors["heads"]["t"]["out"]["kernel"]) == 10.0
+    np.testing.assert_allclose(np.ravel(factors["encoder"]["layers"]["query"]["kernel"]), [0.0, 0.25, 0.5])
+
+
 def test_freeze_lower_layers_leaves_them_unchanged():
     graphdef, rest, tx, state, _ = _setup(freeze_layers=2)
     before, after, _ = _step(graphdef, rest, tx, state)

@@ -223,6 +223,8 @@ def test_bad_experiment_configs(tmp_path):
         load_experiment(TINY, ["tasks.first.weight=2"])
     with pytest.raises(MtlError, match=r"key 'tasks\[1\].wieght': Key 'wieght' not in 'TaskEntry'"):
         load_experiment(TINY, ["tasks.1.wieght=2"])
+    with pytest.raises(MtlError, match=r"key 'optim.head_lr_scale': must be positive, got 0.0$"):
+        load_experiment(TINY, ["optim.head_lr_scale=0"])
     config = load_experiment(TINY, ["tasks=[{task: tweets}]"])
     with pytest.raises(MtlError, match=r"task 'tweets' is neither a file nor a shipped task"):
         build_experiment(config)

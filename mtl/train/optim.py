@@ -61,19 +61,21 @@ def decay_mask(params: Any) -> Any:
         lambda p, _: _names(p)[0] == "model" and _names(p)[-1] in ("kernel", "embedding"), params)
 
 
-def depth_factors(params: Any, encoder: EncoderConfig, layer_decay: float | None, freeze_layers: int) -> Any | None:
-    """Per-parameter update scale for LLRD and frozen lower layers, or None when neither applies.
+def depth_factors(params: Any, encoder: EncoderConfig, layer_decay: float | None, freeze_layers: int,
+                  head_lr_scale: float = 1.0) -> Any | None:
+    """Per-parameter update scale for LLRD, frozen lower layers and a faster top, or None when
+    none applies.
 
     Depth 0 is the embeddings, depth i+1 encoder layer i, depth L+1 everything above (pooler,
-    heads, loss weights). Frozen depths (0..freeze_layers) get 0.
+    heads, loss weights), which gets head_lr_scale. Frozen depths (0..freeze_layers) get 0.
     """
-    if layer_decay in (None, 1.0) and freeze_layers == 0:
+    if layer_decay in (None, 1.0) and freeze_layers == 0 and head_lr_scale == 1.0:
         return None
     top = encoder.num_layers + 1
     decay = 1.0 if layer_decay is None else layer_decay
 
     def factor_at(depth: np.ndarray) -> np.ndarray:
-        scale = decay ** (top - depth)
+        scale = np.where(depth == top, head_lr_scale, decay ** (top - depth))
         return np.where(depth <= freeze_layers if freeze_layers else False, 0.0, scale).astype(np.float32)
 
     def factor(path, leaf):
@@ -106,7 +108,7 @@ def build_optimizer(cfg: OptimSection, params: Any, encoder: EncoderConfig, tota
     else:
         parts.append(optax.adamw(schedule(cfg, total_updates), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                                  weight_decay=cfg.weight_decay, mask=decay_mask))
-    factors = depth_factors(params, encoder, cfg.layer_decay, cfg.freeze_layers)
+    factors = depth_factors(params, encoder, cfg.layer_decay, cfg.freeze_layers, cfg.head_lr_scale)
     if factors is not None:
         parts.append(optax.stateless(lambda updates, _: jax.tree.map(jnp.multiply, updates, factors)))
     tx = optax.chain(*parts)
