@@ -3,6 +3,10 @@
 (Named tracking, not logging, so that no module here shadows the standard library's logging.)
 Each JSONL line is {"step": s, "kind": "train" | "eval" | "test", ...flat float metrics}.
 In a multi-process run every process computes the same numbers and process 0 alone writes them.
+
+A record is one append of one whole line, so a reader running beside the writer, or a run killed
+mid-write, can leave at most an unfinished last line: readers skip it, and the next writer cuts it
+off before appending.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import jax
@@ -24,7 +29,9 @@ class MetricsWriter:
         if jax.process_index() != 0:  # one writer per run
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", buffering=1)
+        _drop_unfinished_line(self.path)
+        # Unbuffered, so each record reaches the file in one write() however long its line is.
+        self._file = open(self.path, "ab", buffering=0)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -38,7 +45,9 @@ class MetricsWriter:
             return
         record = {"step": int(step), "kind": kind}
         record.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in values.items()})
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        line = memoryview((json.dumps(record, allow_nan=True) + "\n").encode())
+        while line:  # a raw write may take less than it was given
+            line = line[self._file.write(line):]
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -52,8 +61,30 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _drop_unfinished_line(path: Path) -> None:
+    """Cut a last line that has no newline: the record a killed run was writing."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s: dropping an unfinished last record (%d bytes) left by a killed run", path,
+                    len(data) - keep)
+        os.truncate(path, keep)
+
+
 def read_metrics(workdir: str | Path) -> list[dict]:
+    """Every finished record of workdir/metrics.jsonl, in order; an unfinished last line is skipped."""
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    *finished, _unfinished = path.read_text().split("\n")
+    records = []
+    for lineno, line in enumerate(finished, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {lineno}: not a JSON record ({err.msg})") from None
+    return records
