@@ -19,14 +19,17 @@ def main() -> None:
     parser.add_argument("workdir")
     parser.add_argument("--out", help="directory for the PNGs (default: WORKDIR/plots)")
     args = parser.parse_args()
-    import matplotlib
+    try:
+        records = read_metrics(args.workdir)
+    except ValueError as err:  # a corrupt line: one message naming file and line
+        raise SystemExit(str(err)) from None
+    if not records:
+        raise SystemExit(f"{args.workdir}: no metrics.jsonl records")
+    import matplotlib  # only once there is something to plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(args.workdir)
-    if not records:
-        raise SystemExit(f"{args.workdir}: no metrics.jsonl records")
     losses, scores = defaultdict(list), defaultdict(lambda: defaultdict(list))
     for r in records:
         for key, value in r.items():

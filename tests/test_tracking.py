@@ -1,6 +1,9 @@
 """metrics.jsonl survives a reader beside the writer and a run killed in the middle of a record."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +46,11 @@ def test_a_corrupt_finished_line_names_the_file_and_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "kind": "train"}\n{"step": 2, oops\n')
     with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2: not a JSON record"):
         read_metrics(tmp_path)
+
+
+def test_plot_script_reports_a_corrupt_line_in_one_message(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "kind": "train"}\nnot json\n')
+    script = Path(__file__).resolve().parents[1] / "scripts" / "plot_metrics.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"{tmp_path / 'metrics.jsonl'}, line 2: not a JSON record (Expecting value)"
