@@ -90,7 +90,7 @@ def test_maml_meta_gradient_matches_finite_differences(x64):
     """
     learner, meta_params = _learner("maml", dtype="float64", inner_lr=0.5, inner_steps=2)
     episodes = _episodes(2)
-    loss = lambda p: jax.vmap(learner.task_loss, in_axes=(None, 0))(p, episodes)[0].mean()
+    loss = jax.jit(lambda p: jax.vmap(learner.task_loss, in_axes=(None, 0))(p, episodes)[0].mean())
     grads, _ = jax.jit(learner.meta_gradients)(meta_params, episodes)
     fomaml = MetaLearner(learner.graphdef, learner.rest, learner.encoder, algorithm="fomaml", inner_lr=0.5, inner_steps=2)
     fo_grads, _ = jax.jit(fomaml.meta_gradients)(meta_params, episodes)
@@ -111,15 +111,15 @@ def test_maml_meta_gradient_matches_finite_differences(x64):
 def test_fomaml_is_the_query_gradient_at_the_adapted_params():
     learner, meta_params = _learner("fomaml", inner_lr=0.3, inner_steps=2)
     episode = _one(_episodes(1))
-    grads, _ = learner.meta_gradients(meta_params, jax.tree.map(lambda x: x[None], episode))
-    _, _, adapted = learner.adapted_query_logits(meta_params, episode)
+    grads, _ = jax.jit(learner.meta_gradients)(meta_params, jax.tree.map(lambda x: x[None], episode))
+    _, _, adapted = jax.jit(learner.adapted_query_logits)(meta_params, episode)
     _, slow = learner.split(meta_params["model"])
 
     def query_loss(params):
         model = nnx.merge(learner.graphdef, params, learner.rest)
         return model.loss(HEAD, episode["query"])[0]
 
-    expected = jax.grad(query_loss)(nnx.merge_state(adapted, slow))
+    expected = jax.jit(jax.grad(query_loss))(nnx.merge_state(adapted, slow))
     np.testing.assert_allclose(_flat(grads["model"]), _flat(expected), rtol=1e-5, atol=1e-7)
     assert np.abs(_flat(expected)).max() > 0
 
@@ -193,7 +193,7 @@ def test_top_layer_maml_equals_maml_through_the_whole_model(x64, scan_layers):
             params = jax.tree_util.tree_map_with_path(lambda path, p, g: p - 0.5 * moves(path, p) * g, params, grads)
         return model(params).loss(HEAD, episode["query"])[0]
 
-    expected = jax.grad(lambda p: jax.vmap(reference_loss, in_axes=(None, 0))(p, episodes).mean())(meta_params)
+    expected = jax.jit(jax.grad(lambda p: jax.vmap(reference_loss, in_axes=(None, 0))(p, episodes).mean()))(meta_params)
     grads, _ = jax.jit(learner.meta_gradients)(meta_params, episodes)
     np.testing.assert_allclose(_flat(grads), _flat(expected), rtol=1e-9, atol=1e-12)
     assert np.abs(_flat(grads["model"])).max() > 0
@@ -226,11 +226,11 @@ def test_all_parameter_maml_equals_maml_over_the_whole_word_table(x64, algorithm
         fast, slow = reference_adapt(meta_params, episode)
         return model(nnx.merge_state(fast, slow)).loss(HEAD, episode["query"])[0]
 
+    adapted, reference_adapted = jax.jit(learner.adapted_query_logits), jax.jit(reference_adapt)
     for i in range(2):
-        expected = reference_adapt(meta_params, _one(episodes, i))[0]
-        np.testing.assert_allclose(_flat(learner.adapted_query_logits(meta_params, _one(episodes, i))[2]),
-                                   _flat(expected), rtol=1e-12, atol=1e-14)
-    expected = jax.grad(lambda p: jax.vmap(reference_loss, in_axes=(None, 0))(p, episodes).mean())(meta_params)
+        np.testing.assert_allclose(_flat(adapted(meta_params, _one(episodes, i))[2]),
+                                   _flat(reference_adapted(meta_params, _one(episodes, i))[0]), rtol=1e-12, atol=1e-14)
+    expected = jax.jit(jax.grad(lambda p: jax.vmap(reference_loss, in_axes=(None, 0))(p, episodes).mean()))(meta_params)
     grads, _ = jax.jit(learner.meta_gradients)(meta_params, episodes)
     np.testing.assert_allclose(_flat(grads), _flat(expected), rtol=1e-9, atol=1e-12)
     table = lambda tree: np.asarray(tree["encoder"]["embeddings"]["word"]["embedding"][...])
@@ -242,7 +242,7 @@ def test_all_parameter_maml_equals_maml_over_the_whole_word_table(x64, algorithm
 def test_meta_sgd_learning_rates_get_gradients():
     learner, meta_params = _learner("meta_sgd", inner_lr=0.1)
     assert jax.tree.structure(meta_params["inner_lr"]) == jax.tree.structure(learner.split(meta_params["model"])[0])
-    grads, _ = learner.meta_gradients(meta_params, _episodes(2))
+    grads, _ = jax.jit(learner.meta_gradients)(meta_params, _episodes(2))
     lr_grads = _flat(grads["inner_lr"])
     assert lr_grads.size == _flat(meta_params["inner_lr"]).size and np.abs(lr_grads).max() > 0
     assert np.isfinite(lr_grads).all()
@@ -296,8 +296,9 @@ def test_proto_maml_head_starts_at_the_prototypes():
 def test_vmapped_meta_batch_equals_mean_of_per_task_gradients(algorithm):
     learner, meta_params = _learner(algorithm, inner_lr=0.2, inner_steps=2)
     episodes = _episodes(3)
-    grads, metrics = learner.meta_gradients(meta_params, episodes)
-    singles = [learner.meta_gradients(meta_params, jax.tree.map(lambda x: x[i:i + 1], episodes)) for i in range(3)]
+    meta_gradients = jax.jit(learner.meta_gradients)  # one compile per meta-batch size, not op by op
+    grads, metrics = meta_gradients(meta_params, episodes)
+    singles = [meta_gradients(meta_params, jax.tree.map(lambda x: x[i:i + 1], episodes)) for i in range(3)]
     mean = jax.tree.map(lambda *g: sum(g) / 3, *[g for g, _ in singles])
     np.testing.assert_allclose(_flat(grads), _flat(mean), rtol=1e-4, atol=1e-6)
     assert float(metrics["loss"]) == pytest.approx(np.mean([float(m["loss"]) for _, m in singles]), rel=1e-5)
