@@ -14,6 +14,28 @@ from pathlib import Path
 from mtl.tracking import read_metrics
 
 
+SCORES = ("accuracy", "macro_f1", "entity_f1", "pearson", "micro_f1")
+
+
+def curves(records: list[dict]) -> tuple[dict, dict]:
+    """({task: {step: train loss}}, {task: {metric: {step: validation score}}}).
+
+    A resumed run logs again the steps it replays from its last checkpoint; the later record
+    of a step wins, so a curve never runs backwards.
+    """
+    losses, scores = defaultdict(dict), defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        for key, value in r.items():
+            if key.count("/") != 1:
+                continue
+            task, metric = key.split("/")
+            if r["kind"] == "train" and metric == "loss":
+                losses[task][r["step"]] = value
+            elif r["kind"] == "eval" and metric in SCORES:
+                scores[task][metric][r["step"]] = value
+    return losses, scores
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir")
@@ -30,27 +52,18 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    losses, scores = defaultdict(list), defaultdict(lambda: defaultdict(list))
-    for r in records:
-        for key, value in r.items():
-            if key.count("/") != 1:
-                continue
-            task, metric = key.split("/")
-            if r["kind"] == "train" and metric == "loss":
-                losses[task].append((r["step"], value))
-            elif r["kind"] == "eval" and metric in ("accuracy", "macro_f1", "entity_f1", "pearson", "micro_f1"):
-                scores[task][metric].append((r["step"], value))
+    losses, scores = curves(records)
     out = Path(args.out or Path(args.workdir) / "plots")
     out.mkdir(parents=True, exist_ok=True)
     for task in sorted(set(losses) | set(scores)):
         fig, left = plt.subplots(figsize=(7, 4))
         if losses[task]:
-            left.plot(*zip(*losses[task]), color="tab:blue", label="train loss")
+            left.plot(*zip(*sorted(losses[task].items())), color="tab:blue", label="train loss")
         left.set_xlabel("step")
         left.set_ylabel("train loss")
         right = left.twinx()
         for metric, points in scores[task].items():
-            right.plot(*zip(*points), marker="o", label=f"validation {metric}")
+            right.plot(*zip(*sorted(points.items())), marker="o", label=f"validation {metric}")
         right.set_ylabel("validation score")
         fig.legend(loc="upper right")
         left.set_title(task)

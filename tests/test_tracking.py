@@ -1,5 +1,6 @@
 """metrics.jsonl survives a reader beside the writer and a run killed in the middle of a record."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -8,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from mtl.tracking import MetricsWriter, read_metrics
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot_metrics.py"
 
 
 def _write(workdir, *records):
@@ -50,7 +53,21 @@ def test_a_corrupt_finished_line_names_the_file_and_line(tmp_path):
 
 def test_plot_script_reports_a_corrupt_line_in_one_message(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "kind": "train"}\nnot json\n')
-    script = Path(__file__).resolve().parents[1] / "scripts" / "plot_metrics.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"{tmp_path / 'metrics.jsonl'}, line 2: not a JSON record (Expecting value)"
+
+
+def test_plot_curves_keep_the_later_record_of_a_step_a_resumed_run_logged_again(tmp_path):
+    spec = importlib.util.spec_from_file_location("plot_metrics", SCRIPT)
+    plot_metrics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_metrics)
+    # steps 1-3 logged, killed, resumed from the step-2 checkpoint: steps 3-4 logged again
+    _write(tmp_path, (1, {"a/loss": 0.9}), (2, {"a/loss": 0.8}), (3, {"a/loss": 0.75}))
+    _write(tmp_path, (3, {"a/loss": 0.7}), (4, {"a/loss": 0.6}))
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    writer.write(4, "eval", {"a/accuracy": 0.5, "a/loss": 0.1, "aggregate": 0.5})
+    writer.close()
+    losses, scores = plot_metrics.curves(read_metrics(tmp_path))
+    assert losses == {"a": {1: 0.9, 2: 0.8, 3: 0.7, 4: 0.6}}
+    assert scores == {"a": {"accuracy": {4: 0.5}}}
