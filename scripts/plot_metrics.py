@@ -13,7 +13,6 @@ from pathlib import Path
 
 from mtl.tracking import read_metrics
 
-
 SCORES = ("accuracy", "macro_f1", "entity_f1", "pearson", "micro_f1")
 
 
