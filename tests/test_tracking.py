@@ -20,7 +20,7 @@ def _write(workdir, *records):
     writer.close()
 
 
-def test_records_round_trip_including_a_line_longer_than_any_buffer(tmp_path):
+def test_records_round_trip_however_long_the_line(tmp_path):
     wide = {f"task/metric_{i}": i / 7 for i in range(2000)}  # ~60 kB on one line
     _write(tmp_path, (1, {"a/loss": 0.5}), (2, wide))
     records = read_metrics(tmp_path)
