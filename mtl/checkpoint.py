@@ -14,6 +14,7 @@ with each evaluated checkpoint (SELECTION); "best" means the same when a workdir
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,20 @@ from mtl.errors import MtlError
 
 
 SELECTION = "selection"  # the metric a checkpoint is ranked by (higher is better)
+
+
+class _NoUnscoredWarning(logging.Filter):
+    """Drops orbax's warning for a save without metrics while a best metric is tracked.
+
+    Checkpoints between evaluations carry no score by design (LatestN keeps them for resuming;
+    BestN ranks only the scored ones), so the warning would print at nearly every save.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoUnscoredWarning())
 
 
 class Checkpointer:
