@@ -62,19 +62,13 @@ def _data(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=None if args.compact else 2))
 
 
-# The metrics `mtl train` and `mtl evaluate` print; metrics.jsonl has them all.
-_SUMMARY = ("accuracy", "macro_f1", "entity_f1", "entity_precision", "entity_recall", "pearson", "spearman",
-            "micro_f1", "polarity_mae", "mse")
-
-
 def _print_summary(results: dict[str, float], everything: bool = False) -> None:
     import json
 
-    def shown(key: str) -> bool:
-        parts = key.split("/")
-        return everything or len(parts) == 1 or (len(parts) == 2 and parts[1] in _SUMMARY)
+    from mtl.tracking import headline
 
-    print(json.dumps({k: round(v, 4) for k, v in results.items() if shown(k)}, indent=2))
+    shown = results if everything else headline(results)
+    print(json.dumps({k: round(v, 4) for k, v in shown.items()}, indent=2))
 
 
 def _train(args: argparse.Namespace) -> None:

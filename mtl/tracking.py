@@ -1,4 +1,5 @@
-"""Where a run's numbers go: metrics.jsonl always, TensorBoard event files when available.
+"""Where a run's numbers go: metrics.jsonl always, TensorBoard event files when available, and
+what the run shows as it goes (`Progress`).
 
 (Named tracking, not logging, so that no module here shadows the standard library's logging.)
 Each JSONL line is {"step": s, "kind": "train" | "eval" | "test", ...flat float metrics}.
@@ -15,11 +16,27 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 import jax
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
+
+# The per-task metrics a run and `mtl evaluate` print, beside every unprefixed one (aggregate,
+# a meta-test's accuracy); metrics.jsonl keeps them all, per class too.
+HEADLINE_METRICS = ("accuracy", "macro_f1", "entity_f1", "entity_precision", "entity_recall", "pearson", "spearman",
+                    "micro_f1", "polarity_mae", "mse")
+
+
+def headline(results: dict[str, float]) -> dict[str, float]:
+    """The results worth printing: "aggregate"-style keys and "task/metric" for the metrics above."""
+    def shown(key: str) -> bool:
+        parts = key.split("/")
+        return len(parts) == 1 or (len(parts) == 2 and parts[1] in HEADLINE_METRICS)
+
+    return {key: value for key, value in results.items() if shown(key)}
 
 
 class MetricsWriter:
@@ -88,3 +105,40 @@ def read_metrics(workdir: str | Path) -> list[dict]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}, line {lineno}: not a JSON record ({err.msg})") from None
     return records
+
+
+class Progress:
+    """What a run shows on stderr as it goes.
+
+    On a terminal, tqdm's bar with the latest losses. Where stderr is a file (a batch job's log,
+    nohup, CI) a bar is carriage returns, so tqdm turns itself off and each logged step prints
+    one line instead: step, losses, steps/s and ETA. Every evaluation prints one line in both.
+    `enabled=False` (the other processes of a multi-process run) shows nothing.
+    """
+
+    def __init__(self, total: int, initial: int, *, enabled: bool = True):
+        self.total, self.enabled = total, enabled
+        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
+                        disable=None if enabled else True, file=sys.stderr)
+        self.lines = enabled and self.bar.disable  # tqdm's own test: stderr is not a terminal
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def logged(self, step: int, losses: dict[str, float], steps_per_second: float) -> None:
+        self.bar.set_postfix({name: f"{value:.4f}" for name, value in losses.items()}, refresh=False)
+        if self.lines:
+            eta = tqdm.format_interval((self.total - step) / max(steps_per_second, 1e-9))
+            shown = ", ".join(f"{name} {losses[name]:.4f}" for name in sorted(losses))
+            self._print(f"step {step}/{self.total}: loss {shown}; {steps_per_second:.2f} steps/s, ETA {eta}")
+
+    def evaluated(self, step: int, split: str, results: dict[str, float]) -> None:
+        if self.enabled:
+            shown = ", ".join(f"{key} {value:.4f}" for key, value in headline(results).items())
+            self._print(f"step {step}/{self.total}: {split}: {shown}")
+
+    def _print(self, line: str) -> None:
+        tqdm.write(line, file=sys.stderr)  # clears and redraws a live bar around the line
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,4 +1,5 @@
-"""metrics.jsonl survives a reader beside the writer and a run killed in the middle of a record."""
+"""metrics.jsonl survives a reader beside the writer and a run killed in the middle of a record;
+what a run prints as it goes where stderr is a log file."""
 
 import importlib.util
 import json
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mtl.tracking import MetricsWriter, read_metrics
+from mtl.tracking import MetricsWriter, Progress, read_metrics
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot_metrics.py"
 
@@ -71,3 +72,27 @@ def test_plot_curves_keep_the_later_record_of_a_step_a_resumed_run_logged_again(
     losses, scores = plot_metrics.curves(read_metrics(tmp_path))
     assert losses == {"a": {1: 0.9, 2: 0.8, 3: 0.7, 4: 0.6}}
     assert scores == {"a": {"accuracy": {4: 0.5}}}
+
+
+def test_progress_prints_lines_where_stderr_is_not_a_terminal(capsys):
+    """A batch job's log gets one line per logged step and per evaluation, not a bar's
+    carriage returns; the evaluation line leaves per-class metrics to metrics.jsonl."""
+    progress = Progress(100, 0)
+    for _ in range(25):
+        progress.step()
+    progress.logged(25, {"wnut_ner": 2.5, "bbc_topic": 1.25}, 2.0)
+    progress.evaluated(50, "validation", {"bbc_topic/accuracy": 0.75, "bbc_topic/f1/tech": 0.5, "aggregate": 0.6})
+    progress.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "step 25/100: loss bbc_topic 1.2500, wnut_ner 2.5000; 2.00 steps/s, ETA 00:37",
+        "step 50/100: validation: bbc_topic/accuracy 0.7500, aggregate 0.6000",
+    ]
+
+
+def test_progress_of_a_secondary_process_prints_nothing(capsys):
+    progress = Progress(10, 0, enabled=False)
+    progress.step()
+    progress.logged(1, {"a": 1.0}, 1.0)
+    progress.evaluated(1, "validation", {"aggregate": 0.5})
+    progress.close()
+    assert capsys.readouterr().err == ""

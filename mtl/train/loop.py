@@ -23,14 +23,13 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from mtl.checkpoint import SELECTION, Checkpointer
 from mtl.config import ExperimentConfig, to_yaml
 from mtl.data.batching import Batcher, TrainStream, eval_batches
 from mtl.errors import MtlError
 from mtl.sharding import Layout, fit_mesh, initialize_distributed, is_primary, make_mesh, primary_first
-from mtl.tracking import MetricsWriter
+from mtl.tracking import MetricsWriter, Progress
 from mtl.train.experiment import Experiment
 from mtl.train.multitask import TaskSampler, make_predict_steps, make_train_steps
 from mtl.train.optim import build_optimizer, learning_rate_at
@@ -146,8 +145,7 @@ class TrainLoop:
         writer = MetricsWriter(self.workdir, tensorboard=cfg.tensorboard)
         window: dict[str, list[float]] = {}
         results: dict[str, float] = {}
-        progress = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True,
-                        disable=None if is_primary() else True)
+        progress = Progress(cfg.steps, start, enabled=is_primary())
         tick, tick_step = time.perf_counter(), start
         try:
             for step in range(start, cfg.steps):
@@ -165,7 +163,7 @@ class TrainLoop:
                 else:
                     window.setdefault(name, []).append(loss)
                 done = step + 1
-                progress.update(1)
+                progress.step()
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     now = time.perf_counter()
                     record = {f"{t}/loss": float(np.mean(v)) for t, v in window.items()}
@@ -174,7 +172,7 @@ class TrainLoop:
                                   grad_norm=float(metrics["grad_norm"]), skipped_steps=self.skipped_steps)
                     record.update(self.log_extras())
                     writer.write(done, "train", record)
-                    progress.set_postfix({t: f"{np.mean(v):.4f}" for t, v in window.items()}, refresh=False)
+                    progress.logged(done, {t: float(np.mean(v)) for t, v in window.items()}, record["steps_per_second"])
                     window, tick, tick_step = {}, now, done
                 stop = False
                 save_metrics = None
@@ -186,6 +184,7 @@ class TrainLoop:
                     else:
                         self.evals_without_improvement += 1
                     writer.write(done, "eval", dict(results, selection=selection))
+                    progress.evaluated(done, cfg.eval_split, results)
                     save_metrics = {SELECTION: selection}
                     patience = cfg.early_stopping_patience
                     stop = patience is not None and self.evals_without_improvement >= patience
