@@ -53,10 +53,11 @@ def _data(args: argparse.Namespace) -> None:
     from mtl.hf import read_config
     from mtl.tasks import load_tasks
 
+    specs = load_tasks(args.tasks)  # a bad task name fails before any model is resolved
     directory = resolve_model(args.model)
     limit = read_config(directory).max_sequence_length
     tokenizer = load_tokenizer(directory)
-    for spec in load_tasks(args.tasks):
+    for spec in specs:
         data = load_task_data(spec, tokenizer, max_positions=limit)
         summary = {"task": spec.name, "head": spec.head, "labels": data.labels, **data.stats}
         print(json.dumps(summary, indent=None if args.compact else 2))
@@ -130,7 +131,9 @@ def _export(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtl", description="Transfer learning for NLP in JAX.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, the libraries too")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     embed = sub.add_parser("embed", help="embed sentences with a pretrained encoder and print their similarities")
@@ -193,9 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; `key=value` overrides may also follow the options
+    (`mtl train CONFIG --workdir DIR train.steps=100`), which argparse alone refuses."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.quiet:  # mtl's own notes (model source, resume step, transferred heads) by default
+        logging.getLogger("mtl").setLevel(logging.INFO)
     try:
         args.run(args)
     except MtlError as e:

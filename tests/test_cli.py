@@ -55,3 +55,33 @@ def test_data_unknown_task_is_one_line():
     assert proc.returncode == 2
     assert proc.stderr.startswith("mtl: error: task 'no_such_task' is neither a file nor a shipped task")
     assert "Traceback" not in proc.stderr
+
+
+def test_mtl_notes_print_by_default_and_quiet_hides_them(minilm_dir):
+    """Where the model came from (and a resume step, transferred heads) is worth seeing without -v."""
+    loud = run_mtl("fetch", "sentence-transformers/all-MiniLM-L6-v2")
+    quiet = run_mtl("-q", "fetch", "sentence-transformers/all-MiniLM-L6-v2")
+    assert loud.returncode == quiet.returncode == 0
+    assert loud.stdout == quiet.stdout == f"{minilm_dir}\n"
+    assert "INFO mtl.assets: model 'sentence-transformers/all-MiniLM-L6-v2' resolved from" in loud.stderr
+    assert quiet.stderr == ""
+
+
+def test_overrides_may_follow_the_options():
+    from mtl.cli import parse_args
+
+    args = parse_args(["train", "c.yaml", "train.steps=3", "--workdir", "w", "optim.learning_rate=0.1"])
+    assert (args.config, args.workdir, args.overrides) == ("c.yaml", "w", ["train.steps=3", "optim.learning_rate=0.1"])
+    assert parse_args(["meta-train", "m.yaml", "--workdir", "w", "meta.shots=1"]).overrides == ["meta.shots=1"]
+
+
+@pytest.mark.parametrize("argv", [["train", "c.yaml", "--workdir", "w", "--bogus"],
+                                  ["train", "c.yaml", "--workdir", "w", "no_equals_sign"],
+                                  ["evaluate", "--workdir", "w", "train.steps=3"]])
+def test_stray_arguments_are_one_usage_error(argv, capsys):
+    from mtl.cli import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"mtl: error: unrecognized arguments: {argv[-1]}"
