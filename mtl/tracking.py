@@ -129,7 +129,7 @@ class Progress:
         self.bar.set_postfix({name: f"{value:.4f}" for name, value in losses.items()}, refresh=False)
         if self.lines:
             eta = tqdm.format_interval((self.total - step) / max(steps_per_second, 1e-9))
-            shown = ", ".join(f"{name} {losses[name]:.4f}" for name in sorted(losses))
+            shown = ", ".join(f"{name} {losses[name]:.4f}" for name in sorted(losses)) or "none finite (skipped)"
             self._print(f"step {step}/{self.total}: loss {shown}; {steps_per_second:.2f} steps/s, ETA {eta}")
 
     def evaluated(self, step: int, split: str, results: dict[str, float]) -> None:
