@@ -106,6 +106,29 @@ def to_yaml(obj: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(obj))
 
 
+def config_changes(before: str, after: str, limit: int = 8) -> list[str]:
+    """"key: old -> new" for each dotted key whose value differs between two configs written
+    by `to_yaml` (at most `limit`, then a count of the rest)."""
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            items = node.items()
+        elif isinstance(node, list):
+            items = enumerate(node)
+        else:
+            return {prefix: node}
+        out = {}
+        for key, value in items:
+            out.update(flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out or {prefix: node}  # an empty dict or list is a value of its own
+
+    old, new = flat(yaml.safe_load(before)), flat(yaml.safe_load(after))
+    missing = object()
+    changes = [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in sorted(old.keys() | new.keys())
+               if old.get(key, missing) != new.get(key, missing)]
+    return changes[:limit] + ([f"and {len(changes) - limit} more"] if len(changes) > limit else [])
+
+
 # ----------------------------------------------------------------------- experiment schema
 # An experiment file (configs/*.yaml) is an ExperimentConfig; every key is documented in the
 # README's "Experiment configs" table. Defaults here are the defaults of every config.

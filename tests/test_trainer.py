@@ -167,6 +167,28 @@ def test_best_checkpoint_is_the_best_selection_score_also_after_reopening(tmp_pa
         reopened.close()
 
 
+def test_resume_under_a_changed_config_names_the_changes(tmp_path, isolated_cache, minilm_dir, caplog):
+    """Extending a run is a normal resume, but it is no longer the run it resumes: say what changed."""
+    Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, steps=4)), tmp_path / "w").run()
+    same = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, steps=4)), tmp_path / "w")
+    assert same.resume() == 4 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    longer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, steps=8, log_every=2)), tmp_path / "w")
+    assert longer.resume() == 4
+    assert f"{tmp_path / 'w'}: resuming step 4 under a changed config: train.log_every: 1 -> 2; train.steps: 4 -> 8" in caplog.text
+
+
+def test_config_changes_name_dotted_keys_and_list_items():
+    from mtl.config import config_changes
+
+    before = "train:\n  steps: 40\n  buckets: [64, 128]\ntasks:\n- {task: a, overrides: []}\n"
+    after = "train:\n  steps: 80\n  buckets: [64, 256, 512]\ntasks:\n- {task: a, overrides: [max_length=64]}\n"
+    assert config_changes(before, after) == ["tasks.0.overrides: [] -> (unset)", "tasks.0.overrides.0: (unset) -> max_length=64",
+                                             "train.buckets.1: 128 -> 256", "train.buckets.2: (unset) -> 512",
+                                             "train.steps: 40 -> 80"]
+    assert config_changes(before, after, limit=2)[-1] == "and 3 more"
+    assert config_changes(before, before) == []
+
+
 def test_nonfinite_loss_stops_and_names_the_step(tmp_path, isolated_cache, minilm_dir):
     trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "w")
     _poison(trainer, "toy_csv", 5)  # the 6th step of this single-task run

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from mtl.checkpoint import SELECTION, Checkpointer
-from mtl.config import ExperimentConfig, to_yaml
+from mtl.config import ExperimentConfig, config_changes, to_yaml
 from mtl.data.batching import Batcher, TrainStream, eval_batches
 from mtl.errors import MtlError
 from mtl.sharding import Layout, fit_mesh, initialize_distributed, is_primary, make_mesh, primary_first
@@ -111,6 +111,9 @@ class TrainLoop:
             return 0
         meta = self.checkpointer.restore_meta(step)
         self.restore_progress(meta)
+        changes = config_changes(meta["config"], to_yaml(self.config))
+        if changes:  # deliberate (more steps, say) or not, the run is no longer the one it resumes
+            log.warning("%s: resuming step %d under a changed config: %s", self.workdir, step, "; ".join(changes))
         self.state, meta = self.checkpointer.restore(step, self.state)
         self.best = meta["best"]
         self.evals_without_improvement = int(meta["evals_without_improvement"])
