@@ -106,9 +106,9 @@ def to_yaml(obj: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(obj))
 
 
-def config_changes(before: str, after: str, limit: int = 8) -> list[str]:
+def config_changes(before: str, after: str, *, ignore: Sequence[str] = (), limit: int = 8) -> list[str]:
     """"key: old -> new" for each dotted key whose value differs between two configs written
-    by `to_yaml` (at most `limit`, then a count of the rest)."""
+    by `to_yaml`, leaving out the sections in `ignore` (at most `limit`, then a count of the rest)."""
 
     def flat(node: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(node, dict):
@@ -125,7 +125,7 @@ def config_changes(before: str, after: str, limit: int = 8) -> list[str]:
     old, new = flat(yaml.safe_load(before)), flat(yaml.safe_load(after))
     missing = object()
     changes = [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in sorted(old.keys() | new.keys())
-               if old.get(key, missing) != new.get(key, missing)]
+               if old.get(key, missing) != new.get(key, missing) and key.split(".")[0] not in ignore]
     return changes[:limit] + ([f"and {len(changes) - limit} more"] if len(changes) > limit else [])
 
 

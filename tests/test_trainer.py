@@ -187,6 +187,8 @@ def test_config_changes_name_dotted_keys_and_list_items():
                                              "train.steps: 40 -> 80"]
     assert config_changes(before, after, limit=2)[-1] == "and 3 more"
     assert config_changes(before, before) == []
+    placed = "distributed:\n  process_id: 1\n" + before
+    assert config_changes(before.replace("40", "80"), placed, ignore=("distributed",)) == ["train.steps: 80 -> 40"]
 
 
 def test_nonfinite_loss_stops_and_names_the_step(tmp_path, isolated_cache, minilm_dir):

@@ -111,7 +111,8 @@ class TrainLoop:
             return 0
         meta = self.checkpointer.restore_meta(step)
         self.restore_progress(meta)
-        changes = config_changes(meta["config"], to_yaml(self.config))
+        # `distributed` says which process this is, not what the run is: it differs between processes.
+        changes = config_changes(meta["config"], to_yaml(self.config), ignore=("distributed",))
         if changes:  # deliberate (more steps, say) or not, the run is no longer the one it resumes
             log.warning("%s: resuming step %d under a changed config: %s", self.workdir, step, "; ".join(changes))
         self.state, meta = self.checkpointer.restore(step, self.state)
