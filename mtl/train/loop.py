@@ -170,13 +170,14 @@ class TrainLoop:
                 progress.step()
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     now = time.perf_counter()
-                    record = {f"{t}/loss": float(np.mean(v)) for t, v in window.items()}
+                    losses = {t: float(np.mean(v)) for t, v in window.items()}
+                    record = {f"{t}/loss": value for t, value in losses.items()}
                     record.update(lr=learning_rate_at(self.config.optim, cfg.steps, done),
                                   steps_per_second=(done - tick_step) / max(now - tick, 1e-9),
                                   grad_norm=float(metrics["grad_norm"]), skipped_steps=self.skipped_steps)
                     record.update(self.log_extras())
                     writer.write(done, "train", record)
-                    progress.logged(done, {t: float(np.mean(v)) for t, v in window.items()}, record["steps_per_second"])
+                    progress.logged(done, losses, record["steps_per_second"])
                     window, tick, tick_step = {}, now, done
                 stop = False
                 save_metrics = None
