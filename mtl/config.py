@@ -290,23 +290,72 @@ _CHOICES = {
     "meta.adapt": META_ADAPT,
     "meta.pooling": ("pooler", "cls", "mean"),
 }
-_POSITIVE = (
-    "train.steps", "train.batch_size", "train.eval_every", "train.log_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "optim.grad_accum", "optim.head_lr_scale",
-    "meta.ways", "meta.shots", "meta.queries", "meta.meta_batch", "meta.max_length", "meta.eval_episodes",
-    "meta.test_episodes", "meta.test_inner_steps", "distributed.initialization_timeout",
-    "distributed.heartbeat_timeout",
-)
+
+# The shortest sequence a task (or meta-learning's episodes) may be cut to: room for the special
+# tokens and a few words.
+MIN_MAX_LENGTH = 8
+
+_POSITIVE = ("positive", lambda v: v > 0)
+_NON_NEGATIVE = ("non-negative", lambda v: v >= 0)
+_FRACTION = ("in [0, 1)", lambda v: 0 <= v < 1)
+# Numeric keys and the range their value must lie in; `[]` walks every item of a list. A key
+# left null (an optional key, or an absent section) is not checked: its fallback applies.
+_RANGES = {
+    "model.random_init.hidden_size": _POSITIVE,
+    "model.random_init.num_layers": _POSITIVE,
+    "model.random_init.num_heads": _POSITIVE,
+    "model.random_init.intermediate_size": _POSITIVE,
+    "model.random_init.max_position_embeddings": _POSITIVE,
+    "tasks[].weight": _NON_NEGATIVE,
+    "tasks[].max_train_examples": _POSITIVE,
+    "tasks[].max_eval_examples": _POSITIVE,
+    "optim.learning_rate": _POSITIVE,
+    "optim.warmup_ratio": _FRACTION,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.b1": _FRACTION,
+    "optim.b2": _FRACTION,
+    "optim.eps": _POSITIVE,  # 0 divides 0 by 0 wherever a gradient is exactly zero
+    "optim.clip_norm": _POSITIVE,
+    "optim.grad_accum": _POSITIVE,
+    "optim.layer_decay": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "optim.head_lr_scale": _POSITIVE,
+    "optim.freeze_layers": _NON_NEGATIVE,  # the upper bound (the encoder's depth) is checked with the model
+    "train.steps": _POSITIVE,
+    "train.batch_size": _POSITIVE,
+    "train.temperature": _POSITIVE,
+    "train.buckets[]": _POSITIVE,
+    "train.eval_every": _POSITIVE,
+    "train.log_every": _POSITIVE,
+    "train.checkpoint_every": _POSITIVE,
+    "train.keep_checkpoints": _POSITIVE,
+    "train.early_stopping_patience": _POSITIVE,
+    "meta.adapt_layers": _POSITIVE,
+    "meta.ways": _POSITIVE,
+    "meta.shots": _POSITIVE,
+    "meta.queries": _POSITIVE,
+    "meta.meta_batch": _POSITIVE,
+    "meta.max_length": (f"at least {MIN_MAX_LENGTH}", lambda v: v >= MIN_MAX_LENGTH),
+    "meta.inner_lr": _POSITIVE,
+    "meta.test_inner_steps": _POSITIVE,
+    "meta.eval_episodes": _POSITIVE,
+    "meta.test_episodes": _POSITIVE,
+    "distributed.initialization_timeout": _POSITIVE,
+    "distributed.heartbeat_timeout": _POSITIVE,
+}
 
 
-def _present(config: ExperimentConfig, keys) -> list[tuple[str, Any]]:
-    """(key, value) of the dotted `keys` whose section the config has."""
-    out = []
-    for key in keys:
-        section, name = key.split(".")
-        if getattr(config, section) is not None:
-            out.append((key, getattr(getattr(config, section), name)))
-    return out
+def _values(config: Any, key: str) -> list[tuple[str, Any]]:
+    """(full key, value) of each non-null value the dotted `key` reaches in `config`."""
+    found = [("", config)]
+    for part in key.split("."):
+        name, each = part.removesuffix("[]"), part.endswith("[]")
+        reached = []
+        for where, node in found:
+            value, where = getattr(node, name), f"{where}.{name}".lstrip(".")
+            if value is not None:
+                reached += [(f"{where}[{i}]", item) for i, item in enumerate(value)] if each else [(where, value)]
+        found = reached
+    return found
 
 
 def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] = (),
@@ -315,18 +364,16 @@ def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] = (
     where = str(path) if path is not None else "config"
     config = load_structured(ExperimentConfig, read_yaml(path) if path is not None else dict(data or {}),
                              where=where, overrides=overrides)
-    for key, value in _present(config, _CHOICES):
-        if value not in _CHOICES[key]:
-            raise MtlError(f"{where}: key {key!r}: {value!r} is not one of {list(_CHOICES[key])}")
-    for key, value in _present(config, _POSITIVE):
-        if value is not None and value <= 0:  # None: an optional key left to its fallback
-            raise MtlError(f"{where}: key {key!r}: must be positive, got {value}")
+    for key, names in _CHOICES.items():
+        for full_key, value in _values(config, key):
+            if value not in names:
+                raise MtlError(f"{where}: key {full_key!r}: {value!r} is not one of {list(names)}")
+    for key, (expected, holds) in _RANGES.items():
+        for full_key, value in _values(config, key):
+            if not holds(value):
+                raise MtlError(f"{where}: key {full_key!r}: must be {expected}, got {value}")
     if not config.tasks:
         raise MtlError(f"{where}: key 'tasks': list at least one task")
-    if not 0.0 <= config.optim.warmup_ratio < 1.0:
-        raise MtlError(f"{where}: key 'optim.warmup_ratio': must be in [0, 1)")
-    if config.optim.layer_decay is not None and not 0.0 < config.optim.layer_decay <= 1.0:
-        raise MtlError(f"{where}: key 'optim.layer_decay': must be in (0, 1]")
     if config.meta is not None:
         _check_meta_sources(config, where)
     return config

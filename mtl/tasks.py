@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from mtl.config import load_structured, read_yaml
+from mtl.config import MIN_MAX_LENGTH, load_structured, read_yaml
 from mtl.errors import MtlError
 from mtl.models.heads import get_head
 
@@ -146,8 +146,8 @@ def _validate(spec: TaskSpec, where: str) -> None:
         raise MtlError(f"{where}: key 'filters': only csv and jsonl rows have columns to filter on")
     if spec.bio not in ("reject", "repair"):
         raise MtlError(f"{where}: key 'bio': {spec.bio!r} must be 'reject' or 'repair'")
-    if spec.max_length < 8:
-        raise MtlError(f"{where}: key 'max_length': {spec.max_length} is too small (at least 8)")
+    if spec.max_length < MIN_MAX_LENGTH:
+        raise MtlError(f"{where}: key 'max_length': {spec.max_length} is too small (at least {MIN_MAX_LENGTH})")
     if head.label_kind == "multi" and source.format in ("csv",) and not spec.label_separator:
         raise MtlError(f"{where}: key 'label_separator': a multi_label task read from csv needs one")
 

@@ -97,6 +97,8 @@ def test_meta_configs_and_workdirs_are_not_mixed_up(meta_run, tmp_path, capsys):
     ("meta.adapt=middle", "key 'meta.adapt': 'middle' is not one of ['head', 'top', 'all']"),
     ("meta.ways=0", "key 'meta.ways': must be positive, got 0"),
     ("meta.test_inner_steps=-1", "key 'meta.test_inner_steps': must be positive, got -1"),
+    ("meta.inner_lr=-0.1", "key 'meta.inner_lr': must be positive, got -0.1"),
+    ("meta.max_length=4", "key 'meta.max_length': must be at least 8, got 4"),
     ("meta.bogus=1", "key 'meta.bogus'"),
 ])
 def test_bad_meta_config(override, message):

@@ -257,6 +257,51 @@ def test_bad_experiment_configs(tmp_path):
         build_experiment(config)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optim.learning_rate=-1", "key 'optim.learning_rate': must be positive, got -1.0"),
+    ("optim.eps=0", "key 'optim.eps': must be positive, got 0.0"),
+    ("optim.clip_norm=0", "key 'optim.clip_norm': must be positive, got 0.0"),
+    ("optim.b1=1.5", "key 'optim.b1': must be in [0, 1), got 1.5"),
+    ("optim.weight_decay=-0.1", "key 'optim.weight_decay': must be non-negative, got -0.1"),
+    ("optim.warmup_ratio=1", "key 'optim.warmup_ratio': must be in [0, 1), got 1.0"),
+    ("optim.layer_decay=1.5", "key 'optim.layer_decay': must be in (0, 1], got 1.5"),
+    ("optim.freeze_layers=-1", "key 'optim.freeze_layers': must be non-negative, got -1"),
+    ("train.temperature=0", "key 'train.temperature': must be positive, got 0.0"),
+    ("train.early_stopping_patience=0", "key 'train.early_stopping_patience': must be positive, got 0"),
+    ("train.buckets=[64,0]", "key 'train.buckets[1]': must be positive, got 0"),
+    ("tasks.2.weight=-1", "key 'tasks[2].weight': must be non-negative, got -1.0"),
+    ("tasks.0.max_train_examples=0", "key 'tasks[0].max_train_examples': must be positive, got 0"),
+    ("model.random_init.num_layers=0", "key 'model.random_init.num_layers': must be positive, got 0"),
+])
+def test_out_of_range_values_are_refused_at_load(override, message):
+    with pytest.raises(MtlError) as error:
+        load_experiment(TINY, [override])
+    assert str(error.value) == f"{TINY}: {message}"
+
+
+def test_null_optional_keys_are_not_range_checked():
+    config = load_experiment(TINY, ["optim.clip_norm=null", "train.early_stopping_patience=null",
+                                    "model.random_init=null"])
+    assert config.optim.clip_norm is None and config.model.random_init is None
+
+
+def test_freezing_more_layers_than_the_encoder_has_is_refused(tmp_path, isolated_cache, minilm_dir):
+    config = _toy_config(tmp_path, minilm_dir)
+    config = dataclasses_replace(config, optim=dataclasses_replace(config.optim, freeze_layers=3))
+    with pytest.raises(MtlError, match=r"^key 'optim.freeze_layers': 3 is more than the encoder's 2 layers$"):
+        Trainer(build_experiment(config), tmp_path / "w")
+
+
+def test_unknown_best_metric_is_refused_before_training(tmp_path, isolated_cache, minilm_dir):
+    config = _toy_config(tmp_path, minilm_dir, best_metric="toy_csv/f1")
+    with pytest.raises(MtlError, match=r"^key 'train.best_metric': 'toy_csv/f1' is not one of \['aggregate', "
+                                       r"'toy_csv/accuracy', 'toy_csv/macro_f1', 'toy_csv/weighted_f1'\]$"):
+        Trainer(build_experiment(config), tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+    accepted = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, best_metric="toy_csv/macro_f1")), tmp_path / "m")
+    accepted.checkpointer.close()
+
+
 def test_overrides_reach_list_items():
     base = load_experiment(TINY)
     config = load_experiment(TINY, ["tasks.1.overrides=[max_length=48]", "tasks.0.weight=2.5", "train.buckets.1=48"])
@@ -318,6 +363,8 @@ def test_transfer_refuses_changed_labels_unless_reinitialised(tmp_path, isolated
     with caplog.at_level("INFO"):
         build_experiment(_with(config, reinit_heads=["toy_csv"]))
     assert "toy_csv: reinitialised" in caplog.text
+    with pytest.raises(MtlError, match=r"^key 'model.reinit_heads': \['toy_cvs'\] are not among this run's heads \['toy_csv'\]$"):
+        build_experiment(_with(config, reinit_heads=["toy_cvs"]))
 
 
 def test_transfer_into_another_architecture_names_the_parameter(tmp_path, isolated_cache, minilm_dir):

@@ -109,6 +109,9 @@ def transfer(model: MultiTaskModel, workdir: str, labels: dict[str, list[str]], 
     A head of the same name loads if its label vocabulary is unchanged; a changed one is an
     error unless the head is listed in `reinit` (model.reinit_heads); other heads start fresh.
     """
+    unknown = [name for name in reinit if name not in labels]
+    if unknown:
+        raise MtlError(f"key 'model.reinit_heads': {unknown} are not among this run's heads {list(labels)}")
     saved, meta, step = load_trained(workdir)
     # Compared and copied per layer: a run may scan its layers where the checkpoint's looped them.
     source = unstack_layers(flatten(saved["model"]), "encoder.layers.")

@@ -70,6 +70,10 @@ class TrainLoop:
     def __init__(self, config: ExperimentConfig, workdir: str | Path) -> None:
         self.config = config
         self.workdir = Path(workdir)
+        # Checked now, not at the first evaluation train.eval_every steps into the run.
+        if config.train.best_metric not in self.selectable_metrics():
+            raise MtlError(f"key 'train.best_metric': {config.train.best_metric!r} is not one of "
+                           f"{self.selectable_metrics()}")
         # Checkpoints saved after an evaluation carry its selection score; the best one is kept.
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.train.keep_checkpoints)
         self.best: float | None = None
@@ -97,6 +101,10 @@ class TrainLoop:
     def log_extras(self) -> dict[str, float]:
         """Extra scalars for each train log record."""
         return {}
+
+    def selectable_metrics(self) -> list[str]:
+        """The evaluation results train.best_metric may name."""
+        raise NotImplementedError
 
     # ----------------------------------------------------------------------- state
 
@@ -133,8 +141,6 @@ class TrainLoop:
 
     def _selection(self, results: dict[str, float]) -> float:
         key = self.config.train.best_metric
-        if key not in results:
-            raise MtlError(f"train.best_metric {key!r} is not among the evaluation results: {sorted(results)}")
         return selection_value(key, results[key])
 
     # -------------------------------------------------------------------------- loop
@@ -248,6 +254,10 @@ class Trainer(TrainLoop):
         batch = self.streams[task].batch(self.positions[task], part=self.layout.process_rows(rows))
         self.positions[task] += 1
         return task, self.layout.put_batch(batch, rows)
+
+    def selectable_metrics(self) -> list[str]:
+        heads = self.experiment.model.heads
+        return ["aggregate"] + [f"{task}/{metric}" for task in self.tasks for metric in heads[task].metric_names]
 
     def progress(self) -> dict:
         return {"positions": self.positions, "tasks": self.tasks,

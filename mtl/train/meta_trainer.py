@@ -163,6 +163,9 @@ class MetaTrainer(TrainLoop):
         episodes = self.samplers["train"].meta_batch(step, size, part=self.layout.process_rows(size))
         return "meta", self.layout.put_batch(episodes, size)
 
+    def selectable_metrics(self) -> list[str]:
+        return ["aggregate", self.metric]
+
     def progress(self) -> dict:
         # The episode of step s is a pure function of (seed, s): the step is the data position.
         return {"sources": [s.name for s in self.samplers["train"].sources],

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from mtl.config import OptimSection
+from mtl.errors import MtlError
 from mtl.models.encoder import EncoderConfig
 
 
@@ -97,6 +98,9 @@ def depth_factors(params: Any, encoder: EncoderConfig, layer_decay: float | None
 
 def build_optimizer(cfg: OptimSection, params: Any, encoder: EncoderConfig, total_steps: int) -> optax.GradientTransformation:
     """The optimizer for `params` ({"model": nnx.State, "log_vars": array}) over total_steps."""
+    if cfg.freeze_layers > encoder.num_layers:
+        raise MtlError(f"key 'optim.freeze_layers': {cfg.freeze_layers} is more than the encoder's "
+                       f"{encoder.num_layers} layers")
     total_updates = max(total_steps // cfg.grad_accum, 1)
     parts = []
     if cfg.clip_norm is not None:
