@@ -116,9 +116,12 @@ def _predict(args: argparse.Namespace) -> None:
         for number, line in enumerate(sys.stdin, start=1):
             if line.strip():
                 try:
-                    texts.append(json.loads(line)["text"])
+                    text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise MtlError(f"stdin:{number}: expected a JSON object with a \"text\" key") from None
+                if not isinstance(text, str):
+                    raise MtlError(f"stdin:{number}: \"text\" must be a string, got {json.dumps(text)}")
+                texts.append(text)
     for result in Predictor.from_workdir(args.workdir, args.checkpoint).predict(args.task, texts):
         print(json.dumps(result, ensure_ascii=False))
 

@@ -85,3 +85,18 @@ def test_stray_arguments_are_one_usage_error(argv, capsys):
         parse_args(argv)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"mtl: error: unrecognized arguments: {argv[-1]}"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json", 'stdin:2: expected a JSON object with a "text" key'),
+    ('{"txt": "a"}', 'stdin:2: expected a JSON object with a "text" key'),
+    ('["a"]', 'stdin:2: expected a JSON object with a "text" key'),
+    ('{"text": 3}', 'stdin:2: "text" must be a string, got 3'),
+    ('{"text": ["a", "b"]}', 'stdin:2: "text" must be a string, got ["a", "b"]'),
+])
+def test_predict_names_the_bad_stdin_line(tmp_path, line, message):
+    # The lines are read before the workdir is opened, so a bad one is reported first.
+    proc = subprocess.run([*MTL.split(), "predict", "--workdir", str(tmp_path), "--task", "t"],
+                          input=f'{{"text": "fine"}}\n{line}\n', capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == f"mtl: error: {message}\n"
