@@ -132,6 +132,17 @@ def _export(args: argparse.Namespace) -> None:
     print(export(args.workdir, args.out, args.checkpoint))
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a count of at least 1 (0 or less is a usage error naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtl", description="Transfer learning for NLP in JAX.")
     loudness = parser.add_mutually_exclusive_group()
@@ -142,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed = sub.add_parser("embed", help="embed sentences with a pretrained encoder and print their similarities")
     embed.add_argument("sentences", nargs="*", help=f"sentences (default: {len(EXAMPLE_SENTENCES)} examples)")
     embed.add_argument("--model", default=DEFAULT_MODEL, help="model name or directory (default: %(default)s)")
-    embed.add_argument("--max-length", type=int, default=128, help="truncate longer inputs (default: %(default)s)")
+    embed.add_argument("--max-length", type=_positive_int, default=128, help="truncate longer inputs (default: %(default)s)")
     embed.set_defaults(run=_embed)
 
     train = sub.add_parser("train", help="train (or resume) an experiment config in a workdir")
@@ -160,10 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     meta_test = sub.add_parser("meta-test", help="few-shot evaluation of a meta-trained workdir beside its baselines")
     meta_test.add_argument("--workdir", required=True)
     meta_test.add_argument("--split", default="test", choices=["validation", "test"])
-    meta_test.add_argument("--episodes", type=int, help="episodes (default: the config's meta.test_episodes)")
-    meta_test.add_argument("--ways", type=int, help="classes per episode (protonet or proto_init only)")
-    meta_test.add_argument("--shots", type=int, help="support examples per class")
-    meta_test.add_argument("--queries", type=int, help="query examples per class")
+    meta_test.add_argument("--episodes", type=_positive_int, help="episodes (default: the config's meta.test_episodes)")
+    meta_test.add_argument("--ways", type=_positive_int, help="classes per episode (protonet or proto_init only)")
+    meta_test.add_argument("--shots", type=_positive_int, help="support examples per class")
+    meta_test.add_argument("--queries", type=_positive_int, help="query examples per class")
     meta_test.add_argument("--baseline-from", help="multi-task workdir for baseline (b) (default: meta.baseline_from)")
     meta_test.set_defaults(run=_meta_test)
 

@@ -100,3 +100,16 @@ def test_predict_names_the_bad_stdin_line(tmp_path, line, message):
                           input=f'{{"text": "fine"}}\n{line}\n', capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr == f"mtl: error: {message}\n"
+
+
+@pytest.mark.parametrize("argv", [["meta-test", "--workdir", "w", "--episodes", "0"],
+                                  ["meta-test", "--workdir", "w", "--shots", "-1"],
+                                  ["embed", "--max-length", "0"]])
+def test_counts_below_one_are_a_usage_error(argv, capsys):
+    """--episodes 0 used to fall back to the config's count without a word."""
+    from mtl.cli import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {argv[-2]}: must be at least 1, got {argv[-1]}")

@@ -120,3 +120,8 @@ def test_too_few_examples_is_an_error_before_training(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("mtl: error: tweet_sentiment/train: ") and "fewer than shots + queries = 40 + 40" in last
     assert "Traceback" not in proc.stderr
+
+
+def test_meta_test_refuses_zero_episodes(tmp_path):
+    with pytest.raises(MtlError, match=r"^episodes must be at least 1, got 0$"):
+        meta_test(tmp_path, episodes=0)

@@ -208,6 +208,8 @@ def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None 
     meta-learned (protonet, or proto_init without meta_sgd): the encoder is what transfers.
     """
     workdir = Path(workdir)
+    if episodes is not None and episodes < 1:
+        raise MtlError(f"episodes must be at least 1, got {episodes}")
     if not (workdir / "config.yaml").is_file() or not (workdir / "checkpoints").is_dir():
         raise MtlError(f"{workdir}: not a meta-training workdir (no config.yaml and checkpoints/); run mtl meta-train first")
     trained = load_experiment(workdir / "config.yaml")
@@ -241,7 +243,7 @@ def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None 
             model = nnx.merge(trainer.graphdef, experiment.initial_params, trainer.learner.rest)
             transfer(model, baseline_from, {HEAD: labels}, [HEAD])
             rows["multi-task (no meta-training)"] = trainer.learner.init_params(nnx.state(model, nnx.Param))
-        count = episodes or config.meta.test_episodes
+        count = episodes if episodes is not None else config.meta.test_episodes
         results = {}
         for name, params in rows.items():
             mean, ci = _mean_ci(trainer.scores(split, params, count))
