@@ -44,6 +44,33 @@ def test_invalid_bio_is_rejected_in_strict_mode(tmp_path, tokenizer):
         _load(tmp_path, tokenizer, CONLL_SPEC, {"train.txt": bad, "dev.txt": CONLL_DEV})
 
 
+def test_unclosed_csv_quote_names_the_line_its_row_starts_on(tmp_path, tokenizer):
+    # The reader only notices at the end of the file; the row with the stray quote is what to fix.
+    with pytest.raises(MtlError, match=r"data\.csv:5: malformed csv \(unexpected end of data\)$"):
+        _load(tmp_path, tokenizer, CSV_SPEC, {"data.csv": CSV_DATA.replace("loved it,pos", '"loved it,pos')})
+
+
+def test_empty_label_cell(tmp_path, tokenizer):
+    # Inferring labels, an empty cell would otherwise become a class of its own, named "".
+    spec = {k: v for k, v in CSV_SPEC.items() if k != "labels"}
+    with pytest.raises(MtlError, match=r"data\.csv:6: label 'stars' is empty$"):
+        _load(tmp_path, tokenizer, spec, {"data.csv": CSV_DATA.replace("hated it,neg", "hated it,")})
+
+
+@pytest.mark.parametrize("row, message", [
+    ('{"review": "good", "stars": ["pos"]}', "label 'stars' must be a single value, got [\"pos\"]"),
+    ('{"review": "good", "stars": null}', "label 'stars' is empty"),
+    ('{"review": null, "stars": "pos"}', "text 'review' must be a string, got null"),
+    ('{"review": ["good"], "stars": "pos"}', "text 'review' must be a string, got [\"good\"]"),
+])
+def test_jsonl_values_of_the_wrong_shape(tmp_path, tokenizer, row, message):
+    spec = dict(CSV_SPEC, source={"format": "jsonl", "files": ["d.jsonl"]})
+    rows = f'{{"review": "fine", "stars": "neg"}}\n{row}\n'
+    with pytest.raises(MtlError) as error:
+        _load(tmp_path, tokenizer, spec, {"d.jsonl": rows})
+    assert str(error.value).endswith(f"d.jsonl:2: {message}")
+
+
 def test_missing_column(tmp_path, tokenizer):
     spec = dict(CSV_SPEC, columns={"text": "body", "label": "stars"})
     with pytest.raises(MtlError, match=r"data\.csv: column\(s\) \['body'\] not found; the header has \['review', 'stars'\]"):

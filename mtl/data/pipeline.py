@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -98,8 +99,8 @@ def _signature(files: Sequence[Path]) -> list[tuple[str, int, int]]:
     return out
 
 
-def _generate(files: list[str], fmt: str, columns: tuple[str, ...], rename: dict[str, str], encoding: str,
-              fallback: str | None, delimiter: str | None, signature: tuple) -> Any:
+def _generate(files: list[str], fmt: str, columns: tuple[str, ...], rename: dict[str, str], label_kind: str,
+              encoding: str, fallback: str | None, delimiter: str | None, signature: tuple) -> Any:
     """Dataset.from_generator body: every record of `files`, with its origin.
 
     `rename` maps spec column names to record fields ("text", "label"); `signature` (file sizes
@@ -121,10 +122,24 @@ def _generate(files: list[str], fmt: str, columns: tuple[str, ...], rename: dict
         else:
             rows = readers.read_conll(path, text, delimiter)
         for origin, record in rows:
-            fields = {rename.get(k, k): v for k, v in record.items()}
-            if "label" in fields:
-                fields["label"] = _as_strings(fields["label"])
-            yield {"origin": origin, "fallback": fell_back, **fields}
+            yield {"origin": origin, "fallback": fell_back, **_record_fields(origin, record, rename, label_kind)}
+
+
+def _record_fields(origin: str, record: dict[str, Any], rename: dict[str, str], label_kind: str) -> dict[str, Any]:
+    """A csv or jsonl record as dataset fields; a text or label of the wrong shape is an error
+    naming its line (the string column would otherwise turn null or [..] into a "label")."""
+    fields = {rename.get(k, k): v for k, v in record.items()}
+    column = {field: name for name, field in rename.items()}
+    if "text" in fields and not isinstance(fields["text"], str):
+        raise MtlError(f"{origin}: text {column['text']!r} must be a string, got {json.dumps(fields['text'])}")
+    if "label" in fields:
+        label = fields["label"]
+        if label is None or (label == "" and label_kind != "multi"):
+            raise MtlError(f"{origin}: label {column['label']!r} is empty")
+        if isinstance(label, dict) or (isinstance(label, list) and label_kind != "multi"):
+            raise MtlError(f"{origin}: label {column['label']!r} must be a single value, got {json.dumps(label)}")
+        fields["label"] = _as_strings(label)
+    return fields
 
 
 def _features(spec: TaskSpec, label_kind: str) -> datasets.Features:
@@ -152,7 +167,7 @@ def _read(spec: TaskSpec, files: list[Path], label_kind: str) -> datasets.Datase
     columns = list(dict.fromkeys([spec.columns.text, spec.columns.label, *(f.column for f in spec.filters)]))
     # datasets reads every list in gen_kwargs as shardable sources: only `files` may be one.
     kwargs = dict(files=[str(f) for f in files], fmt=source.format, columns=tuple(columns),
-                  rename=_rename_columns(spec), encoding=source.encoding,
+                  rename=_rename_columns(spec), label_kind=label_kind, encoding=source.encoding,
                   fallback=source.fallback_encoding, delimiter=source.delimiter,
                   signature=tuple(_signature(files)))
     try:

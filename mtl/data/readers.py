@@ -54,8 +54,8 @@ def read_csv(path: Path, columns: Sequence[str], text: str, delimiter: str = ","
             if None in row or any(row[c] is None for c in columns):
                 raise MtlError(f"{origin}: row does not have the header's {len(header)} fields")
             yield origin, {c: row[c] for c in columns}
-    except csv.Error as e:
-        raise MtlError(f"{path}:{reader.line_num}: malformed csv ({e})") from None
+    except csv.Error as e:  # name the line the bad row starts on: an unclosed quote runs to the end of the file
+        raise MtlError(f"{path}:{previous_end + 1}: malformed csv ({e})") from None
 
 
 def read_jsonl(path: Path, columns: Sequence[str], text: str) -> Iterator[tuple[str, Record]]:
