@@ -87,11 +87,17 @@ class Checkpointer:
     def restore(self, step: int, like: Any) -> tuple[Any, dict]:
         """(state, meta) of checkpoint `step`, with the state's structure and shapes taken from `like`.
 
-        A checkpoint whose parameters do not match `like` is an MtlError naming the first
-        mismatching parameter.
+        A checkpoint whose tree does not match `like` is an MtlError naming the first
+        mismatching parameter (or optimizer-state entry).
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         meta = self.restore_meta(step)
+        # Checked before orbax reads anything: its own error names no parameter, and a failed
+        # restore leaves its reader threads to print tracebacks as the process exits.
+        mismatch = _first_mismatch(self.manager.item_metadata(step)["state"], abstract)
+        if mismatch is not None:
+            raise MtlError(f"{self.directory}/{step}: the checkpoint does not fit this run: {mismatch}. A workdir's "
+                           "model and optimizer are fixed; use a new --workdir (model.init_from transfers weights)")
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
@@ -119,6 +125,28 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{"params.model.encoder.embeddings.norm.bias": shape} of a state tree or its saved metadata
+    (the two flatten to the same key names; nnx's trailing "value" is dropped)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        out[".".join(names[:-1] if names[-1] == "value" else names)] = tuple(leaf.shape)
+    return out
+
+
+def _first_mismatch(saved: Any, expected: Any) -> str | None:
+    """The first parameter (then optimizer-state entry) whose presence or shape differs."""
+    saved, expected = _shapes(saved), _shapes(expected)
+    for name in sorted(expected, key=lambda n: not n.startswith("params.")):
+        if name not in saved:
+            return f"{name} is in this run, not in the checkpoint"
+        if saved[name] != expected[name]:
+            return f"{name} is {saved[name]} in the checkpoint, {expected[name]} in this run"
+    extra = next((name for name in saved if name not in expected), None)
+    return None if extra is None else f"the checkpoint has {extra}, which this run lacks"
 
 
 def _first_line(e: Exception) -> str:

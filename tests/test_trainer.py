@@ -177,6 +177,27 @@ def test_resume_under_a_changed_config_names_the_changes(tmp_path, isolated_cach
     assert f"{tmp_path / 'w'}: resuming step 4 under a changed config: train.log_every: 1 -> 2; train.steps: 4 -> 8" in caplog.text
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"random_init": {"hidden_size": 32, "intermediate_size": 64}},
+     "params.model.encoder.embeddings.norm.bias is (16,) in the checkpoint, (32,) in this run"),
+    ({"optimizer": "sgd"}, "opt_state.2.1.count is in this run, not in the checkpoint"),
+    ({"grad_accum": 2}, "opt_state.mini_step is in this run, not in the checkpoint"),
+])
+def test_resume_into_another_model_or_optimizer_names_the_first_difference(tmp_path, isolated_cache, minilm_dir,
+                                                                           change, message):
+    config = _toy_config(tmp_path, minilm_dir, steps=4)
+    Trainer(build_experiment(config), tmp_path / "w").run()
+    if "random_init" in change:
+        config = _with(config, random_init=dataclasses_replace(config.model.random_init, **change["random_init"]))
+    else:
+        config = dataclasses_replace(config, optim=dataclasses_replace(config.optim, **change))
+    with pytest.raises(MtlError) as error:
+        Trainer(build_experiment(config), tmp_path / "w").run()
+    assert str(error.value) == (f"{tmp_path / 'w' / 'checkpoints' / '4'}: the checkpoint does not fit this run: {message}. "
+                                "A workdir's model and optimizer are fixed; use a new --workdir "
+                                "(model.init_from transfers weights)")
+
+
 def test_config_changes_name_dotted_keys_and_list_items():
     from mtl.config import config_changes
 
