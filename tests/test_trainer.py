@@ -198,6 +198,30 @@ def test_resume_into_another_model_or_optimizer_names_the_first_difference(tmp_p
                                 "(model.init_from transfers weights)")
 
 
+def test_early_stopping_and_rerunning_a_finished_run(tmp_path, isolated_cache, minilm_dir, caplog):
+    # A learning rate this small leaves every prediction, so every score, as the first evaluation had it.
+    config = _toy_config(tmp_path, minilm_dir, eval_every=1, checkpoint_every=8, early_stopping_patience=2)
+    config = dataclasses_replace(config, optim=dataclasses_replace(config.optim, learning_rate=1e-12))
+    with caplog.at_level("INFO"):
+        final = Trainer(build_experiment(config), tmp_path / "w").run()
+    assert "early stop at step 3: no improvement in 2 evaluations" in caplog.text
+    assert max(_losses(tmp_path / "w")) == 3 and _final_tree(tmp_path / "w")[1] == 3
+    records = (tmp_path / "w" / "metrics.jsonl").read_text()
+    # The same command again trains nothing, writes nothing, and reports the last scores.
+    with caplog.at_level("INFO"):
+        again = Trainer(build_experiment(config), tmp_path / "w").run()
+    assert f"{tmp_path / 'w'}: already stopped early at step 3; nothing to do" in caplog.text
+    assert again == final and (tmp_path / "w" / "metrics.jsonl").read_text() == records
+    # So does a run that reached train.steps; more patience lets the stopped run go on to them.
+    longer = dataclasses_replace(config, train=dataclasses_replace(config.train, early_stopping_patience=None))
+    done = Trainer(build_experiment(longer), tmp_path / "w").run()
+    assert max(_losses(tmp_path / "w")) == 8
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert Trainer(build_experiment(longer), tmp_path / "w").run() == done
+    assert f"{tmp_path / 'w'}: already trained at step 8; nothing to do" in caplog.text
+
+
 def test_config_changes_name_dotted_keys_and_list_items():
     from mtl.config import config_changes
 

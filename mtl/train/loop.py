@@ -29,7 +29,7 @@ from mtl.config import ExperimentConfig, config_changes, to_yaml
 from mtl.data.batching import Batcher, TrainStream, eval_batches
 from mtl.errors import MtlError
 from mtl.sharding import Layout, fit_mesh, initialize_distributed, is_primary, make_mesh, primary_first
-from mtl.tracking import MetricsWriter, Progress
+from mtl.tracking import MetricsWriter, Progress, read_metrics
 from mtl.train.experiment import Experiment
 from mtl.train.multitask import TaskSampler, make_predict_steps, make_train_steps
 from mtl.train.optim import build_optimizer, learning_rate_at
@@ -152,6 +152,14 @@ class TrainLoop:
         if is_primary():
             (self.workdir / "config.yaml").write_text(to_yaml(self.config))
         start = self.resume()
+        patience = cfg.early_stopping_patience
+        stopped_early = patience is not None and self.evals_without_improvement >= patience
+        if start >= cfg.steps or stopped_early:  # a finished run, rerun: say so, and give its last scores again
+            log.info("%s: already %s at step %d; nothing to do", self.workdir,
+                     "stopped early" if stopped_early else "trained", start)
+            self.checkpointer.close()
+            evals = [r for r in read_metrics(self.workdir) if r["kind"] == "eval"]
+            return {k: v for k, v in evals[-1].items() if k not in ("step", "kind", "selection")} if evals else {}
         writer = MetricsWriter(self.workdir, tensorboard=cfg.tensorboard)
         window: dict[str, list[float]] = {}
         results: dict[str, float] = {}
@@ -197,7 +205,6 @@ class TrainLoop:
                     writer.write(done, "eval", dict(results, selection=selection))
                     progress.evaluated(done, cfg.eval_split, results)
                     save_metrics = {SELECTION: selection}
-                    patience = cfg.early_stopping_patience
                     stop = patience is not None and self.evals_without_improvement >= patience
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
                     self.checkpointer.save(done, self.state, self.meta(), metrics=save_metrics)
