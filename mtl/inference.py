@@ -47,6 +47,9 @@ class Predictor:
         if not (workdir / "config.yaml").is_file():
             raise MtlError(f"{workdir}: not a training workdir (no config.yaml); run mtl train first")
         config = load_experiment(workdir / "config.yaml")
+        if config.meta is not None:
+            raise MtlError(f"{workdir}: is a meta-learning workdir, whose head is learned for episodes, not for a "
+                           "task: adapt it with mtl meta-test, or start a task from its encoder with model.init_from")
         saved, meta, step = load_trained(workdir, which)
         directory = resolve_model(config.model.encoder)
         tokenizer = load_tokenizer(directory)

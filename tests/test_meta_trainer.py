@@ -86,6 +86,11 @@ def test_meta_configs_and_workdirs_are_not_mixed_up(meta_run, tmp_path, capsys):
     assert "has a `meta` section: run it with mtl meta-train" in capsys.readouterr().err
     assert main(["evaluate", "--workdir", str(reference)]) == 2
     assert "is a meta-learning workdir; evaluate it with mtl meta-test" in capsys.readouterr().err
+    for command in (["predict", "--task", "tweet_sentiment", "a text"], ["export", "--out", str(tmp_path / "e")]):
+        assert main([command[0], "--workdir", str(reference), *command[1:]]) == 2
+        assert (f"mtl: error: {reference}: is a meta-learning workdir, whose head is learned for episodes, not for a "
+                "task: adapt it with mtl meta-test, or start a task from its encoder with model.init_from\n"
+                == capsys.readouterr().err)
     assert main(["meta-train", str(TINY), "--workdir", str(tmp_path / "y")]) == 2
     assert "this config has no `meta` section" in capsys.readouterr().err
     assert main(["meta-test", "--workdir", str(tmp_path / "missing")]) == 2

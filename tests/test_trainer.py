@@ -359,6 +359,12 @@ def test_overrides_reach_list_items():
     assert config.model.random_init.hidden_size == 16 and config.model.random_init.num_layers == 2
 
 
+def test_a_workdir_that_cannot_be_created_is_one_error(tmp_path, isolated_cache, minilm_dir):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MtlError, match=r"/file/w: cannot create the workdir \(Not a directory\)$"):
+        Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "file" / "w")
+
+
 def test_cli_train_errors_are_one_line(tmp_path):
     proc = subprocess.run(_mtl("train", TINY, "train.bogus=1", "--workdir", str(tmp_path)), capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -70,6 +70,10 @@ class TrainLoop:
     def __init__(self, config: ExperimentConfig, workdir: str | Path) -> None:
         self.config = config
         self.workdir = Path(workdir)
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MtlError(f"{self.workdir}: cannot create the workdir ({e.strerror})") from None
         # Checked now, not at the first evaluation train.eval_every steps into the run.
         if config.train.best_metric not in self.selectable_metrics():
             raise MtlError(f"key 'train.best_metric': {config.train.best_metric!r} is not one of "
@@ -148,7 +152,6 @@ class TrainLoop:
     def run(self) -> dict[str, float]:
         """Train to train.steps (or early stop) and return the last evaluation's results."""
         cfg = self.config.train
-        self.workdir.mkdir(parents=True, exist_ok=True)
         if is_primary():
             (self.workdir / "config.yaml").write_text(to_yaml(self.config))
         start = self.resume()
