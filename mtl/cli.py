@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except MtlError as e:
         print(f"mtl: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (a trainer has said where it stopped)
+        print("mtl: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -63,18 +63,19 @@ def reference_run(tmp_path_factory, minilm_dir):
     return workdir
 
 
-def _kill_when(workdir: Path, predicate, timeout: float = 300) -> None:
+def _kill_when(workdir: Path, predicate, timeout: float = 300, sig=signal.SIGKILL) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(_mtl("train", TINY, "--workdir", str(workdir)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     try:
         while not predicate(workdir):
             assert proc.poll() is None, "the run finished before it could be killed"
             assert time.monotonic() < deadline, "timed out waiting to kill the run"
             time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(sig)
     finally:
-        proc.wait()
+        _, stderr = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, None, stderr)
 
 
 def _past_step(step):
@@ -104,6 +105,18 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path, reference_run, when):
     reference, reference_step = _final_tree(reference_run)
     assert step == reference_step == 40
     _assert_same_tree(resumed, reference)
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_where_to_resume_without_a_traceback(tmp_path):
+    workdir = tmp_path / "run"
+    proc = _kill_when(workdir, _past_step(12), sig=signal.SIGINT)  # past the step-10 checkpoint
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr
+    *_, said, last = proc.stderr.splitlines()
+    assert last == "mtl: interrupted"
+    assert said.startswith(f"WARNING mtl.train.loop: {workdir}: interrupted after step ")
+    latest = _final_tree(workdir)[1]
+    assert latest >= 10 and said.endswith(f"; the same command resumes from checkpoint {latest}")
 
 
 # ----------------------------------------------------------------- in-process, small

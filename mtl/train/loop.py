@@ -168,6 +168,7 @@ class TrainLoop:
         results: dict[str, float] = {}
         progress = Progress(cfg.steps, start, enabled=is_primary())
         tick, tick_step = time.perf_counter(), start
+        done = start
         try:
             for step in range(start, cfg.steps):
                 name, batch = self.next_batch(step)
@@ -214,6 +215,12 @@ class TrainLoop:
                 if stop:
                     log.info("early stop at step %d: no improvement in %d evaluations", done, cfg.early_stopping_patience)
                     break
+        except KeyboardInterrupt:
+            progress.close()
+            self.checkpointer.wait()  # a save in flight completes: it is where a rerun resumes
+            log.warning("%s: interrupted after step %d; the same command resumes from checkpoint %s", self.workdir,
+                        done, self.checkpointer.latest_step())
+            raise
         finally:
             progress.close()
             writer.close()
