@@ -17,6 +17,8 @@ import logging
 import math
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -116,8 +118,9 @@ class Progress:
     `enabled=False` (the other processes of a multi-process run) shows nothing.
     """
 
-    def __init__(self, total: int, initial: int, *, enabled: bool = True):
+    def __init__(self, total: int, initial: int, *, enabled: bool = True, clock: Callable[[], float] = time.perf_counter):
         self.total, self.enabled = total, enabled
+        self.initial, self.clock, self.started = initial, clock, clock()
         self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
                         disable=None if enabled else True, file=sys.stderr)
         self.lines = enabled and self.bar.disable  # tqdm's own test: stderr is not a terminal
@@ -128,7 +131,10 @@ class Progress:
     def logged(self, step: int, losses: dict[str, float], steps_per_second: float) -> None:
         self.bar.set_postfix({name: f"{value:.4f}" for name, value in losses.items()}, refresh=False)
         if self.lines:
-            eta = tqdm.format_interval((self.total - step) / max(steps_per_second, 1e-9))
+            # The ETA runs at the mean rate since the start, which counts the compiles and evaluations
+            # still to come in their share; one window's rate swings with them.
+            seconds_per_step = (self.clock() - self.started) / max(step - self.initial, 1)
+            eta = tqdm.format_interval((self.total - step) * seconds_per_step)
             shown = ", ".join(f"{name} {losses[name]:.4f}" for name in sorted(losses)) or "none finite (skipped)"
             self._print(f"step {step}/{self.total}: loss {shown}; {steps_per_second:.2f} steps/s, ETA {eta}")
 

@@ -77,16 +77,31 @@ def test_plot_curves_keep_the_later_record_of_a_step_a_resumed_run_logged_again(
 def test_progress_prints_lines_where_stderr_is_not_a_terminal(capsys):
     """A batch job's log gets one line per logged step and per evaluation, not a bar's
     carriage returns; the evaluation line leaves per-class metrics to metrics.jsonl."""
-    progress = Progress(100, 0)
+    now = [0.0]
+    progress = Progress(100, 0, clock=lambda: now[0])
     for _ in range(25):
         progress.step()
+    now[0] = 20.0  # 25 steps in 20 s, the last window at 2 steps/s
     progress.logged(25, {"wnut_ner": 2.5, "bbc_topic": 1.25}, 2.0)
     progress.evaluated(50, "validation", {"bbc_topic/accuracy": 0.75, "bbc_topic/f1/tech": 0.5, "aggregate": 0.6})
     progress.close()
     assert capsys.readouterr().err.splitlines() == [
-        "step 25/100: loss bbc_topic 1.2500, wnut_ner 2.5000; 2.00 steps/s, ETA 00:37",
+        "step 25/100: loss bbc_topic 1.2500, wnut_ner 2.5000; 2.00 steps/s, ETA 01:00",
         "step 50/100: validation: bbc_topic/accuracy 0.7500, aggregate 0.6000",
     ]
+
+
+def test_progress_eta_runs_at_the_mean_rate_since_the_start_not_the_last_window(capsys):
+    """A resumed run counts from its own first step; a fast window after an evaluation does not
+    make the ETA collapse to zero."""
+    now = [100.0]
+    progress = Progress(100, 40, clock=lambda: now[0])
+    now[0] = 130.0  # 10 steps in 30 s, compile included
+    progress.logged(50, {"a": 1.0}, 0.4)
+    now[0] = 131.0
+    progress.logged(60, {"a": 1.0}, 10.0)
+    progress.close()
+    assert [line.split("ETA ")[1] for line in capsys.readouterr().err.splitlines()] == ["02:30", "01:02"]
 
 
 def test_progress_of_a_secondary_process_prints_nothing(capsys):
