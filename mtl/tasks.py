@@ -174,6 +174,8 @@ def load_tasks(names_or_paths: Sequence[str | os.PathLike],
     seen: dict[str, str] = {}
     for i, item in enumerate(names_or_paths):
         spec = load_task(item, overrides[i] if overrides else ())
+        if spec.name in seen and seen[spec.name] == spec.origin:
+            raise MtlError(f"task {spec.name!r} ({spec.origin}) is listed twice; a task has one head, so list it once")
         if spec.name in seen:
             raise MtlError(f"task name {spec.name!r} is defined twice: in {seen[spec.name]} and {spec.origin}")
         seen[spec.name] = spec.origin

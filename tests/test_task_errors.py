@@ -105,6 +105,12 @@ def test_unknown_head(tmp_path):
         load_task(path)
 
 
+def test_task_listed_twice(tmp_path):
+    a = write_task(tmp_path / "a", CSV_SPEC, {})
+    with pytest.raises(MtlError, match=r"^task 'toy_csv' \(.*a/toy_csv\.yaml\) is listed twice; a task has one head, so list it once$"):
+        load_tasks([a, a])
+
+
 def test_duplicate_task_name(tmp_path):
     a = write_task(tmp_path / "a", CSV_SPEC, {})
     b = write_task(tmp_path / "b", CSV_SPEC, {})

@@ -372,6 +372,11 @@ def test_overrides_reach_list_items():
     assert config.model.random_init.hidden_size == 16 and config.model.random_init.num_layers == 2
 
 
+def test_a_batch_larger_than_a_train_split_names_the_task(tmp_path, isolated_cache, minilm_dir):
+    with pytest.raises(MtlError, match=r"^toy_csv/train: 32 examples, fewer than one batch of 64 \(train.batch_size\)$"):
+        Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, batch_size=64)), tmp_path / "w")
+
+
 def test_a_workdir_that_cannot_be_created_is_one_error(tmp_path, isolated_cache, minilm_dir):
     (tmp_path / "file").write_text("")
     with pytest.raises(MtlError, match=r"/file/w: cannot create the workdir \(Not a directory\)$"):

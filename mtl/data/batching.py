@@ -120,9 +120,10 @@ def _flat_column(split: datasets.Dataset, name: str) -> tuple[np.ndarray, np.nda
 class TrainStream:
     """An endless, shuffled sequence of full batches; `batch(step)` depends only on (seed, step)."""
 
-    def __init__(self, batcher: Batcher, *, seed: int):
+    def __init__(self, batcher: Batcher, *, seed: int, name: str = "the split"):
         if batcher.size < batcher.batch_size:
-            raise MtlError(f"the split has {batcher.size} examples, fewer than one batch of {batcher.batch_size}")
+            raise MtlError(f"{name}: {batcher.size} examples, fewer than one batch of {batcher.batch_size} "
+                           "(train.batch_size)")
         self.batcher = batcher
         self.seed = seed
         self.steps_per_epoch = batcher.size // batcher.batch_size  # the remainder rotates with each epoch's order

@@ -244,8 +244,10 @@ class Trainer(TrainLoop):
             }
             for split in ("train", "validation", "test")
         }
-        self.streams = {name: TrainStream(self.batchers["train"][name], seed=cfg.train.seed * 1000 + i)
-                        for i, name in enumerate(self.tasks)}
+        self.streams = {
+            name: TrainStream(self.batchers["train"][name], seed=cfg.train.seed * 1000 + i, name=f"{name}/train")
+            for i, name in enumerate(self.tasks)
+        }
         self.sampler = TaskSampler([self.batchers["train"][n].size for n in self.tasks],
                                    strategy=cfg.train.sampling, temperature=cfg.train.temperature, seed=cfg.train.seed)
 
