@@ -61,12 +61,13 @@ def main() -> None:
         left.set_xlabel("step")
         left.set_ylabel("train loss")
         right = left.twinx()
+        right.set_prop_cycle(color=plt.rcParams["axes.prop_cycle"].by_key()["color"][1:])  # blue is the loss's
         for metric, points in scores[task].items():
             right.plot(*zip(*sorted(points.items())), marker="o", label=f"validation {metric}")
         right.set_ylabel("validation score")
-        fig.legend(loc="upper right")
         left.set_title(task)
-        fig.tight_layout()
+        fig.legend(loc="lower center", ncol=3, frameon=False)  # under the axes, clear of both curves
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
         fig.savefig(out / f"{task}.png", dpi=100)
         plt.close(fig)
         print(out / f"{task}.png")
