@@ -350,10 +350,11 @@ def _values(config: Any, key: str) -> list[tuple[str, Any]]:
     for part in key.split("."):
         name, each = part.removesuffix("[]"), part.endswith("[]")
         reached = []
-        for where, node in found:
-            value, where = getattr(node, name), f"{where}.{name}".lstrip(".")
-            if value is not None:
-                reached += [(f"{where}[{i}]", item) for i, item in enumerate(value)] if each else [(where, value)]
+        for prefix, node in found:
+            value, full_key = getattr(node, name), f"{prefix}.{name}" if prefix else name
+            if value is None:
+                continue
+            reached += [(f"{full_key}[{i}]", item) for i, item in enumerate(value)] if each else [(full_key, value)]
         found = reached
     return found
 

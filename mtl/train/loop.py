@@ -54,9 +54,9 @@ class TrainLoop:
 
     A subclass sets `layout`, `state` and `train_steps` ({name: jitted step}) in its
     constructor, then calls `super().__init__(config, workdir)` last (it opens the checkpoint
-    manager); it implements `next_batch`, `evaluate` and the progress hooks. Everything else
-    (logging, the non-finite policy, evaluation cadence, early stopping, checkpoints, exact
-    resume) lives here once. In a multi-process run every process runs this loop in lockstep;
+    manager); it implements `next_batch`, `evaluate`, `selectable_metrics` and the progress
+    hooks. Everything else (logging, the non-finite policy, evaluation cadence, early stopping,
+    checkpoints, exact resume) lives here once. In a multi-process run every process runs this loop in lockstep;
     process 0 alone writes the workdir's files, and orbax has each process save its shards.
     """
 
