@@ -70,14 +70,15 @@ class TrainLoop:
     def __init__(self, config: ExperimentConfig, workdir: str | Path) -> None:
         self.config = config
         self.workdir = Path(workdir)
+        # Checked now, not at the first evaluation train.eval_every steps into the run (and before
+        # a workdir is made: a refused config leaves nothing behind).
+        if config.train.best_metric not in self.selectable_metrics():
+            raise MtlError(f"key 'train.best_metric': {config.train.best_metric!r} is not one of "
+                           f"{self.selectable_metrics()}")
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise MtlError(f"{self.workdir}: cannot create the workdir ({e.strerror})") from None
-        # Checked now, not at the first evaluation train.eval_every steps into the run.
-        if config.train.best_metric not in self.selectable_metrics():
-            raise MtlError(f"key 'train.best_metric': {config.train.best_metric!r} is not one of "
-                           f"{self.selectable_metrics()}")
         # Checkpoints saved after an evaluation carry its selection score; the best one is kept.
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.train.keep_checkpoints)
         self.best: float | None = None
