@@ -64,8 +64,11 @@ def reference_run(tmp_path_factory, minilm_dir):
 
 
 def _kill_when(workdir: Path, predicate, timeout: float = 300, sig=signal.SIGKILL) -> subprocess.CompletedProcess:
+    # A shell that starts a job in the background (CI's can) has it ignore SIGINT, and Python keeps an
+    # ignored SIGINT ignored: the run gets the default back, as a terminal's foreground job has it.
     proc = subprocess.Popen(_mtl("train", TINY, "--workdir", str(workdir)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     try:
         while not predicate(workdir):
