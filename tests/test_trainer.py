@@ -64,11 +64,13 @@ def reference_run(tmp_path_factory, minilm_dir):
 
 
 def _kill_when(workdir: Path, predicate, timeout: float = 300, sig=signal.SIGKILL) -> subprocess.CompletedProcess:
-    # A shell that starts a job in the background (CI's can) has it ignore SIGINT, and Python keeps an
-    # ignored SIGINT ignored: the run gets the default back, as a terminal's foreground job has it.
-    proc = subprocess.Popen(_mtl("train", TINY, "--workdir", str(workdir)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    command = _mtl("train", TINY, "--workdir", str(workdir))
+    if sig == signal.SIGINT:
+        # A shell's background job (CI's pytest can be one) ignores SIGINT, and Python keeps an ignored
+        # SIGINT ignored: the run takes Python's handler back, as a terminal's foreground job has it.
+        command[1:3] = ["-c", "import signal, sys; from mtl.cli import main; "
+                              "signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(main(sys.argv[1:]))"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     try:
         while not predicate(workdir):
