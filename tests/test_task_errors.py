@@ -165,6 +165,14 @@ def test_malformed_yaml_names_the_line(tmp_path):
         load_task(path)
 
 
+def test_a_key_given_twice_names_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: x\nhead: classification\nmetric: accuracy\nsource: {format: csv, files: [a.csv], format: jsonl}\n")
+    with pytest.raises(MtlError) as error:
+        load_task(path)
+    assert str(error.value) == f"{path}:4:39: invalid YAML: key 'format' is given twice (first on line 4)"
+
+
 def test_unknown_shipped_task_lists_the_shipped_ones():
     with pytest.raises(MtlError, match=r"task 'tweets' is neither a file nor a shipped task; shipped: \['bbc_topic', 'tweet_sentiment', 'wnut_ner'\]"):
         load_task("tweets")

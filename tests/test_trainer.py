@@ -320,6 +320,24 @@ def test_bad_experiment_configs(tmp_path):
         build_experiment(config)
 
 
+def test_a_section_given_twice_is_refused(tmp_path):
+    # YAML parsers keep the last value of a repeated key, so the first section would vanish.
+    path = tmp_path / "twice.yaml"
+    path.write_text(Path(TINY).read_text() + "train:\n  steps: 3\n")
+    first = next(i for i, line in enumerate(Path(TINY).read_text().splitlines(), 1) if line.startswith("train:"))
+    last = len(Path(TINY).read_text().splitlines()) + 1
+    with pytest.raises(MtlError) as error:
+        load_experiment(path)
+    assert str(error.value) == f"{path}:{last}:1: invalid YAML: key 'train' is given twice (first on line {first})"
+
+
+def test_keys_from_a_yaml_merge_may_be_overridden(tmp_path):
+    path = tmp_path / "merged.yaml"
+    path.write_text(Path(TINY).read_text().replace("train:\n", "train:\n  <<: {steps: 7, temperature: 3.0}\n", 1))
+    config = load_experiment(path)
+    assert (config.train.steps, config.train.temperature) == (40, 3.0)  # the file's steps win
+
+
 @pytest.mark.parametrize("override, message", [
     ("optim.learning_rate=-1", "key 'optim.learning_rate': must be positive, got -1.0"),
     ("optim.eps=0", "key 'optim.eps': must be positive, got 0.0"),
