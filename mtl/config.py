@@ -228,7 +228,7 @@ class TrainSection:
 
 @dataclasses.dataclass
 class EpisodeSourceEntry:
-    task: str = MISSING  # the name of a task listed under `tasks`
+    task: str = MISSING  # a task as `tasks` lists it: a shipped name, or the same spec path
     classes: list[str] | None = None  # labels (entity types for NER) episodes may draw; None: all
     split: str | None = None  # default: train for meta.train sources, test for meta.test
 
@@ -399,6 +399,21 @@ def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] = (
         raise MtlError(f"{where}: key 'tasks': list at least one task")
     if config.meta is not None:
         _check_meta_sources(config, where)
+    return _absolute_task_paths(config)
+
+
+def _absolute_task_paths(config: ExperimentConfig) -> ExperimentConfig:
+    """`config` with its task spec files (and the episode sources naming them) as absolute paths.
+
+    A relative path is relative to where mtl runs. The config a workdir keeps must find its
+    tasks from anywhere: mtl evaluate, predict and meta-test may run in another directory.
+    """
+    absolute = {e.task: str(Path(e.task).resolve()) for e in config.tasks if Path(e.task).is_file()}
+    for entry in config.tasks:
+        entry.task = absolute.get(entry.task, entry.task)
+    for sources in (config.meta.train, config.meta.test, config.meta.eval or []) if config.meta else ():
+        for source in sources:
+            source.task = absolute.get(source.task, source.task)
     return config
 
 

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from data_helpers import write_task
 from mtl.checkpoint import Checkpointer
 from mtl.cli import main
 from mtl.config import load_experiment
@@ -115,6 +116,18 @@ def test_bad_meta_config(override, message):
 def test_meta_source_must_be_a_listed_task():
     with pytest.raises(MtlError, match=r"key 'meta.test\[0\].task': 'wnut' is not one of the config's tasks"):
         load_experiment(META_TINY, ["meta.test=[{task: wnut}]"])
+
+
+def test_episode_sources_may_name_a_task_by_its_spec_path(tmp_path, minilm_dir, monkeypatch):
+    rows = "text,label\n" + "\n".join(f"{c} item {i},{c}" for i in range(100) for c in "abcd")
+    spec = {"name": "letters", "head": "classification", "metric": "accuracy",
+            "source": {"format": "csv", "files": ["data.csv"]}, "columns": {"text": "text", "label": "label"}}
+    write_task(tmp_path / "letters", spec, {"data.csv": rows})
+    monkeypatch.chdir(tmp_path)
+    config = load_experiment(META_TINY, ["tasks.1.task=letters/letters.yaml", "meta.test=[{task: letters/letters.yaml}]"])
+    assert config.meta.test[0].task == config.tasks[1].task == str(tmp_path / "letters" / "letters.yaml")
+    experiment = meta_trainer.build_meta_experiment(config)
+    assert [s.name for s in experiment.samplers["test"].sources] == ["letters/test"]
 
 
 def test_too_few_examples_is_an_error_before_training(tmp_path):

@@ -126,14 +126,14 @@ def test_ctrl_c_says_where_to_resume_without_a_traceback(tmp_path):
 
 # ----------------------------------------------------------------- in-process, small
 
-def _toy_config(tmp_path, minilm_dir, **train):
+def _toy_config(tmp_path, minilm_dir, relative_task=False, **train):
     rows = "review,stars\n" + "\n".join(f"{'good ' * (i % 7 + 1)}film {i},{'pos' if i % 2 else 'neg'}" for i in range(64))
     spec = write_task(tmp_path / "task", dict(CSV_SPEC, split={"seed": 0, "train": 0.5, "validation": 0.25, "test": 0.25}),
                       {"data.csv": rows})
     data = {
         "model": {"encoder": str(minilm_dir), "random_init": {"hidden_size": 16, "num_layers": 2, "num_heads": 2,
                                                              "intermediate_size": 32}},
-        "tasks": [{"task": str(spec)}],
+        "tasks": [{"task": str(spec.relative_to(Path.cwd()) if relative_task else spec)}],
         "optim": {"learning_rate": 1e-3},
         "train": dict({"steps": 8, "batch_size": 8, "buckets": [16, 32], "log_every": 1, "eval_every": 4,
                        "checkpoint_every": 4, "tensorboard": False}, **train),
@@ -285,8 +285,24 @@ def test_resume_with_another_label_set_is_refused(tmp_path, isolated_cache, mini
     relabelled = spec.read_text().replace("- neg\n- pos", "- pos\n- neg")
     assert relabelled != spec.read_text()
     spec.write_text(relabelled)
-    with pytest.raises(MtlError, match=r"its checkpoints were trained on tasks \['toy_csv'\] with other labels"):
+    said = (f"{tmp_path / 'w'}: task 'toy_csv' was trained with labels ['neg', 'pos'], and its spec and data now "
+            f"give ['pos', 'neg']; put them back, or use a new --workdir (model.init_from transfers the encoder)")
+    with pytest.raises(MtlError) as error:
         Trainer(build_experiment(config), tmp_path / "w").run()
+    assert str(error.value) == said
+    # Scoring the checkpoint under the new order would swap what its outputs mean, silently.
+    with pytest.raises(MtlError) as error:
+        evaluate(tmp_path / "w")
+    assert str(error.value) == said
+
+
+def test_a_workdir_finds_its_task_specs_from_any_directory(tmp_path, isolated_cache, minilm_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = _toy_config(tmp_path, minilm_dir, relative_task=True)  # tasks: [{task: task/toy_csv.yaml}]
+    assert config.tasks[0].task == str(tmp_path / "task" / "toy_csv.yaml")  # absolute: the workdir keeps it
+    Trainer(build_experiment(config), tmp_path / "w").run()
+    monkeypatch.chdir(tmp_path / "w")
+    assert evaluate(tmp_path / "w")["checkpoint_step"] == 8
 
 
 def test_evaluate_restores_and_scores(tmp_path, isolated_cache, minilm_dir):

@@ -141,6 +141,7 @@ class TrainLoop:
         step = step if step is not None else self.checkpointer.latest_step()
         if step is None:
             raise MtlError(f"{self.workdir}: has no checkpoint yet")
+        self.restore_progress(self.checkpointer.restore_meta(step))  # the same tasks and labels as trained
         self.state, _ = self.checkpointer.restore(step, self.state)
         return step
 
@@ -284,12 +285,16 @@ class Trainer(TrainLoop):
                 "labels": {name: data.labels for name, data in self.experiment.tasks.items()}}
 
     def restore_progress(self, meta: dict) -> None:
-        labels = {name: data.labels for name, data in self.experiment.tasks.items()}
-        if meta.get("tasks") != self.tasks or meta.get("labels") != labels:
-            raise MtlError(
-                f"{self.workdir}: its checkpoints were trained on tasks {meta.get('tasks')} with other labels or "
-                f"order than this config's {self.tasks}; use a new --workdir, or model.init_from to transfer"
-            )
+        if meta.get("tasks") != self.tasks:
+            raise MtlError(f"{self.workdir}: its checkpoints were trained on tasks {meta.get('tasks')}, not this "
+                           f"config's {self.tasks}; use a new --workdir, or model.init_from to transfer")
+        for name, data in self.experiment.tasks.items():
+            if meta["labels"][name] != data.labels:  # a head's outputs mean these labels, in this order
+                raise MtlError(
+                    f"{self.workdir}: task {name!r} was trained with labels {meta['labels'][name]}, and its spec and "
+                    f"data now give {data.labels}; put them back, or use a new --workdir (model.init_from "
+                    f"transfers the encoder)"
+                )
         self.positions = {name: int(meta["positions"][name]) for name in self.tasks}
 
     def log_extras(self) -> dict[str, float]:

@@ -54,9 +54,12 @@ class MetaExperiment:
 
 def _samplers(config: ExperimentConfig, tasks: dict[str, TaskData], pad_token_id: int) -> dict[str, EpisodeSampler]:
     meta = config.meta
+    # A source names a task as `tasks` lists it (a shipped name or a spec path); `tasks` is keyed
+    # by the spec's name, in the same order.
+    names = {entry.task: name for entry, name in zip(config.tasks, tasks)}
 
     def sources(entries, default_split):
-        return [make_source(tasks[e.task], e.split or default_split, e.classes) for e in entries]
+        return [make_source(tasks[names[e.task]], e.split or default_split, e.classes) for e in entries]
 
     train, test = sources(meta.train, "train"), sources(meta.test, "test")
     check_disjoint(train, test)
