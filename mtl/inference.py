@@ -59,7 +59,8 @@ class Predictor:
         heads = {name: build_head(spec.head, encoder.config.hidden_size, meta["labels"][name], spec.head_options, rngs=rngs)
                  for name, spec in specs.items()}
         model = MultiTaskModel(encoder, heads)
-        assign_params(model, flatten(saved["model"]))
+        where = f"{workdir}: checkpoint {step} does not fit config.yaml (edited since?)"
+        assign_params(model, flatten(saved["model"]), where=where)
         return cls(model, tokenizer, specs, meta["labels"], step)
 
     def _batch(self, spec: TaskSpec, texts: Sequence[str], words: list[list[str]] | None) -> dict[str, np.ndarray]:

@@ -543,3 +543,18 @@ def test_predict_and_export(tmp_path, isolated_cache, minilm_dir):
     tasks = json.loads((out / "tasks.json").read_text())["tasks"]
     assert tasks["toy_csv"]["labels"] == ["neg", "pos"] and tasks["toy_csv"]["head"] == "classification"
     assert trainer.tasks == ["toy_csv"]
+
+
+def test_predict_and_export_refuse_a_config_edited_to_another_model(tmp_path, isolated_cache, minilm_dir):
+    from mtl.inference import Predictor, export
+
+    _trained(tmp_path, minilm_dir)
+    config = tmp_path / "a" / "config.yaml"
+    config.write_text(config.read_text().replace("hidden_size: 16", "hidden_size: 8"))
+    said = (f"{tmp_path / 'a'}: checkpoint 8 does not fit config.yaml (edited since?): parameter "
+            f"'encoder.embeddings.norm.bias' is (16,) in the checkpoint, (8,) in this model")
+    for load in (lambda: Predictor.from_workdir(tmp_path / "a"), lambda: export(tmp_path / "a", tmp_path / "out")):
+        with pytest.raises(MtlError) as error:
+            load()
+        assert str(error.value) == said
+    assert not (tmp_path / "out").exists()

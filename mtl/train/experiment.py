@@ -92,12 +92,15 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
     return Experiment(config, directory, tokenizer, tasks, model)
 
 
-def assign_params(model: nnx.Module, flat: dict[str, Any]) -> None:
-    """Set the model's Params from {"encoder.layers.query.kernel": array, ...} (every one given)."""
+def assign_params(model: nnx.Module, flat: dict[str, Any], where: str = "the checkpoint") -> None:
+    """Set the model's Params from {"encoder.layers.query.kernel": array, ...}: every one given,
+    in its shape (an MtlError names the first that is not, and `where` it came from)."""
     state = nnx.state(model, nnx.Param)
-    missing = sorted(set(flatten(nnx.to_pure_dict(state))) - set(flat))
-    if missing:
-        raise MtlError(f"no saved value for parameter(s) {missing[:5]}")
+    for name, value in flatten(nnx.to_pure_dict(state)).items():
+        found = np.shape(flat[name]) if name in flat else None
+        if found != np.shape(value):
+            raise MtlError(f"{where}: parameter {name!r} is {'missing' if found is None else found} in the checkpoint, "
+                           f"{tuple(np.shape(value))} in this model")
     nnx.replace_by_pure_dict(state, unflatten({n: np.asarray(v) for n, v in flat.items()}))
     nnx.update(model, state)
 
