@@ -176,6 +176,18 @@ def test_labels_inferred_from_train(tmp_path, tokenizer):
     assert load_task_data(load_task(path), tokenizer).labels == ["neg", "pos"]
 
 
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, tokenizer):
+    # Excel's "CSV UTF-8" starts with one; without care it joins the first column's name.
+    bom = "\ufeff".encode()
+    csv_path = write_task(tmp_path / "csv", CSV_SPEC, {"data.csv": bom + CSV_DATA.lstrip("\n").encode()})
+    assert load_task_data(load_task(csv_path), tokenizer).stats["rows_kept"] == 8
+    jsonl = {**CSV_SPEC, "source": {"format": "jsonl", "files": ["d.jsonl"]}}
+    lines = "\n".join('{"review": "r%d", "stars": "%s"}' % (i, "pos" if i % 2 else "neg") for i in range(8))
+    jsonl_path = write_task(tmp_path / "jsonl", jsonl, {"d.jsonl": bom + lines.encode()})
+    raw, _ = load_raw_splits(load_task(jsonl_path))
+    assert sorted(t for split in raw.values() for t in split["text"]) == [f"r{i}" for i in range(8)]
+
+
 def test_jsonl_multilabel_and_regression(tmp_path, tokenizer):
     lines = "\n".join(
         '{"text": "t%d", "tags": %s, "score": %s}' % (i, '["a", "b"]' if i % 2 else '["b"]', i / 10) for i in range(10)

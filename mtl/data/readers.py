@@ -21,10 +21,14 @@ Record = dict[str, Any]
 
 
 def decode(path: Path, encoding: str, fallback: str | None = None) -> tuple[str, bool]:
-    """The text of `path` and whether `fallback` was needed to decode it."""
+    """The text of `path` and whether `fallback` was needed to decode it.
+
+    A leading byte-order mark (Excel writes one into its "CSV UTF-8") is dropped: it would
+    otherwise stick to the first column's name or make the first JSON line invalid.
+    """
     data = path.read_bytes()
     try:
-        return data.decode(encoding), False
+        return data.decode(encoding).removeprefix("\ufeff"), False
     except UnicodeDecodeError as e:
         if fallback is not None:
             return data.decode(fallback), True
