@@ -1,5 +1,6 @@
 """The multi-task trainer: exact resume after SIGKILL, restore, non-finite losses, traces, bad configs."""
 
+import dataclasses
 import logging
 import signal
 import subprocess
@@ -558,3 +559,22 @@ def test_predict_and_export_refuse_a_config_edited_to_another_model(tmp_path, is
             load()
         assert str(error.value) == said
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_on_a_split_some_tasks_lack(tmp_path, isolated_cache, minilm_dir, caplog):
+    rows = "review,stars\n" + "\n".join(f"{'good ' * (i % 7 + 1)}film {i},{'pos' if i % 2 else 'neg'}" for i in range(32))
+    spec = {**CSV_SPEC, "name": "no_test", "source": {"format": "csv", "splits": {"train": ["t.csv"], "validation": ["v.csv"]}}}
+    spec.pop("split")
+    no_test = write_task(tmp_path / "no_test", spec, {"t.csv": rows, "v.csv": rows})
+    config = _toy_config(tmp_path, minilm_dir)
+    both = dataclasses.replace(config, tasks=[*config.tasks, dataclasses.replace(config.tasks[0], task=str(no_test))])
+    Trainer(build_experiment(both), tmp_path / "both").run()
+    with caplog.at_level(logging.WARNING):
+        results = evaluate(tmp_path / "both", "test")
+    assert [k for k in results if k.endswith("/accuracy")] == ["toy_csv/accuracy"]
+    assert f"{tmp_path / 'both'}: scored without ['no_test'], which have no 'test' split" in caplog.text
+    alone = dataclasses.replace(config, tasks=[dataclasses.replace(config.tasks[0], task=str(no_test))])
+    Trainer(build_experiment(alone), tmp_path / "alone").run()
+    with pytest.raises(MtlError) as error:
+        evaluate(tmp_path / "alone", "test")
+    assert str(error.value) == f"{tmp_path / 'alone'}: no task has a 'test' split; their splits: {{'no_test': ['train', 'validation']}}"

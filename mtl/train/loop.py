@@ -355,7 +355,13 @@ def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str = "
     if config.meta is not None:
         raise MtlError(f"{workdir}: is a meta-learning workdir; evaluate it with mtl meta-test")
     config = dataclasses.replace(config, mesh=fit_mesh(config.mesh))
-    trainer = Trainer(build_experiment(config), workdir)
+    experiment = build_experiment(config)
+    missing = {name: sorted(data.splits) for name, data in experiment.tasks.items() if split not in data.splits}
+    if len(missing) == len(experiment.tasks):
+        raise MtlError(f"{workdir}: no task has a {split!r} split; their splits: {missing}")
+    if missing:
+        log.warning("%s: scored without %s, which have no %r split", workdir, list(missing), split)
+    trainer = Trainer(experiment, workdir)
     step = trainer.restore(checkpoint)
     results = trainer.evaluate(split)
     writer = MetricsWriter(workdir, tensorboard=False)
