@@ -561,7 +561,7 @@ def test_predict_and_export_refuse_a_config_edited_to_another_model(tmp_path, is
     assert not (tmp_path / "out").exists()
 
 
-def test_evaluate_on_a_split_some_tasks_lack(tmp_path, isolated_cache, minilm_dir, caplog):
+def test_a_split_some_tasks_lack_leaves_them_out_and_one_none_has_is_an_error(tmp_path, isolated_cache, minilm_dir, caplog):
     rows = "review,stars\n" + "\n".join(f"{'good ' * (i % 7 + 1)}film {i},{'pos' if i % 2 else 'neg'}" for i in range(32))
     spec = {**CSV_SPEC, "name": "no_test", "source": {"format": "csv", "splits": {"train": ["t.csv"], "validation": ["v.csv"]}}}
     spec.pop("split")
@@ -578,3 +578,11 @@ def test_evaluate_on_a_split_some_tasks_lack(tmp_path, isolated_cache, minilm_di
     with pytest.raises(MtlError) as error:
         evaluate(tmp_path / "alone", "test")
     assert str(error.value) == f"{tmp_path / 'alone'}: no task has a 'test' split; their splits: {{'no_test': ['train', 'validation']}}"
+    train_only = write_task(tmp_path / "train_only", {**spec, "name": "train_only", "source": {
+        "format": "csv", "splits": {"train": ["t.csv"]}}}, {"t.csv": rows})
+    config = dataclasses.replace(config, tasks=[dataclasses.replace(config.tasks[0], task=str(train_only))])
+    with pytest.raises(MtlError) as error:
+        Trainer(build_experiment(config), tmp_path / "never")
+    assert str(error.value) == ("key 'train.eval_split': no task has a 'validation' split to evaluate and select "
+                                "checkpoints on; their splits: {'train_only': ['train']}")
+    assert not (tmp_path / "never").exists()

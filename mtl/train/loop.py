@@ -237,6 +237,13 @@ class Trainer(TrainLoop):
         self.experiment = experiment
         cfg = experiment.config
         self.tasks = experiment.task_names
+        split = cfg.train.eval_split
+        unscored = {name: sorted(data.splits) for name, data in experiment.tasks.items() if split not in data.splits}
+        if len(unscored) == len(self.tasks):
+            raise MtlError(f"key 'train.eval_split': no task has a {split!r} split to evaluate and select checkpoints "
+                           f"on; their splits: {unscored}")
+        if unscored:
+            log.warning("%s have no %r split: evaluations leave them out", list(unscored), split)
         pad = experiment.tokenizer.pad_token_id
         self.batchers = {
             split: {
