@@ -572,17 +572,18 @@ def test_a_split_some_tasks_lack_leaves_them_out_and_one_none_has_is_an_error(tm
     with caplog.at_level(logging.WARNING):
         results = evaluate(tmp_path / "both", "test")
     assert [k for k in results if k.endswith("/accuracy")] == ["toy_csv/accuracy"]
-    assert f"{tmp_path / 'both'}: scored without ['no_test'], which have no 'test' split" in caplog.text
+    assert f"{tmp_path / 'both'}: ['no_test'] have no 'test' split; evaluations leave them out" in caplog.text
     alone = dataclasses.replace(config, tasks=[dataclasses.replace(config.tasks[0], task=str(no_test))])
     Trainer(build_experiment(alone), tmp_path / "alone").run()
     with pytest.raises(MtlError) as error:
         evaluate(tmp_path / "alone", "test")
-    assert str(error.value) == f"{tmp_path / 'alone'}: no task has a 'test' split; their splits: {{'no_test': ['train', 'validation']}}"
+    assert str(error.value) == (f"{tmp_path / 'alone'}: no task has a 'test' split to evaluate on (train.eval_split); "
+                                "their splits: {'no_test': ['train', 'validation']}")
     train_only = write_task(tmp_path / "train_only", {**spec, "name": "train_only", "source": {
         "format": "csv", "splits": {"train": ["t.csv"]}}}, {"t.csv": rows})
     config = dataclasses.replace(config, tasks=[dataclasses.replace(config.tasks[0], task=str(train_only))])
     with pytest.raises(MtlError) as error:
         Trainer(build_experiment(config), tmp_path / "never")
-    assert str(error.value) == ("key 'train.eval_split': no task has a 'validation' split to evaluate and select "
-                                "checkpoints on; their splits: {'train_only': ['train']}")
+    assert str(error.value) == (f"{tmp_path / 'never'}: no task has a 'validation' split to evaluate on "
+                                "(train.eval_split); their splits: {'train_only': ['train']}")
     assert not (tmp_path / "never").exists()

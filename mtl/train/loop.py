@@ -237,13 +237,13 @@ class Trainer(TrainLoop):
         self.experiment = experiment
         cfg = experiment.config
         self.tasks = experiment.task_names
-        split = cfg.train.eval_split
+        split = cfg.train.eval_split  # mtl evaluate sets it to its --split
         unscored = {name: sorted(data.splits) for name, data in experiment.tasks.items() if split not in data.splits}
         if len(unscored) == len(self.tasks):
-            raise MtlError(f"key 'train.eval_split': no task has a {split!r} split to evaluate and select checkpoints "
-                           f"on; their splits: {unscored}")
+            raise MtlError(f"{workdir}: no task has a {split!r} split to evaluate on (train.eval_split); "
+                           f"their splits: {unscored}")
         if unscored:
-            log.warning("%s have no %r split: evaluations leave them out", list(unscored), split)
+            log.warning("%s: %s have no %r split; evaluations leave them out", workdir, list(unscored), split)
         pad = experiment.tokenizer.pad_token_id
         self.batchers = {
             split: {
@@ -361,14 +361,9 @@ def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str = "
     config = load_experiment(workdir / "config.yaml")
     if config.meta is not None:
         raise MtlError(f"{workdir}: is a meta-learning workdir; evaluate it with mtl meta-test")
-    config = dataclasses.replace(config, mesh=fit_mesh(config.mesh))
-    experiment = build_experiment(config)
-    missing = {name: sorted(data.splits) for name, data in experiment.tasks.items() if split not in data.splits}
-    if len(missing) == len(experiment.tasks):
-        raise MtlError(f"{workdir}: no task has a {split!r} split; their splits: {missing}")
-    if missing:
-        log.warning("%s: scored without %s, which have no %r split", workdir, list(missing), split)
-    trainer = Trainer(experiment, workdir)
+    config = dataclasses.replace(config, mesh=fit_mesh(config.mesh),
+                                 train=dataclasses.replace(config.train, eval_split=split))
+    trainer = Trainer(build_experiment(config), workdir)
     step = trainer.restore(checkpoint)
     results = trainer.evaluate(split)
     writer = MetricsWriter(workdir, tensorboard=False)
