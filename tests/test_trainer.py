@@ -587,3 +587,12 @@ def test_a_split_some_tasks_lack_leaves_them_out_and_one_none_has_is_an_error(tm
     assert str(error.value) == (f"{tmp_path / 'never'}: no task has a 'validation' split to evaluate on "
                                 "(train.eval_split); their splits: {'train_only': ['train']}")
     assert not (tmp_path / "never").exists()
+
+
+def test_a_head_option_the_head_refuses_names_the_spec(tmp_path, isolated_cache, minilm_dir):
+    config = _toy_config(tmp_path, minilm_dir)
+    spec = Path(config.tasks[0].task)
+    spec.write_text(spec.read_text() + "head_options: {pooling: max}\n")
+    with pytest.raises(MtlError) as error:
+        build_experiment(config)
+    assert str(error.value) == f"{spec}: key 'head_options': pooling 'max' is unknown; known: ['pooler', 'cls', 'mean']"

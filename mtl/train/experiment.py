@@ -20,7 +20,7 @@ from mtl.config import ExperimentConfig
 from mtl.data.pipeline import TaskData, load_task_data
 from mtl.errors import MtlError
 from mtl.models.encoder import Encoder, EncoderConfig
-from mtl.models.heads import build_head
+from mtl.models.heads import Head, build_head
 from mtl.models.model import MultiTaskModel
 from mtl.params import flatten, stack_layers, unflatten, unstack_layers
 from mtl.tasks import load_tasks
@@ -82,14 +82,19 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
         raise MtlError(f"{directory}: the tokenizer has {len(tokenizer)} tokens, the encoder only {encoder.config.vocab_size}")
     tasks = load_experiment_data(config, tokenizer, encoder.config.max_sequence_length)
     rngs = nnx.Rngs(config.train.seed + 1)
-    heads = {
-        name: build_head(data.spec.head, encoder.config.hidden_size, data.labels, data.spec.head_options, rngs=rngs)
-        for name, data in tasks.items()
-    }
+    heads = {name: _task_head(data, encoder.config.hidden_size, rngs) for name, data in tasks.items()}
     model = MultiTaskModel(encoder, heads)
     if config.model.init_from is not None:
         transfer(model, config.model.init_from, {n: d.labels for n, d in tasks.items()}, config.model.reinit_heads)
     return Experiment(config, directory, tokenizer, tasks, model)
+
+
+def _task_head(data: TaskData, hidden_size: int, rngs: nnx.Rngs) -> Head:
+    """The task's head; an option it refuses (a user head's own checks too) names the spec."""
+    try:
+        return build_head(data.spec.head, hidden_size, data.labels, data.spec.head_options, rngs=rngs)
+    except (MtlError, TypeError, ValueError) as e:
+        raise MtlError(f"{data.spec.origin}: key 'head_options': {e}") from None
 
 
 def assign_params(model: nnx.Module, flat: dict[str, Any], where: str = "the checkpoint") -> None:
