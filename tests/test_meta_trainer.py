@@ -96,6 +96,10 @@ def test_meta_configs_and_workdirs_are_not_mixed_up(meta_run, tmp_path, capsys):
     assert "this config has no `meta` section" in capsys.readouterr().err
     assert main(["meta-test", "--workdir", str(tmp_path / "missing")]) == 2
     assert "not a meta-training workdir" in capsys.readouterr().err
+    # Baseline (b) is a multi-task checkpoint: a meta one would be reported under its name.
+    assert main(["meta-test", "--workdir", str(reference), "--baseline-from", str(reference)]) == 2
+    assert (f"mtl: error: {reference}: is a meta-learning workdir; baseline (b) is a multi-task one (mtl train), "
+            "whose encoder saw no episodes\n" == capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -108,6 +108,11 @@ def learner_for(config: ExperimentConfig, model: MultiTaskModel, kind: str) -> t
     return learner, graphdef, params
 
 
+def _is_meta_workdir(workdir: Path) -> bool:
+    config = workdir / "config.yaml"
+    return config.is_file() and load_experiment(config).meta is not None
+
+
 def _mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its normal-approximation 95% confidence interval."""
     values = np.asarray(values, np.float64)
@@ -228,6 +233,9 @@ def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None 
                        f"--ways {config.meta.ways} needs protonet or proto_init")
     # Baseline (b)'s encoder comes from a multi-task checkpoint; load it before anything runs.
     baseline_from = baseline_from or config.meta.baseline_from
+    if baseline_from is not None and _is_meta_workdir(Path(baseline_from)):
+        raise MtlError(f"{baseline_from}: is a meta-learning workdir; baseline (b) is a multi-task one (mtl train), "
+                       "whose encoder saw no episodes")
     experiment = build_meta_experiment(dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=None)))
     trainer = MetaTrainer(experiment, workdir)
     try:
