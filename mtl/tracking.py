@@ -144,7 +144,9 @@ class Progress:
             self._print(f"step {step}/{self.total}: {split}: {shown}")
 
     def _print(self, line: str) -> None:
-        tqdm.write(line, file=sys.stderr)  # clears and redraws a live bar around the line
+        # tqdm.write clears and redraws a live bar around the line. It writes the text and `end`
+        # in two calls, and a Ctrl-C between them glued the interrupt warning onto the line.
+        tqdm.write(line + "\n", file=sys.stderr, end="")
 
     def close(self) -> None:
         self.bar.close()

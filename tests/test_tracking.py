@@ -2,6 +2,7 @@
 what a run prints as it goes where stderr is a log file."""
 
 import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -111,3 +112,25 @@ def test_progress_of_a_secondary_process_prints_nothing(capsys):
     progress.evaluated(1, "validation", {"aggregate": 0.5})
     progress.close()
     assert capsys.readouterr().err == ""
+
+
+def test_each_progress_line_is_one_write(monkeypatch):
+    """A Ctrl-C lands between two Python calls, never inside one: a line written in two parts
+    (text, then newline) could get the interrupt warning glued onto it."""
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, s):
+            writes.append(s)
+            return super().write(s)
+
+        def isatty(self):
+            return False
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    progress = Progress(10, 0, clock=lambda: 1.0)
+    progress.logged(5, {"a": 1.0}, 2.0)
+    progress.evaluated(5, "validation", {"aggregate": 0.5})
+    progress.close()
+    assert [w for w in writes if w] == ["step 5/10: loss a 1.0000; 2.00 steps/s, ETA 00:00\n",
+                                        "step 5/10: validation: aggregate 0.5000\n"]
