@@ -237,13 +237,14 @@ class Trainer(TrainLoop):
         self.experiment = experiment
         cfg = experiment.config
         self.tasks = experiment.task_names
-        split = cfg.train.eval_split  # mtl evaluate sets it to its --split
-        unscored = {name: sorted(data.splits) for name, data in experiment.tasks.items() if split not in data.splits}
+        eval_split = cfg.train.eval_split  # mtl evaluate sets it to its --split
+        unscored = {name: sorted(data.splits) for name, data in experiment.tasks.items()
+                    if eval_split not in data.splits}
         if len(unscored) == len(self.tasks):
-            raise MtlError(f"{workdir}: no task has a {split!r} split to evaluate on (train.eval_split); "
+            raise MtlError(f"{workdir}: no task has a {eval_split!r} split to evaluate on (train.eval_split); "
                            f"their splits: {unscored}")
         if unscored:
-            log.warning("%s: %s have no %r split; evaluations leave them out", workdir, list(unscored), split)
+            log.warning("%s: %s have no %r split; evaluations leave them out", workdir, list(unscored), eval_split)
         pad = experiment.tokenizer.pad_token_id
         self.batchers = {
             split: {
