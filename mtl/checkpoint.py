@@ -63,6 +63,7 @@ class Checkpointer:
         # Handlers named up front, so that a checkpoint's metadata reads before any save or restore.
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.closed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -123,8 +124,12 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Finish any save in flight and release the manager; closing again does nothing."""
+        if self.closed:
+            return
         self.manager.wait_until_finished()
         self.manager.close()
+        self.closed = True
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

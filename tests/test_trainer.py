@@ -20,7 +20,7 @@ from mtl.params import flatten, unstack_layers
 from mtl.config import load_experiment
 from mtl.tracking import read_metrics
 from mtl.train.experiment import build_experiment
-from mtl.train.loop import NonFiniteLossError, Trainer, evaluate
+from mtl.train.loop import LOCK_FILE, NonFiniteLossError, Trainer, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -421,6 +421,28 @@ def test_a_workdir_that_cannot_be_created_is_one_error(tmp_path, isolated_cache,
     (tmp_path / "file").write_text("")
     with pytest.raises(MtlError, match=r"/file/w: cannot create the workdir \(Not a directory\)$"):
         Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "file" / "w")
+
+
+def test_a_workdir_another_process_trains_in_is_refused_and_left_as_it_was(tmp_path, isolated_cache, minilm_dir):
+    first = _toy_config(tmp_path, minilm_dir)
+    Trainer(build_experiment(first), tmp_path / "w").run()
+    files = {p: p.read_bytes() for p in sorted((tmp_path / "w").rglob("*")) if p.is_file()}
+    # Another process holds the lock, as a run started earlier in another terminal would.
+    holder = subprocess.Popen([sys.executable, "-c", "import filelock, sys; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
+                               "print('held', flush=True); sys.stdin.read()", str(tmp_path / "w" / LOCK_FILE)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        longer = _toy_config(tmp_path, minilm_dir, steps=12)
+        with pytest.raises(MtlError, match=rf"^{tmp_path / 'w'}: another process is training in this workdir \(it holds "
+                                           rf"{tmp_path / 'w' / LOCK_FILE}\); wait for it to end, or use another --workdir$"):
+            Trainer(build_experiment(longer), tmp_path / "w").run()
+        assert {p: p.read_bytes() for p in sorted((tmp_path / "w").rglob("*")) if p.is_file()} == files
+    finally:
+        holder.communicate("")
+    # Once that process has ended, the same run resumes.
+    Trainer(build_experiment(longer), tmp_path / "w").run()
+    assert max(_losses(tmp_path / "w")) == 12
 
 
 def test_cli_train_errors_are_one_line(tmp_path):

@@ -13,13 +13,15 @@ checkpoints/.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import filelock
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -47,6 +49,31 @@ class NonFiniteLossError(MtlError):
 
 def selection_value(metric: str, value: float) -> float:
     return -value if metric.split("/")[-1] in LOWER_IS_BETTER else value
+
+
+# Held by the process training in a workdir (process 0 of a multi-process run).
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive_workdir(workdir: Path) -> Iterator[None]:
+    """Train in `workdir` alone. A second run into it (another terminal, a job resubmitted while
+    the first still runs) would interleave its checkpoints and metrics with the first's. The OS
+    drops the lock when its process ends, SIGKILL included, so a killed run never blocks its resume.
+    """
+    if not is_primary():
+        yield
+        return
+    lock = filelock.FileLock(workdir / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise MtlError(f"{workdir}: another process is training in this workdir (it holds {workdir / LOCK_FILE}); "
+                       "wait for it to end, or use another --workdir") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class TrainLoop:
@@ -153,6 +180,13 @@ class TrainLoop:
 
     def run(self) -> dict[str, float]:
         """Train to train.steps (or early stop) and return the last evaluation's results."""
+        try:
+            with exclusive_workdir(self.workdir):
+                return self._run()  # it closes the checkpointer: a save in flight ends before the lock does
+        finally:
+            self.checkpointer.close()  # a no-op now, unless the workdir was refused
+
+    def _run(self) -> dict[str, float]:
         cfg = self.config.train
         if is_primary():
             (self.workdir / "config.yaml").write_text(to_yaml(self.config))
