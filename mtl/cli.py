@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
 
 from mtl.assets import DEFAULT_MODEL
 from mtl.errors import MtlError
@@ -26,7 +27,7 @@ def _embed(args: argparse.Namespace) -> None:
 
     directory = resolve_model(args.model)
     encoder = Encoder.from_pretrained(directory)
-    sentences = args.sentences or EXAMPLE_SENTENCES
+    sentences = [_unicode(s, f'sentence {i}') for i, s in enumerate(args.sentences, start=1)] or EXAMPLE_SENTENCES
     embeddings = embed_sentences(encoder, load_tokenizer(directory), sentences, args.max_length)
     similarity = embeddings @ embeddings.T
     print(f"model: {args.model} ({directory})")
@@ -105,25 +106,59 @@ def _evaluate(args: argparse.Namespace) -> None:
     _print_summary(evaluate(args.workdir, args.split, args.checkpoint), args.all)
 
 
+def _jsonl_texts(lines) -> Iterator[str]:
+    """The "text" of each non-blank {"text": ...} line; a bad line is an error naming its number."""
+    import json
+
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise MtlError(f"stdin:{number}: expected a JSON object with a \"text\" key") from None
+            if not isinstance(text, str):
+                raise MtlError(f"stdin:{number}: \"text\" must be a string, got {json.dumps(text)}")
+            yield _unicode(text, f"stdin:{number}: \"text\"")
+
+
+def _unicode(text: str, where: str) -> str:
+    """`text`, if it is valid Unicode. Python reads undecodable bytes (stdin, argv) as lone
+    surrogates, as does JSON's "\\udcff"; the tokenizer would fail on them in a traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MtlError(f"{where} is not valid UTF-8 (at character {e.start})") from None
+    return text
+
+
 def _predict(args: argparse.Namespace) -> None:
+    import itertools
     import json
 
     from mtl.inference import Predictor
 
-    texts = args.texts
-    if not texts:  # JSONL on stdin: {"text": ...} per line
-        texts = []
-        for number, line in enumerate(sys.stdin, start=1):
-            if line.strip():
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise MtlError(f"stdin:{number}: expected a JSON object with a \"text\" key") from None
-                if not isinstance(text, str):
-                    raise MtlError(f"stdin:{number}: \"text\" must be a string, got {json.dumps(text)}")
-                texts.append(text)
-    for result in Predictor.from_workdir(args.workdir, args.checkpoint).predict(args.task, texts):
-        print(json.dumps(result, ensure_ascii=False))
+    predictor = Predictor.from_workdir(args.workdir, args.checkpoint, batch_size=args.batch_size)
+    predictor.predict(args.task, [])  # an unknown task is an error before stdin is read
+    # stdin is read and answered a chunk at a time: a file of any size streams through in
+    # bounded memory, and results appear while later lines are still being read. A bad line
+    # stops the run after every line before it has its result.
+    texts = (iter([_unicode(t, f'text argument {i}') for i, t in enumerate(args.texts, start=1)]) if args.texts
+             else _jsonl_texts(sys.stdin))
+    bad_line = None
+    while bad_line is None:
+        chunk = []
+        try:
+            for text in itertools.islice(texts, 16 * args.batch_size):
+                chunk.append(text)
+        except MtlError as e:
+            bad_line = e
+        if not chunk:
+            break
+        for result in predictor.predict(args.task, chunk):
+            print(json.dumps(result, ensure_ascii=False))
+        sys.stdout.flush()
+    if bad_line is not None:
+        raise bad_line
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -190,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--workdir", required=True)
     predict.add_argument("--task", required=True)
     predict.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    predict.add_argument("--batch-size", type=_positive_int, default=64, help="texts per forward pass (default 64)")
     predict.set_defaults(run=_predict)
 
     export = sub.add_parser("export", help="write the encoder in HF format, plus heads and label maps")

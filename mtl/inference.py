@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,18 +32,38 @@ from mtl.tasks import TaskSpec, load_tasks
 from mtl.tokenizer import load_tokenizer
 from mtl.params import flatten
 from mtl.train.experiment import assign_params, build_encoder
+from mtl.train.multitask import make_predict_steps
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class Predictor:
+    """Predicts a trained model's tasks on raw texts.
+
+    Texts go through in batches of `batch_size` rows, shortest first (a batch pads to its
+    longest text, rounded up to a length bucket), through one jitted function per task. So a
+    batch shape (rows, bucket) compiles once, and memory stays one batch's whatever the number
+    of texts. The jitted functions read the model's parameters as they are when the Predictor
+    is made.
+    """
+
     model: MultiTaskModel
     tokenizer: Any
     specs: dict[str, TaskSpec]
     labels: dict[str, list[str]]
     step: int
+    batch_size: int = 64
+
+    def __post_init__(self):
+        if self.batch_size <= 0:
+            raise MtlError(f"batch_size must be positive, got {self.batch_size}")
+        graphdef, self._params, rest = nnx.split(self.model, nnx.Param, ...)
+        self._steps = make_predict_steps(graphdef, rest, list(self.specs))
+        self._said_cut: set[str] = set()  # tasks whose truncated texts were reported
 
     @classmethod
-    def from_workdir(cls, workdir: str | os.PathLike, which: str = "best") -> Predictor:
+    def from_workdir(cls, workdir: str | os.PathLike, which: str = "best", batch_size: int = 64) -> Predictor:
         workdir = Path(workdir)
         if not (workdir / "config.yaml").is_file():
             raise MtlError(f"{workdir}: not a training workdir (no config.yaml); run mtl train first")
@@ -61,64 +82,86 @@ class Predictor:
         model = MultiTaskModel(encoder, heads)
         where = f"{workdir}: checkpoint {step} does not fit config.yaml (edited since?)"
         assign_params(model, flatten(saved["model"]), where=where)
-        return cls(model, tokenizer, specs, meta["labels"], step)
-
-    def _batch(self, spec: TaskSpec, texts: Sequence[str], words: list[list[str]] | None) -> dict[str, np.ndarray]:
-        if words is not None:
-            enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=spec.max_length)
-        else:
-            enc = self.tokenizer(list(texts), truncation=True, max_length=spec.max_length)
-        n = len(texts)
-        longest = max(len(x) for x in enc["input_ids"])
-        length = min(b for b in bucket_lengths(spec.max_length) if b >= longest)
-        out = {k: np.zeros((n, length), np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
-        out["input_ids"][:] = self.tokenizer.pad_token_id
-        out["weights"] = np.ones((n,), np.float32)
-        out["word_index"] = np.full((n, length), -1, np.int32)
-        out["num_words"] = np.array([len(w) for w in words] if words is not None else [0] * n, np.int32)
-        for i in range(n):
-            for key in ("input_ids", "attention_mask", "token_type_ids"):
-                values = enc[key][i] if key in enc else [0] * len(enc["input_ids"][i])
-                out[key][i, : len(values)] = values
-            if words is not None:
-                index = first_subtoken_words(enc.word_ids(i))
-                out["word_index"][i, : len(index)] = index
-        return out
+        return cls(model, tokenizer, specs, meta["labels"], step, batch_size)
 
     def predict(self, task: str, texts: Sequence[str]) -> list[dict[str, Any]]:
-        """One result dict per text: label (+probabilities, score), tags and entity spans, ..."""
+        """One result dict per text, in order: label (+probabilities, score), tags and entity spans, ..."""
         if task not in self.specs:
             raise MtlError(f"task {task!r} is not in this workdir; tasks: {sorted(self.specs)}")
+        texts = list(texts)
         if not texts:
             return []
         spec, head = self.specs[task], self.model.head(task)
-        kind, labels = get_head(spec.head).label_kind, self.labels[task]
+        kind = get_head(spec.head).label_kind
+        # Token tasks tag whitespace-separated words, as their training data gives them.
         words = [t.split() for t in texts] if kind == "tags" else None
-        batch = self._batch(spec, texts, words)
-        predictions = jax.device_get(head.predict(self.model(task, batch), batch))
-        decoded = head.decode(predictions, batch)
-        results = []
-        for i, (text, item) in enumerate(zip(texts, decoded)):
-            result: dict[str, Any] = {"text": text}
-            if kind == "tags":
-                from seqeval.metrics.sequence_labeling import get_entities
-
-                tags = [labels[t] for t in item]
-                result["tokens"], result["tags"] = words[i], tags
-                result["entities"] = [{"type": kind_, "start": s, "end": e + 1, "text": " ".join(words[i][s:e + 1])}
-                                      for kind_, s, e in get_entities(tags)]
-            elif kind == "class":
-                label = item[0] if isinstance(item, tuple) else item
-                result["label"] = labels[label]
-                result["probs"] = {l: round(float(p), 4) for l, p in zip(labels, predictions["probs"][i])}
-                if isinstance(item, tuple):
-                    result["score"] = round(item[1], 4)
-            elif kind == "scalar":
-                result["score"] = item
-            else:
-                result["labels"] = [l for l, on in zip(labels, item) if on]
-            results.append(result)
+        if words is not None:
+            enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=spec.max_length)
+        else:
+            enc = self.tokenizer(texts, truncation=True, max_length=spec.max_length)
+        cut = sum(bool(e.overflowing) for e in enc.encodings)
+        if cut and task not in self._said_cut:  # once per task: a stream of chunks would repeat it
+            self._said_cut.add(task)
+            log.warning("%d of %d texts are longer than task %r's max_length of %d tokens; only their first %d "
+                        "are read%s (said once per task)", cut, len(texts), task, spec.max_length,
+                        spec.max_length, ", later words tagged O" if kind == "tags" else "")
+        rows = self.batch_size if len(texts) >= self.batch_size else 1 << (len(texts) - 1).bit_length()
+        order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
+        results: list[dict[str, Any]] = [{}] * len(texts)
+        for start in range(0, len(texts), rows):
+            chosen = order[start:start + rows]
+            batch = self._batch(spec, enc, chosen, rows, words)
+            predictions = jax.device_get(self._steps[task](self._params, batch))
+            probs = predictions.get("probs")
+            for row, (i, item) in enumerate(zip(chosen, head.decode(predictions, batch))):
+                results[i] = self._result(task, kind, texts[i], words[i] if words else None, item,
+                                          probs[row] if probs is not None else None)
         return results
+
+    def _batch(self, spec: TaskSpec, enc, chosen: np.ndarray, rows: int,
+               words: list[list[str]] | None) -> dict[str, np.ndarray]:
+        """Rows `chosen` of the tokenized texts as one padded batch of `rows` rows (the rest weight 0)."""
+        longest = max(len(enc["input_ids"][i]) for i in chosen)
+        length = min(b for b in bucket_lengths(spec.max_length) if b >= longest)
+        out = {k: np.zeros((rows, length), np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        out["input_ids"][:] = self.tokenizer.pad_token_id
+        out["weights"] = (np.arange(rows) < len(chosen)).astype(np.float32)
+        out["word_index"] = np.full((rows, length), -1, np.int32)
+        out["num_words"] = np.zeros((rows,), np.int32)
+        for row, i in enumerate(chosen):
+            for key in ("input_ids", "attention_mask", "token_type_ids"):
+                values = enc[key][i] if key in enc else [0] * len(enc["input_ids"][i])
+                out[key][row, : len(values)] = values
+            if words is not None:
+                index = first_subtoken_words(enc.word_ids(int(i)))
+                out["word_index"][row, : len(index)] = index
+                out["num_words"][row] = len(words[i])
+        return out
+
+    def _result(self, task: str, kind: str, text: str, words: list[str] | None, item: Any,
+                probs: np.ndarray | None) -> dict[str, Any]:
+        """The JSON-able result of one text: `item` is its head's decoded prediction, `probs` its
+        class probabilities (classification heads)."""
+        labels = self.labels[task]
+        result: dict[str, Any] = {"text": text}
+        if kind == "tags":
+            from seqeval.metrics.sequence_labeling import get_entities
+
+            tags = [labels[t] for t in item]
+            result["tokens"], result["tags"] = words, tags
+            result["entities"] = [{"type": kind_, "start": s, "end": e + 1, "text": " ".join(words[s:e + 1])}
+                                  for kind_, s, e in get_entities(tags)]
+        elif kind == "class":
+            label = item[0] if isinstance(item, tuple) else item
+            result["label"] = labels[label]
+            result["probs"] = {l: round(float(p), 4) for l, p in zip(labels, probs)}
+            if isinstance(item, tuple):
+                result["score"] = round(item[1], 4)
+        elif kind == "scalar":
+            result["score"] = item
+        else:
+            result["labels"] = [l for l, on in zip(labels, item) if on]
+        return result
 
 
 def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = "best") -> Path:

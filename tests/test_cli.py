@@ -93,13 +93,28 @@ def test_stray_arguments_are_one_usage_error(argv, capsys):
     ('["a"]', 'stdin:2: expected a JSON object with a "text" key'),
     ('{"text": 3}', 'stdin:2: "text" must be a string, got 3'),
     ('{"text": ["a", "b"]}', 'stdin:2: "text" must be a string, got ["a", "b"]'),
+    # A lone surrogate: JSON may escape one, and Python reads undecodable stdin bytes as one.
+    ('{"text": "ok \\ud800"}', 'stdin:2: "text" is not valid UTF-8 (at character 3)'),
+    ('{"text": "ok \udcff"}', 'stdin:2: "text" is not valid UTF-8 (at character 3)'),
 ])
-def test_predict_names_the_bad_stdin_line(tmp_path, line, message):
-    # The lines are read before the workdir is opened, so a bad one is reported first.
-    proc = subprocess.run([*MTL.split(), "predict", "--workdir", str(tmp_path), "--task", "t"],
-                          input=f'{{"text": "fine"}}\n{line}\n', capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr == f"mtl: error: {message}\n"
+def test_predict_names_the_bad_stdin_line(line, message):
+    import io
+
+    from mtl import MtlError
+    from mtl.cli import _jsonl_texts
+
+    texts = _jsonl_texts(io.StringIO(f'{{"text": "fine"}}\n{line}\n'))
+    assert next(texts) == "fine"
+    with pytest.raises(MtlError) as error:
+        next(texts)
+    assert str(error.value) == message
+
+
+def test_texts_that_are_not_unicode_are_one_line():
+    # Undecodable bytes in argv reach Python as lone surrogates.
+    proc = subprocess.run([*MTL.split(), "embed", "fine", b"caf\xe9".decode("utf-8", "surrogateescape")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.endswith("mtl: error: sentence 2 is not valid UTF-8 (at character 3)\n")
 
 
 @pytest.mark.parametrize("argv", [["meta-test", "--workdir", "w", "--episodes", "0"],

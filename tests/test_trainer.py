@@ -1,6 +1,7 @@
 """The multi-task trainer: exact resume after SIGKILL, restore, non-finite losses, traces, bad configs."""
 
 import dataclasses
+import json
 import logging
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data_helpers import CSV_SPEC, write_task
+from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_SPEC, write_task
 from mtl import MtlError
 from mtl.checkpoint import SELECTION, Checkpointer
 from mtl.params import flatten, unstack_layers
@@ -539,8 +540,6 @@ def dataclasses_replace(obj, **changes):
 
 
 def test_predict_and_export(tmp_path, isolated_cache, minilm_dir):
-    import json
-
     import torch
     import transformers
 
@@ -566,6 +565,58 @@ def test_predict_and_export(tmp_path, isolated_cache, minilm_dir):
     tasks = json.loads((out / "tasks.json").read_text())["tasks"]
     assert tasks["toy_csv"]["labels"] == ["neg", "pos"] and tasks["toy_csv"]["head"] == "classification"
     assert trainer.tasks == ["toy_csv"]
+
+
+def test_predict_batches_texts_shortest_first_and_answers_in_their_order(tmp_path, isolated_cache, minilm_dir, caplog):
+    from flax import nnx
+
+    from mtl.inference import Predictor
+    from mtl.models.heads import build_head
+    from mtl.models.model import MultiTaskModel
+    from mtl.tasks import load_tasks
+
+    _trained(tmp_path, minilm_dir)
+    trained = Predictor.from_workdir(tmp_path / "a")
+    # A random tagging head beside the trained one: batching must not change any prediction.
+    ner = load_tasks([str(write_task(tmp_path / "ner", dict(CONLL_SPEC, max_length=16),
+                                     {"train.txt": CONLL_TRAIN, "dev.txt": CONLL_DEV}))])[0]
+    heads = {"toy_csv": trained.model.head("toy_csv"),
+             "toy_ner": build_head(ner.head, 16, ner.labels, ner.head_options, rngs=nnx.Rngs(3))}
+    predictor = Predictor(MultiTaskModel(trained.model.encoder, heads), trained.tokenizer,
+                          {**trained.specs, "toy_ner": ner}, {**trained.labels, "toy_ner": ner.labels}, trained.step,
+                          batch_size=4)
+    shapes = []
+    for task, step in predictor._steps.items():
+        predictor._steps[task] = lambda params, batch, step=step: shapes.append(batch["input_ids"].shape) or step(params, batch)
+    # 5 to 50 tokens, not in length order: toy_csv pads to buckets 32 and 64, toy_ner cuts some at 16.
+    texts = [" ".join(["John", "visited", "Paris", "and", "New", "York"] * 10)[: 3 + 25 * (i * 7 % 11)] for i in range(11)]
+    answers = {}
+    for task in ("toy_csv", "toy_ner"):
+        shapes.clear()
+        with caplog.at_level(logging.WARNING):
+            together = predictor.predict(task, texts)
+            assert predictor.predict(task, texts[3:4]) == together[3:4]  # said once per task
+        # 11 texts in batches of 4 rows (the last one padded), shortest first, each batch padded to
+        # its longest text's bucket (tokens 4-17, 22-35 and 41-50); then text 3 (50 tokens) alone.
+        assert shapes == {"toy_csv": [(4, 32), (4, 64), (4, 64), (1, 64)], "toy_ner": [(4, 16)] * 3 + [(1, 16)]}[task]
+        answers[task] = together
+        alone = [predictor.predict(task, [text])[0] for text in texts]
+        assert [r["text"] for r in together] == texts
+        for one, other in zip(together, alone):
+            assert {k: v for k, v in one.items() if k != "probs"} == {k: v for k, v in other.items() if k != "probs"}
+            # Other batch shapes sum in other orders; the probabilities are rounded to 4 places.
+            for label, p in one.get("probs", {}).items():
+                assert abs(p - other["probs"][label]) <= 1.0001e-4
+    assert caplog.text.count("texts are longer than task") == 1  # toy_csv cuts at 128
+    assert ("8 of 11 texts are longer than task 'toy_ner''s max_length of 16 tokens; only their first 16 are read, "
+            "later words tagged O (said once per task)") in caplog.text
+
+    # mtl predict streams stdin; a bad line stops it after every line before it has its result.
+    lines = [json.dumps({"text": text}) for text in texts[:3]] + ['{"txt": 1}', json.dumps({"text": texts[3]})]
+    proc = subprocess.run(_mtl("predict", "--workdir", str(tmp_path / "a"), "--task", "toy_csv", "--batch-size", "2"),
+                          input="\n".join(lines) + "\n", capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr == 'mtl: error: stdin:4: expected a JSON object with a "text" key\n'
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == answers["toy_csv"][:3]
 
 
 def test_predict_and_export_refuse_a_config_edited_to_another_model(tmp_path, isolated_cache, minilm_dir):
