@@ -171,9 +171,19 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = "bes
     out/tokenizer files; out/heads.safetensors: each head's parameters as "task.path.to.param";
     out/tasks.json: every task's head type, options, max_length and labels in id order.
     """
-    predictor = Predictor.from_workdir(workdir, which)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Checked first: save_pretrained would overwrite another model's config.json and weights.
+    if out.is_dir() and not (out / "tasks.json").is_file():
+        others = sorted(p.name for p in out.iterdir())
+        if others:
+            raise MtlError(f"{out}: holds files that are not an mtl export ({', '.join(others[:5])}"
+                           f"{', ...' if len(others) > 5 else ''}); export into a new or empty directory, or one "
+                           "an earlier mtl export wrote")
+    predictor = Predictor.from_workdir(workdir, which)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MtlError(f"{out}: cannot create the export directory ({e.strerror})") from None
     predictor.model.encoder.save_pretrained(out)
     predictor.tokenizer.save_pretrained(str(out))
     heads = flatten(nnx.to_pure_dict(nnx.state(predictor.model.heads, nnx.Param)))

@@ -564,6 +564,15 @@ def test_predict_and_export(tmp_path, isolated_cache, minilm_dir):
     np.testing.assert_allclose(ours, hf, atol=1e-5)
     tasks = json.loads((out / "tasks.json").read_text())["tasks"]
     assert tasks["toy_csv"]["labels"] == ["neg", "pos"] and tasks["toy_csv"]["head"] == "classification"
+    # Another model's directory is left as it was; an earlier export may be written over.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    with pytest.raises(MtlError, match=rf"^{tmp_path / 'other'}: holds files that are not an mtl export \(config.json\); "
+                                       "export into a new or empty directory, or one an earlier mtl export wrote$"):
+        export(tmp_path / "a", tmp_path / "other")
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["config.json"]
+    assert (tmp_path / "other" / "config.json").read_text() == "{}"
+    assert export(tmp_path / "a", out) == out
     assert trainer.tasks == ["toy_csv"]
 
 
