@@ -13,9 +13,12 @@ with each evaluated checkpoint (SELECTION); "best" means the same when a workdir
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,29 +98,45 @@ class Checkpointer:
         meta = self.restore_meta(step)
         # Checked before orbax reads anything: its own error names no parameter, and a failed
         # restore leaves its reader threads to print tracebacks as the process exits.
-        mismatch = _first_mismatch(self.manager.item_metadata(step)["state"], abstract)
+        with self._reading(step):
+            mismatch = _first_mismatch(self.manager.item_metadata(step)["state"], abstract)
         if mismatch is not None:
             raise MtlError(f"{self.directory}/{step}: the checkpoint does not fit this run: {mismatch}. A workdir's "
                            "model and optimizer are fixed; use a new --workdir (model.init_from transfers weights)")
-        try:
+        with self._reading(step):
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
             )
-        except (ValueError, KeyError, TypeError) as e:
-            raise MtlError(f"{self.directory}/{step}: the checkpoint does not fit this model ({_first_line(e)})") from None
         return restored["state"], meta
 
     def restore_meta(self, step: int) -> dict:
-        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        with self._reading(step):
+            restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return restored["meta"]
+
+    @contextlib.contextmanager
+    def _reading(self, step: int) -> Iterator[None]:
+        """Orbax failing to read checkpoint `step`, as one line. Its shapes are checked first, so
+        what is left is damage: a copy cut short, a disk that filled up, a file edited or lost."""
+        try:
+            yield
+        except MtlError:
+            raise
+        except Exception as e:  # orbax and tensorstore raise bare Exceptions, wrapping the cause
+            _quiet_abandoned_reads()
+            earlier = [s for s in self.manager.all_steps() if s < step]
+            advice = (f"move it out of {self.directory} to use checkpoint {max(earlier)}" if earlier else
+                      "no earlier checkpoint is kept")
+            raise MtlError(f"{self.directory}/{step}: cannot read this checkpoint ({_root_cause(e)}); {advice}") from None
 
     def restore_tree(self, step: int) -> Any:
         """The saved state as a plain nested dict of arrays, without a target structure, on this
         process's first device whatever mesh saved it (transfer, export, inference)."""
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                self.manager.item_metadata(step)["state"])
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        with self._reading(step):
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                    self.manager.item_metadata(step)["state"])
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         return restored["state"]
 
     def wait(self) -> None:
@@ -154,8 +173,43 @@ def _first_mismatch(saved: Any, expected: Any) -> str | None:
     return None if extra is None else f"the checkpoint has {extra}, which this run lacks"
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
+def _quiet_abandoned_reads() -> None:
+    """After a failed restore, orbax has left the checkpoint's other reads running. As they
+    finish they fail too, onto an event loop orbax has closed, and Python prints each failure
+    (hundreds of tracebacks, as "unraisable" or as asyncio's "Task exception was never
+    retrieved"). Those are dropped from then on; anything else still prints."""
+    if _AbandonedReads.installed:
+        return
+    _AbandonedReads.installed = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not _AbandonedReads.matches(unraisable.exc_value):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_AbandonedReads())
+
+
+class _AbandonedReads(logging.Filter):
+    installed = False
+
+    @staticmethod
+    def matches(error: BaseException | None) -> bool:
+        message = str(error)
+        return (message.startswith("Encountered error while reading array index")
+                or (isinstance(error, RuntimeError) and message == "Event loop is closed"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage().startswith("Task exception was never retrieved") and self.matches(error))
+
+
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost exception `e` was raised from (the one that says what broke)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip().split(" [tensorstore_spec=")[0]  # the spec is a page of JSON
     return text.splitlines()[0] if text else type(e).__name__
 
 

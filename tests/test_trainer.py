@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -444,6 +445,29 @@ def test_a_workdir_another_process_trains_in_is_refused_and_left_as_it_was(tmp_p
     # Once that process has ended, the same run resumes.
     Trainer(build_experiment(longer), tmp_path / "w").run()
     assert max(_losses(tmp_path / "w")) == 12
+
+
+def test_a_damaged_checkpoint_is_one_error_naming_it_and_the_one_before(tmp_path, isolated_cache, minilm_dir):
+    _trained(tmp_path, minilm_dir)  # checkpoints 4 and 8
+    checkpoints = tmp_path / "a" / "checkpoints"
+    data = max((checkpoints / "8" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    with data.open("r+b") as f:  # a copy cut short
+        f.truncate(data.stat().st_size // 2)
+    said = (rf"{checkpoints}/8: cannot read this checkpoint \(OUT_OF_RANGE: Error reading \S+ in OCDBT database at "
+            rf"local file \S+: Requested byte range \[\d+, \d+\) is not valid for value of size \d+\); move it out of "
+            rf"{checkpoints} to use checkpoint 4")
+    # One line: orbax's abandoned reads used to print hundreds of tracebacks after it.
+    proc = subprocess.run(_mtl("evaluate", "--workdir", str(tmp_path / "a"), "--checkpoint", "latest"),
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and re.fullmatch(f"mtl: error: {said}\n", proc.stderr), proc.stderr[-3000:]
+    longer = _toy_config(tmp_path, minilm_dir, steps=12)
+    with pytest.raises(MtlError, match=f"^{said}$"):
+        Trainer(build_experiment(longer), tmp_path / "a").run()
+    # Moved out as the message says, the run resumes from checkpoint 4.
+    (checkpoints / "8").rename(tmp_path / "damaged")
+    Trainer(build_experiment(longer), tmp_path / "a").run()
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [8, 12]
+    assert [r["step"] for r in read_metrics(tmp_path / "a") if r["kind"] == "train"].count(5) == 2  # again, resumed at 4
 
 
 def test_cli_train_errors_are_one_line(tmp_path):
