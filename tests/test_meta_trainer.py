@@ -79,6 +79,20 @@ def test_meta_cli(meta_run, capsys):
     # A learned 3-way head cannot answer 2-way episodes.
     assert main(["meta-test", "--workdir", str(reference), "--ways", "2"]) == 2
     assert "head was meta-learned for 3 ways; --ways 2 needs protonet or proto_init" in capsys.readouterr().err
+    # Too many shots for the tested split is an error about that split, not a meta-train source.
+    assert main(["meta-test", "--workdir", str(reference), "--shots", "5000"]) == 2
+    assert capsys.readouterr().err.startswith("mtl: error: bbc_topic/test: ")
+
+
+def test_protonet_meta_tests_more_ways_than_its_meta_train_task_has_classes(tmp_path, minilm_dir):
+    # Meta-trained 3-way on tweet sentiment (3 classes), tested 5-way on BBC topics (5 classes):
+    # the train sampler keeps its trained shape, so tweets need not have 5 classes.
+    workdir = tmp_path / "proto"
+    meta_train(load_experiment(META_TINY, ["meta.algorithm=protonet", "train.steps=2", "train.eval_every=2"]), workdir)
+    report = meta_test(workdir, episodes=2, ways=5)
+    assert report["ways"] == 5 and all(0 <= row["accuracy"] <= 1 for row in report["results"].values())
+    with pytest.raises(MtlError, match=r"^bbc_topic/validation: 6-way episodes need 6 classes, it has 5 \['business', "):
+        meta_test(workdir, episodes=2, ways=6, split="validation")
 
 
 def test_meta_configs_and_workdirs_are_not_mixed_up(meta_run, tmp_path, capsys):

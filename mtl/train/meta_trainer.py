@@ -23,7 +23,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from mtl.assets import resolve_model
-from mtl.config import ExperimentConfig, load_experiment
+from mtl.config import ExperimentConfig, MetaSection, load_experiment
 from mtl.data.episodes import EpisodeSampler, check_disjoint, make_source
 from mtl.data.pipeline import TaskData
 from mtl.errors import MtlError
@@ -52,7 +52,15 @@ class MetaExperiment:
     samplers: dict[str, EpisodeSampler]  # "train", "validation" (periodic eval), "test"
 
 
-def _samplers(config: ExperimentConfig, tasks: dict[str, TaskData], pad_token_id: int) -> dict[str, EpisodeSampler]:
+def _samplers(config: ExperimentConfig, tasks: dict[str, TaskData], pad_token_id: int,
+              tested: tuple[MetaSection, str] | None = None) -> dict[str, EpisodeSampler]:
+    """The episode samplers of config.meta: "train", "validation" (periodic evaluation), "test".
+
+    Meta-test passes `tested`: (the meta section the workdir was trained with, the split it
+    tests). Then config.meta's ways, shots and queries (the command line's) shape that split's
+    episodes only; the others keep the trained shape, so that a source meta-test does not read
+    need not have the new number of classes or examples.
+    """
     meta = config.meta
     # A source names a task as `tasks` lists it (a shipped name or a spec path); `tasks` is keyed
     # by the spec's name, in the same order.
@@ -67,15 +75,20 @@ def _samplers(config: ExperimentConfig, tasks: dict[str, TaskData], pad_token_id
                   else [make_source(s.task, meta.eval_split, s.classes) for s in test])
     shape = {"ways": meta.ways, "shots": meta.shots, "queries": meta.queries, "max_length": meta.max_length,
              "pad_token_id": pad_token_id}
+    shapes = dict.fromkeys(("train", "validation", "test"), shape)
+    if tested is not None:
+        trained, split = tested
+        shapes = {part: shape if part == split else dict(shape, ways=trained.ways, shots=trained.shots,
+                                                         queries=trained.queries) for part in shapes}
     seed = config.train.seed
-    return {"train": EpisodeSampler(train, seed=seed, **shape),
-            "validation": EpisodeSampler(evaluation, seed=seed + 1, **shape),
-            "test": EpisodeSampler(test, seed=seed + 2, **shape)}
+    return {"train": EpisodeSampler(train, seed=seed, **shapes["train"]),
+            "validation": EpisodeSampler(evaluation, seed=seed + 1, **shapes["validation"]),
+            "test": EpisodeSampler(test, seed=seed + 2, **shapes["test"])}
 
 
-def build_meta_experiment(config: ExperimentConfig) -> MetaExperiment:
+def build_meta_experiment(config: ExperimentConfig, tested: tuple[MetaSection, str] | None = None) -> MetaExperiment:
     """Resolve the encoder, load the tasks (truncated to meta.max_length), build the episode
-    samplers and the model; with model.init_from, transfer its encoder."""
+    samplers and the model; with model.init_from, transfer its encoder. `tested`: see _samplers."""
     if config.meta is None:
         raise MtlError("this config has no `meta` section; mtl meta-train needs one (mtl train runs multi-task configs)")
     meta = config.meta
@@ -86,9 +99,9 @@ def build_meta_experiment(config: ExperimentConfig) -> MetaExperiment:
     truncated = dataclasses.replace(config, tasks=[
         dataclasses.replace(e, overrides=[*e.overrides, f"max_length={meta.max_length}"]) for e in config.tasks])
     tasks = load_experiment_data(truncated, tokenizer, encoder.config.max_sequence_length)
-    samplers = _samplers(config, tasks, tokenizer.pad_token_id)
+    samplers = _samplers(config, tasks, tokenizer.pad_token_id, tested)
     kind = samplers["train"].kind
-    labels = samplers["train"].episode_labels
+    labels = samplers[tested[1] if tested else "test"].episode_labels  # as wide as the episodes it is tested on
     options = {"pooling": meta.pooling, "dropout": 0.0} if kind == "class" else {"dropout": 0.0}
     head = build_head("classification" if kind == "class" else "token_classification", encoder.config.hidden_size,
                       labels, options, rngs=nnx.Rngs(config.train.seed + 1))
@@ -236,11 +249,12 @@ def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None 
     if baseline_from is not None and _is_meta_workdir(Path(baseline_from)):
         raise MtlError(f"{baseline_from}: is a meta-learning workdir; baseline (b) is a multi-task one (mtl train), "
                        "whose encoder saw no episodes")
-    experiment = build_meta_experiment(dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=None)))
+    experiment = build_meta_experiment(dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=None)),
+                                       tested=(trained.meta, split))
     trainer = MetaTrainer(experiment, workdir)
     try:
         initial = trainer.state.params
-        labels = trainer.samplers["train"].episode_labels
+        labels = trainer.samplers[split].episode_labels
         if new_ways:  # the saved head has another shape: take the meta-trained encoder only
             model = nnx.merge(trainer.graphdef, experiment.initial_params, trainer.learner.rest)
             transfer(model, str(workdir), {HEAD: labels}, [HEAD])
