@@ -1,8 +1,9 @@
 """Use a trained workdir: predict on raw texts, or export it for transformers.
 
 `Predictor.from_workdir(dir)` rebuilds the model from the workdir's config.yaml and its best
-checkpoint. The label vocabularies come from the checkpoint's metadata, so predicting never
-reads the training data.
+checkpoint. Each task's labels, head, head options and max length come from the checkpoint's
+metadata, so predicting reads neither the training data nor the task specs: a workdir copied
+to another machine predicts there.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mtl.data.pipeline import first_subtoken_words
 from mtl.errors import MtlError
 from mtl.models.heads import build_head, get_head
 from mtl.models.model import MultiTaskModel
-from mtl.tasks import TaskSpec, load_tasks
+from mtl.tasks import TaskHead, load_tasks
 from mtl.tokenizer import load_tokenizer
 from mtl.params import flatten
 from mtl.train.experiment import assign_params, build_encoder
@@ -50,7 +51,7 @@ class Predictor:
 
     model: MultiTaskModel
     tokenizer: Any
-    specs: dict[str, TaskSpec]
+    tasks: dict[str, TaskHead]  # each task's head, options and max_length, as trained
     labels: dict[str, list[str]]
     step: int
     batch_size: int = 64
@@ -59,7 +60,7 @@ class Predictor:
         if self.batch_size <= 0:
             raise MtlError(f"batch_size must be positive, got {self.batch_size}")
         graphdef, self._params, rest = nnx.split(self.model, nnx.Param, ...)
-        self._steps = make_predict_steps(graphdef, rest, list(self.specs))
+        self._steps = make_predict_steps(graphdef, rest, list(self.tasks))
         self._said_cut: set[str] = set()  # tasks whose truncated texts were reported
 
     @classmethod
@@ -75,42 +76,46 @@ class Predictor:
         directory = resolve_model(config.model.encoder)
         tokenizer = load_tokenizer(directory)
         encoder = build_encoder(config, directory, len(tokenizer))
-        specs = {s.name: s for s in load_tasks([t.task for t in config.tasks], [t.overrides for t in config.tasks])}
+        if "heads" in meta:  # the checkpoint says what each head is: no spec file needed
+            tasks = {name: TaskHead(**record) for name, record in meta["heads"].items()}
+        else:  # a checkpoint from before mtl saved its heads
+            specs = load_tasks([t.task for t in config.tasks], [t.overrides for t in config.tasks])
+            tasks = {spec.name: TaskHead.of(spec) for spec in specs}
         rngs = nnx.Rngs(0)
-        heads = {name: build_head(spec.head, encoder.config.hidden_size, meta["labels"][name], spec.head_options, rngs=rngs)
-                 for name, spec in specs.items()}
+        heads = {name: build_head(task.head, encoder.config.hidden_size, meta["labels"][name], task.head_options, rngs=rngs)
+                 for name, task in tasks.items()}
         model = MultiTaskModel(encoder, heads)
         where = f"{workdir}: checkpoint {step} does not fit config.yaml (edited since?)"
         assign_params(model, flatten(saved["model"]), where=where)
-        return cls(model, tokenizer, specs, meta["labels"], step, batch_size)
+        return cls(model, tokenizer, tasks, meta["labels"], step, batch_size)
 
     def predict(self, task: str, texts: Sequence[str]) -> list[dict[str, Any]]:
         """One result dict per text, in order: label (+probabilities, score), tags and entity spans, ..."""
-        if task not in self.specs:
-            raise MtlError(f"task {task!r} is not in this workdir; tasks: {sorted(self.specs)}")
+        if task not in self.tasks:
+            raise MtlError(f"task {task!r} is not in this workdir; tasks: {sorted(self.tasks)}")
         texts = list(texts)
         if not texts:
             return []
-        spec, head = self.specs[task], self.model.head(task)
-        kind = get_head(spec.head).label_kind
+        trained, head = self.tasks[task], self.model.head(task)
+        kind = get_head(trained.head).label_kind
         # Token tasks tag whitespace-separated words, as their training data gives them.
         words = [t.split() for t in texts] if kind == "tags" else None
         if words is not None:
-            enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=spec.max_length)
+            enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=trained.max_length)
         else:
-            enc = self.tokenizer(texts, truncation=True, max_length=spec.max_length)
+            enc = self.tokenizer(texts, truncation=True, max_length=trained.max_length)
         cut = sum(bool(e.overflowing) for e in enc.encodings)
         if cut and task not in self._said_cut:  # once per task: a stream of chunks would repeat it
             self._said_cut.add(task)
             log.warning("%d of %d texts are longer than task %r's max_length of %d tokens; only their first %d "
-                        "are read%s (said once per task)", cut, len(texts), task, spec.max_length,
-                        spec.max_length, ", later words tagged O" if kind == "tags" else "")
+                        "are read%s (said once per task)", cut, len(texts), task, trained.max_length,
+                        trained.max_length, ", later words tagged O" if kind == "tags" else "")
         rows = self.batch_size if len(texts) >= self.batch_size else 1 << (len(texts) - 1).bit_length()
         order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
         results: list[dict[str, Any]] = [{}] * len(texts)
         for start in range(0, len(texts), rows):
             chosen = order[start:start + rows]
-            batch = self._batch(spec, enc, chosen, rows, words)
+            batch = self._batch(trained.max_length, enc, chosen, rows, words)
             predictions = jax.device_get(self._steps[task](self._params, batch))
             probs = predictions.get("probs")
             for row, (i, item) in enumerate(zip(chosen, head.decode(predictions, batch))):
@@ -118,11 +123,11 @@ class Predictor:
                                           probs[row] if probs is not None else None)
         return results
 
-    def _batch(self, spec: TaskSpec, enc, chosen: np.ndarray, rows: int,
+    def _batch(self, max_length: int, enc, chosen: np.ndarray, rows: int,
                words: list[list[str]] | None) -> dict[str, np.ndarray]:
         """Rows `chosen` of the tokenized texts as one padded batch of `rows` rows (the rest weight 0)."""
         longest = max(len(enc["input_ids"][i]) for i in chosen)
-        length = min(b for b in bucket_lengths(spec.max_length) if b >= longest)
+        length = min(b for b in bucket_lengths(max_length) if b >= longest)
         out = {k: np.zeros((rows, length), np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
         out["input_ids"][:] = self.tokenizer.pad_token_id
         out["weights"] = (np.arange(rows) < len(chosen)).astype(np.float32)
@@ -188,7 +193,6 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = "bes
     predictor.tokenizer.save_pretrained(str(out))
     heads = flatten(nnx.to_pure_dict(nnx.state(predictor.model.heads, nnx.Param)))
     save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in heads.items()}, str(out / "heads.safetensors"))
-    tasks = {name: {"head": spec.head, "head_options": spec.head_options, "max_length": spec.max_length,
-                    "labels": predictor.labels[name]} for name, spec in predictor.specs.items()}
+    tasks = {name: dict(dataclasses.asdict(task), labels=predictor.labels[name]) for name, task in predictor.tasks.items()}
     (out / "tasks.json").write_text(json.dumps({"step": predictor.step, "tasks": tasks}, indent=2) + "\n")
     return out

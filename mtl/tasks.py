@@ -9,6 +9,7 @@ spec's own directory. The README documents every key; `tasks/*.yaml` are worked 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -101,6 +102,21 @@ class TaskSpec:
     @property
     def base_dir(self) -> Path:
         return Path(self.origin).parent if self.origin else Path.cwd()
+
+
+@dataclasses.dataclass
+class TaskHead:
+    """What a trained task's head needs beside its labels: saved in every checkpoint's meta, so
+    that predict and export need no spec file, and a spec edited since training is noticed."""
+
+    head: str
+    head_options: dict[str, Any]
+    max_length: int
+
+    @classmethod
+    def of(cls, spec: TaskSpec) -> TaskHead:
+        # Through JSON, the form a checkpoint's meta keeps: a saved and a fresh one compare equal.
+        return cls(spec.head, json.loads(json.dumps(spec.head_options)), spec.max_length)
 
 
 def _validate(spec: TaskSpec, where: str) -> None:

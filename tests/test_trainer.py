@@ -606,7 +606,7 @@ def test_predict_batches_texts_shortest_first_and_answers_in_their_order(tmp_pat
     from mtl.inference import Predictor
     from mtl.models.heads import build_head
     from mtl.models.model import MultiTaskModel
-    from mtl.tasks import load_tasks
+    from mtl.tasks import TaskHead, load_tasks
 
     _trained(tmp_path, minilm_dir)
     trained = Predictor.from_workdir(tmp_path / "a")
@@ -616,8 +616,8 @@ def test_predict_batches_texts_shortest_first_and_answers_in_their_order(tmp_pat
     heads = {"toy_csv": trained.model.head("toy_csv"),
              "toy_ner": build_head(ner.head, 16, ner.labels, ner.head_options, rngs=nnx.Rngs(3))}
     predictor = Predictor(MultiTaskModel(trained.model.encoder, heads), trained.tokenizer,
-                          {**trained.specs, "toy_ner": ner}, {**trained.labels, "toy_ner": ner.labels}, trained.step,
-                          batch_size=4)
+                          {**trained.tasks, "toy_ner": TaskHead.of(ner)}, {**trained.labels, "toy_ner": ner.labels},
+                          trained.step, batch_size=4)
     shapes = []
     for task, step in predictor._steps.items():
         predictor._steps[task] = lambda params, batch, step=step: shapes.append(batch["input_ids"].shape) or step(params, batch)
@@ -650,6 +650,29 @@ def test_predict_batches_texts_shortest_first_and_answers_in_their_order(tmp_pat
                           input="\n".join(lines) + "\n", capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr == 'mtl: error: stdin:4: expected a JSON object with a "text" key\n'
     assert [json.loads(line) for line in proc.stdout.splitlines()] == answers["toy_csv"][:3]
+
+
+def test_a_spec_edited_to_another_head_is_refused_and_predict_needs_no_spec(tmp_path, isolated_cache, minilm_dir):
+    from mtl.inference import Predictor
+
+    _trained(tmp_path, minilm_dir)
+    texts = ["good good film", "film", "good " * 9]
+    before = Predictor.from_workdir(tmp_path / "a").predict("toy_csv", texts)
+    spec = tmp_path / "task" / "toy_csv.yaml"
+    spec.write_text(spec.read_text() + "head_options: {pooling: mean}\n")  # same shapes, another meaning
+    said = (f"{tmp_path / 'a'}: task 'toy_csv' was trained with head 'classification' and head_options {{}}, and its "
+            "spec now gives 'classification' and {'pooling': 'mean'}; put them back, or use a new --workdir "
+            "(model.init_from transfers the encoder)")
+    with pytest.raises(MtlError) as error:
+        evaluate(tmp_path / "a")
+    assert str(error.value) == said
+    with pytest.raises(MtlError) as error:
+        Trainer(build_experiment(load_experiment(tmp_path / "a" / "config.yaml", ["train.steps=12"])), tmp_path / "a").run()
+    assert str(error.value) == said
+    # Predict reads the head from the checkpoint: the edit changes nothing, nor does the spec's absence.
+    assert Predictor.from_workdir(tmp_path / "a").predict("toy_csv", texts) == before
+    spec.rename(tmp_path / "elsewhere.yaml")
+    assert Predictor.from_workdir(tmp_path / "a").predict("toy_csv", texts) == before
 
 
 def test_predict_and_export_refuse_a_config_edited_to_another_model(tmp_path, isolated_cache, minilm_dir):

@@ -31,6 +31,7 @@ from mtl.config import ExperimentConfig, config_changes, to_yaml
 from mtl.data.batching import Batcher, TrainStream, eval_batches
 from mtl.errors import MtlError
 from mtl.sharding import Layout, fit_mesh, initialize_distributed, is_primary, make_mesh, primary_first
+from mtl.tasks import TaskHead
 from mtl.tracking import MetricsWriter, Progress, read_metrics
 from mtl.train.experiment import Experiment
 from mtl.train.multitask import TaskSampler, make_predict_steps, make_train_steps
@@ -324,7 +325,8 @@ class Trainer(TrainLoop):
 
     def progress(self) -> dict:
         return {"positions": self.positions, "tasks": self.tasks,
-                "labels": {name: data.labels for name, data in self.experiment.tasks.items()}}
+                "labels": {name: data.labels for name, data in self.experiment.tasks.items()},
+                "heads": {name: dataclasses.asdict(TaskHead.of(data.spec)) for name, data in self.experiment.tasks.items()}}
 
     def restore_progress(self, meta: dict) -> None:
         if meta.get("tasks") != self.tasks:
@@ -336,6 +338,14 @@ class Trainer(TrainLoop):
                     f"{self.workdir}: task {name!r} was trained with labels {meta['labels'][name]}, and its spec and "
                     f"data now give {data.labels}; put them back, or use a new --workdir (model.init_from "
                     f"transfers the encoder)"
+                )
+            saved, now = meta.get("heads", {}).get(name), TaskHead.of(data.spec)  # checkpoints before "heads": unchecked
+            if saved is not None and (saved["head"], saved["head_options"]) != (now.head, now.head_options):
+                # Same shapes, other meaning (pooling: cls for mean, say): the weights would be read wrongly.
+                raise MtlError(
+                    f"{self.workdir}: task {name!r} was trained with head {saved['head']!r} and head_options "
+                    f"{saved['head_options']}, and its spec now gives {now.head!r} and {now.head_options}; put them "
+                    f"back, or use a new --workdir (model.init_from transfers the encoder)"
                 )
         self.positions = {name: int(meta["positions"][name]) for name in self.tasks}
 
