@@ -60,6 +60,10 @@ def test_meta_test_reports_both_baselines(meta_run, tmp_path, monkeypatch):
     reference, _ = meta_run
     multitask = tmp_path / "multitask"
     train(load_experiment(TINY, ["train.steps=2", "train.eval_every=2", "train.checkpoint_every=2"]), multitask)
+    kept = (multitask / "config.yaml").read_text()
+    with pytest.raises(MtlError, match=f"^{multitask}: was trained by mtl train, which mtl meta-train cannot resume; "):
+        meta_train(load_experiment(META_TINY), multitask)
+    assert (multitask / "config.yaml").read_text() == kept
     builds = []  # the three rows share one jitted adapt-and-predict, so it compiles once
     monkeypatch.setattr(meta_trainer, "make_adapt_predict", lambda *a: builds.append(a) or make_adapt_predict(*a))
     report = meta_test(reference, episodes=6, baseline_from=str(multitask))
@@ -108,6 +112,12 @@ def test_meta_configs_and_workdirs_are_not_mixed_up(meta_run, tmp_path, capsys):
                 == capsys.readouterr().err)
     assert main(["meta-train", str(TINY), "--workdir", str(tmp_path / "y")]) == 2
     assert "this config has no `meta` section" in capsys.readouterr().err
+    # Training another kind of run into it is refused, and leaves its config.yaml as it was.
+    kept = (reference / "config.yaml").read_text()
+    assert main(["train", str(TINY), "--workdir", str(reference)]) == 2
+    assert capsys.readouterr().err == (f"mtl: error: {reference}: was trained by mtl meta-train, which mtl train cannot "
+                                       "resume; use a new --workdir (model.init_from starts from its encoder)\n")
+    assert (reference / "config.yaml").read_text() == kept
     assert main(["meta-test", "--workdir", str(tmp_path / "missing")]) == 2
     assert "not a meta-training workdir" in capsys.readouterr().err
     # Baseline (b) is a multi-task checkpoint: a meta one would be reported under its name.

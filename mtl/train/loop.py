@@ -24,6 +24,7 @@ from typing import Any
 import filelock
 import jax.numpy as jnp
 import numpy as np
+import yaml
 from flax import nnx
 
 from mtl.checkpoint import SELECTION, Checkpointer
@@ -50,6 +51,11 @@ class NonFiniteLossError(MtlError):
 
 def selection_value(metric: str, value: float) -> float:
     return -value if metric.split("/")[-1] in LOWER_IS_BETTER else value
+
+
+def _command(meta_section: Any) -> str:
+    """The command that trains a config with this `meta` section (a MetaSection, its YAML, or None)."""
+    return "mtl train" if meta_section is None else "mtl meta-train"
 
 
 # Held by the process training in a workdir (process 0 of a multi-process run).
@@ -151,6 +157,10 @@ class TrainLoop:
         if step is None:
             return 0
         meta = self.checkpointer.restore_meta(step)
+        command, trained_by = _command(self.config.meta), _command(yaml.safe_load(meta["config"]).get("meta"))
+        if trained_by != command:
+            raise MtlError(f"{self.workdir}: was trained by {trained_by}, which {command} cannot resume; use a new "
+                           "--workdir (model.init_from starts from its encoder)")
         self.restore_progress(meta)
         # `distributed` says which process this is, not what the run is: it differs between processes.
         changes = config_changes(meta["config"], to_yaml(self.config), ignore=("distributed",))
@@ -189,9 +199,9 @@ class TrainLoop:
 
     def _run(self) -> dict[str, float]:
         cfg = self.config.train
-        if is_primary():
-            (self.workdir / "config.yaml").write_text(to_yaml(self.config))
         start = self.resume()
+        if is_primary():  # after resume's checks: a refused run leaves the workdir's config as it was
+            (self.workdir / "config.yaml").write_text(to_yaml(self.config))
         patience = cfg.early_stopping_patience
         stopped_early = patience is not None and self.evals_without_improvement >= patience
         if start >= cfg.steps or stopped_early:  # a finished run, rerun: say so, and give its last scores again
