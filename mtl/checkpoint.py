@@ -67,6 +67,8 @@ class Checkpointer:
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self.closed = False
+        self.failed = False  # a save failed (and was reported)
+        _quiet_abandoned_io()  # a save fails in the background: its noise comes before _writing sees it
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -81,12 +83,13 @@ class Checkpointer:
         changing its own objects (stream positions advance with the next step).
         """
         snapshot = json.loads(json.dumps(meta))
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(snapshot)),
-            metrics=metrics,
-            force=True,
-        )
+        with self._writing():  # a save that failed in the background raises here, at the next one
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(snapshot)),
+                metrics=metrics,
+                force=True,
+            )
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict]:
         """(state, meta) of checkpoint `step`, with the state's structure and shapes taken from `like`.
@@ -123,7 +126,6 @@ class Checkpointer:
         except MtlError:
             raise
         except Exception as e:  # orbax and tensorstore raise bare Exceptions, wrapping the cause
-            _quiet_abandoned_reads()
             earlier = [s for s in self.manager.all_steps() if s < step]
             advice = (f"move it out of {self.directory} to use checkpoint {max(earlier)}" if earlier else
                       "no earlier checkpoint is kept")
@@ -139,16 +141,38 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         return restored["state"]
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed save (a full disk, say), as one line naming the checkpoint a rerun resumes from.
+        The failure is said once: closing afterwards does not raise it again."""
+        if self.failed:  # orbax raises the same error again at every wait: it was said
+            with contextlib.suppress(Exception):
+                yield
+            return
+        try:
+            yield
+        except MtlError:
+            raise
+        except Exception as e:
+            self.failed = True
+            latest = self.manager.latest_step()
+            then = f"resumes from checkpoint {latest}" if latest is not None else "starts over (no checkpoint is saved)"
+            raise MtlError(f"{self.directory}: cannot save a checkpoint ({_root_cause(e)}); once the cause is fixed, "
+                           f"the same command {then}") from None
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         """Finish any save in flight and release the manager; closing again does nothing."""
         if self.closed:
             return
-        self.manager.wait_until_finished()
-        self.manager.close()
         self.closed = True
+        with self._writing():
+            self.manager.wait_until_finished()
+        if not self.failed:  # after a failure the manager's threads still hold its error: leave them be
+            self.manager.close()
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -173,36 +197,45 @@ def _first_mismatch(saved: Any, expected: Any) -> str | None:
     return None if extra is None else f"the checkpoint has {extra}, which this run lacks"
 
 
-def _quiet_abandoned_reads() -> None:
-    """After a failed restore, orbax has left the checkpoint's other reads running. As they
-    finish they fail too, onto an event loop orbax has closed, and Python prints each failure
-    (hundreds of tracebacks, as "unraisable" or as asyncio's "Task exception was never
-    retrieved"). Those are dropped from then on; anything else still prints."""
-    if _AbandonedReads.installed:
+def _quiet_abandoned_io() -> None:
+    """After a failed restore or save, orbax leaves the checkpoint's other reads or writes running.
+    They fail too, onto an event loop orbax has closed, and Python prints each failure as it
+    comes, up to the process's end: hundreds of tracebacks after the one-line error, as
+    "unraisable", as asyncio's "Task exception was never retrieved", or as coroutines dropped
+    at exit. Those are dropped from then on; anything else still prints."""
+    if _AbandonedIO.installed:
         return
-    _AbandonedReads.installed = True
+    _AbandonedIO.installed = True
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
-        if not _AbandonedReads.matches(unraisable.exc_value):
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine dropped at exit
+        if not (_AbandonedIO.matches(unraisable.exc_value) or (code is not None and "orbax" in code.co_filename)):
             previous(unraisable)
 
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_AbandonedReads())
+    for name in ("asyncio", "absl"):
+        logging.getLogger(name).addFilter(_AbandonedIO())
 
 
-class _AbandonedReads(logging.Filter):
+class _AbandonedIO(logging.Filter):
     installed = False
 
     @staticmethod
     def matches(error: BaseException | None) -> bool:
-        message = str(error)
-        return (message.startswith("Encountered error while reading array index")
-                or (isinstance(error, RuntimeError) and message == "Event loop is closed"))
+        """Raised inside orbax, or the closed loop its leftover callbacks reach."""
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return True
+        frame = error.__traceback__ if error is not None else None
+        while frame is not None:
+            if "orbax" in frame.tb_frame.f_code.co_filename:
+                return True
+            frame = frame.tb_next
+        return False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not (record.getMessage().startswith("Task exception was never retrieved") and self.matches(error))
+        # asyncio's "Task exception was never retrieved", orbax's own log of its thread failing
+        return not (record.exc_info and self.matches(record.exc_info[1]))
 
 
 def _root_cause(e: BaseException) -> str:

@@ -19,7 +19,7 @@ from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_SPEC, write_tas
 from mtl import MtlError
 from mtl.checkpoint import SELECTION, Checkpointer
 from mtl.params import flatten, unstack_layers
-from mtl.config import load_experiment
+from mtl.config import load_experiment, to_yaml
 from mtl.tracking import read_metrics
 from mtl.train.experiment import build_experiment
 from mtl.train.loop import LOCK_FILE, NonFiniteLossError, Trainer, evaluate
@@ -468,6 +468,24 @@ def test_a_damaged_checkpoint_is_one_error_naming_it_and_the_one_before(tmp_path
     Trainer(build_experiment(longer), tmp_path / "a").run()
     assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [8, 12]
     assert [r["step"] for r in read_metrics(tmp_path / "a") if r["kind"] == "train"].count(5) == 2  # again, resumed at 4
+
+
+def test_a_failed_save_is_one_error_without_orbax_tracebacks(tmp_path, isolated_cache, minilm_dir):
+    config = tmp_path / "toy.yaml"
+    config.write_text(to_yaml(_toy_config(tmp_path, minilm_dir, checkpoint_every=2)))
+
+    # mtl, where a file past 1 MiB cannot be written, as on a full disk (EFBIG for ENOSPC); the
+    # limit and the ignored SIGXFSZ pass through exec (preexec_fn would fork this threaded process).
+    small_files = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                   "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); os.execv(sys.executable, sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", small_files, *_mtl("train", str(config), "--workdir", str(tmp_path / "w"))],
+                          capture_output=True, text=True)
+    # The save of step 2 fails in the background and is said at the next save; orbax's own
+    # tracebacks (hundreds of lines) are not.
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr[-3000:]
+    assert re.fullmatch(rf"mtl: error: {tmp_path / 'w' / 'checkpoints'}: cannot save a checkpoint \(.*File too large.*\); "
+                        r"once the cause is fixed, the same command starts over \(no checkpoint is saved\)",
+                        proc.stderr.splitlines()[-1])
 
 
 def test_cli_train_errors_are_one_line(tmp_path):
