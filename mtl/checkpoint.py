@@ -202,7 +202,9 @@ def _quiet_abandoned_io() -> None:
     They fail too, onto an event loop orbax has closed, and Python prints each failure as it
     comes, up to the process's end: hundreds of tracebacks after the one-line error, as
     "unraisable", as asyncio's "Task exception was never retrieved", or as coroutines dropped
-    at exit. Those are dropped from then on; anything else still prints."""
+    at exit. The first Checkpointer installs this, since a background save fails before mtl
+    hears of it; those are dropped, mtl says the failure itself in one line, and anything else
+    still prints."""
     if _AbandonedIO.installed:
         return
     _AbandonedIO.installed = True
