@@ -17,7 +17,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,7 @@ class Checkpointer:
         except MtlError:
             raise
         except Exception as e:  # orbax and tensorstore raise bare Exceptions, wrapping the cause
+            _drop_unawaited_coroutine_warnings()
             earlier = [s for s in self.manager.all_steps() if s < step]
             advice = (f"move it out of {self.directory} to use checkpoint {max(earlier)}" if earlier else
                       "no earlier checkpoint is kept")
@@ -155,6 +158,7 @@ class Checkpointer:
             raise
         except Exception as e:
             self.failed = True
+            _drop_unawaited_coroutine_warnings()
             latest = self.manager.latest_step()
             then = f"resumes from checkpoint {latest}" if latest is not None else "starts over (no checkpoint is saved)"
             raise MtlError(f"{self.directory}: cannot save a checkpoint ({_root_cause(e)}); once the cause is fixed, "
@@ -220,14 +224,23 @@ def _quiet_abandoned_io() -> None:
         logging.getLogger(name).addFilter(_AbandonedIO())
 
 
+def _drop_unawaited_coroutine_warnings() -> None:
+    """After a failed restore or save, the abandoned I/O coroutines are dropped at exit, each
+    with a RuntimeWarning "coroutine ... was never awaited" that names no module to filter on."""
+    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+
+
 class _AbandonedIO(logging.Filter):
     installed = False
 
     @staticmethod
     def matches(error: BaseException | None) -> bool:
-        """Raised inside orbax, or the closed loop its leftover callbacks reach."""
+        """Raised inside orbax, by tensorstore's checkpoint I/O under it, or by the closed loop
+        their leftover callbacks reach."""
         if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
             return True
+        if isinstance(error, ValueError) and re.match(r"[A-Z_]+: .* in OCDBT database", str(error)):
+            return True  # set on a future from C++: no orbax frame in its traceback
         frame = error.__traceback__ if error is not None else None
         while frame is not None:
             if "orbax" in frame.tb_frame.f_code.co_filename:
