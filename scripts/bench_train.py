@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--no-dropout", action="store_true", help="both sides without dropout")
     parser.add_argument("--prng", choices=("threefry2x32", "rbg", "unsafe_rbg"),
                         help="JAX's random-number generator (jax_default_prng_impl), which draws the dropout masks")
+    parser.add_argument("--profile", metavar="DIR", help="also write a jax.profiler trace of 3 mtl steps to DIR "
+                        "(open it with xprof or TensorBoard's profile plugin)")
     args = parser.parse_args()
     if args.prng:
         jax.config.update("jax_default_prng_impl", args.prng)
@@ -121,6 +123,11 @@ def main() -> None:
 
     mtl_time = median_time(mtl_step, args.iters)
     mtl_memory = device_memory_peak_gb()
+    if args.profile:
+        with jax.profiler.trace(args.profile):
+            for _ in range(3):
+                mtl_step()
+        print(f"profile of 3 mtl steps written under {args.profile}")
     holder.clear()  # free mtl's state before the minimal peer allocates its own
     del state
     minimal_time = None
