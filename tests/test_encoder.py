@@ -13,6 +13,7 @@ from conftest import padded_batch
 from mtl import Encoder
 from mtl.errors import MtlError
 from mtl.hf import encoder_to_hf_tensors
+from mtl.models.encoder import gelu
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +169,38 @@ def test_embedding_gradients_scatter_only_into_the_vocabulary_in_float32(tiny_hf
     scatters = [line.strip() for line in jaxpr.splitlines() if re.search(r"= scatter", line)]
     assert len(scatters) == 1, scatters
     assert scatters[0].split("=")[0].strip().endswith(":f32[99,32]"), scatters  # [vocab, hidden] in float32
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gelu_matches_pytorch(dtype):
+    # torch computes a bf16 GELU in float32 and rounds once (as under autocast); so does ours.
+    x = np.asarray(jnp.asarray(np.random.RandomState(0).randn(4096) * 4, dtype).astype(jnp.float32))
+    ours = np.asarray(gelu(jnp.asarray(x, dtype)).astype(jnp.float32))
+    theirs = torch.nn.functional.gelu(torch.tensor(x).to(getattr(torch, dtype))).float().numpy()
+    # Both take 0.5 * x * (1 + erf(x / sqrt 2)) in float32 with their own erf: below x = -3 the
+    # sum 1 + erf cancels, so there the two differ by float32 steps of 1 (6e-8, times |x| / 2).
+    body = x >= -3
+    if dtype == "bfloat16":  # the same bf16 value, or the two sides of one rounding boundary
+        np.testing.assert_array_equal(ours[body], theirs[body])
+        np.testing.assert_allclose(ours[~body], theirs[~body], rtol=2**-7, atol=1e-6)
+    else:  # a float32 step of the largest outputs (|x| < 16) is 1.9e-6
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-6)
+
+
+def test_gelu_gradient_is_exact_and_saves_only_its_input():
+    jax.config.update("jax_enable_x64", True)
+    try:
+        x = jnp.asarray(np.random.RandomState(0).randn(512) * 4)
+        # Against autodiff of jax.nn.gelu in float64: the same derivative, to rounding.
+        expected = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+        np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x), expected, rtol=1e-13, atol=1e-15)
+        # What the backward pass keeps alive: the vjp closure's arrays are the residuals.
+        saved = [leaf for leaf in jax.tree.leaves(jax.vjp(gelu, x)[1]) if leaf.shape == x.shape]
+        assert len(saved) == 1 and saved[0] is x
+        autodiff = jax.vjp(lambda v: jax.nn.gelu(v, approximate=False), x)[1]
+        assert len([leaf for leaf in jax.tree.leaves(autodiff) if leaf.shape == x.shape]) >= 2
+    finally:
+        jax.config.update("jax_enable_x64", False)
 
 
 def test_sequences_longer_than_the_position_table_are_an_error(tiny_hf):

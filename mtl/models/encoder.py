@@ -28,9 +28,47 @@ from flax import nnx, struct
 
 from mtl.errors import MtlError
 
+
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """x in float32, or wider if it already is (float64 gradient checks stay float64)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x), as PyTorch computes it: 0.5 * x * (1 + erf(x / sqrt 2)) in float32
+    (or wider), then cast back, so bf16 inputs round once as under torch.autocast.
+
+    Its own gradient saves only the input: autodiff of jax.nn.gelu kept two more
+    [tokens, intermediate] arrays per layer for the backward pass (BERT-base at batch 256 x 128
+    on an H200: device memory peak 19.9 GB before, 15.2 GB after). XLA's erf is one rational
+    polynomial, where the erfc of jax.nn.gelu evaluates two branches and a division: its forward
+    kernel there took 313 us a layer, this one 158 us.
+    """
+    xf = at_least_float32(x)
+    return (0.5 * xf * (1.0 + jax.lax.erf(xf * _SQRT_HALF))).astype(x.dtype)
+
+
+def _gelu_forward(x):
+    return gelu(x), x
+
+
+def _gelu_backward(x, grad):
+    xf = at_least_float32(x)
+    cdf = 0.5 * (1.0 + jax.lax.erf(xf * _SQRT_HALF))
+    pdf = jnp.exp(-0.5 * xf * xf) * _INV_SQRT_2PI
+    return ((at_least_float32(grad) * (cdf + xf * pdf)).astype(grad.dtype),)
+
+
+gelu.defvjp(_gelu_forward, _gelu_backward)
+
 # HF `hidden_act` names. "gelu" is the exact erf form; the tanh approximations go by several names.
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
@@ -48,11 +86,6 @@ REMAT_POLICIES = (
     "dots_saveable",
     "dots_with_no_batch_dims_saveable",
 )
-
-
-def at_least_float32(x: jax.Array) -> jax.Array:
-    """x in float32, or wider if it already is (float64 gradient checks stay float64)."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 class Buffer(nnx.Variable):
@@ -285,8 +318,13 @@ class Layer(nnx.Module):
             jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None, None, None)
         )
         b, t, _ = x.shape
+        # Dense layers, norms and dropout see [tokens, hidden]: given [batch, seq, hidden], XLA:GPU
+        # laid the LayerNorm statistics and weight-gradient operands out as [seq, hidden, batch]
+        # and copied activations into that layout (a BERT-base bf16 step on an H200: 61.3 ms
+        # flat, 62.8-64.2 ms in runs of the 3-D shape). Row-major reshapes cost nothing.
+        x = x.reshape(b * t, -1)
 
-        def heads(y):  # [b, t, h] -> [b * heads, t, head_dim]
+        def heads(y):  # [b * t, h] -> [b * heads, t, head_dim]
             y = y.reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(0, 2, 1, 3)
             return y.reshape(b * cfg.num_heads, t, cfg.head_dim)
 
@@ -300,11 +338,11 @@ class Layer(nnx.Module):
         probs = _dropout(jax.nn.softmax(logits, axis=-1), cfg.attention_dropout, k_attn)
         probs = probs.astype(v.dtype).reshape(b * cfg.num_heads, t, t)
         context = jnp.matmul(probs, v).reshape(b, cfg.num_heads, t, cfg.head_dim)
-        context = context.transpose(0, 2, 1, 3).reshape(b, t, -1)
+        context = context.transpose(0, 2, 1, 3).reshape(b * t, -1)
         attn = _dropout(self.attention_out(context), cfg.hidden_dropout, k_out)
         x = self.attention_norm(x + attn)
         y = self.ffn_out(ACTIVATIONS[cfg.hidden_act](self.ffn_in(x)))
-        return self.ffn_norm(x + _dropout(y, cfg.hidden_dropout, k_ffn))
+        return self.ffn_norm(x + _dropout(y, cfg.hidden_dropout, k_ffn)).reshape(b, t, -1)
 
 
 class Encoder(nnx.Module):
