@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mtl.errors import MtlError
+from mtl.models.encoder import REMAT_POLICIES
 
 T = TypeVar("T")
 
@@ -302,6 +303,11 @@ META_ADAPT = ("head", "top", "all")
 
 # Keys whose value must be one of a few names; keys in an absent section (meta) are skipped.
 _CHOICES = {
+    # Checked here, not only by EncoderConfig, so that the error names the file and key before
+    # any weights load. float64 needs jax_enable_x64, which no CLI run sets.
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16", "float16"),
+    "model.remat_policy": REMAT_POLICIES,
     "optim.optimizer": ("adamw", "sgd"),
     "optim.schedule": ("linear", "cosine", "constant"),
     "train.sampling": ("proportional", "temperature", "uniform", "round_robin"),

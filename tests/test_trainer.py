@@ -324,6 +324,10 @@ def test_bad_experiment_configs(tmp_path):
         load_experiment(TINY, ["train.stpes=3"])
     with pytest.raises(MtlError, match=r"key 'train.sampling': 'random' is not one of \['proportional', 'temperature', 'uniform', 'round_robin'\]"):
         load_experiment(TINY, ["train.sampling=random"])
+    with pytest.raises(MtlError, match=r"tiny\.yaml: key 'model.dtype': 'bf16' is not one of \['float32', 'bfloat16', 'float16'\]$"):
+        load_experiment(TINY, ["model.dtype=bf16"])
+    with pytest.raises(MtlError, match=r"tiny\.yaml: key 'model.remat_policy': 'dots' is not one of \['nothing_saveable', "):
+        load_experiment(TINY, ["model.remat_policy=dots"])
     with pytest.raises(MtlError, match=r"override 'train.steps': expected key=value"):
         load_experiment(TINY, ["train.steps"])
     with pytest.raises(MtlError, match=r"key 'tasks.7.weight': 'tasks' is a list; it has items 0 to 2$"):
