@@ -106,19 +106,35 @@ def _evaluate(args: argparse.Namespace) -> None:
     _print_summary(evaluate(args.workdir, args.split, args.checkpoint), args.all)
 
 
-def _jsonl_texts(lines) -> Iterator[str]:
-    """The "text" of each non-blank {"text": ...} line; a bad line is an error naming its number."""
+def _jsonl_texts(lines, tokens: bool = False) -> Iterator[str | list[str]]:
+    """The "text" of each non-blank {"text": ...} line, or with `tokens` (for a token task) also
+    the words of a {"tokens": [...]} line; a bad line is an error naming its number."""
     import json
 
     for number, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise MtlError(f"stdin:{number}: expected a JSON object with a \"text\" key") from None
-            if not isinstance(text, str):
-                raise MtlError(f"stdin:{number}: \"text\" must be a string, got {json.dumps(text)}")
-            yield _unicode(text, f"stdin:{number}: \"text\"")
+        if not line.strip():
+            continue
+        where = f"stdin:{number}"
+        try:
+            item = json.loads(line)
+            key = next(k for k in ("text", "tokens") if k in item) if isinstance(item, dict) else None
+        except (json.JSONDecodeError, StopIteration):
+            key = None
+        if key is None:
+            raise MtlError(f"{where}: expected a JSON object with a \"text\" key"
+                           + (' or a "tokens" list' if tokens else ""))
+        value = item[key]
+        if key == "text":
+            if not isinstance(value, str):
+                raise MtlError(f"{where}: \"text\" must be a string, got {json.dumps(value)}")
+            yield _unicode(value, f"{where}: \"text\"")
+        elif not tokens:
+            raise MtlError(f"{where}: \"tokens\" are for token tasks; this task reads whole texts: give \"text\"")
+        elif (not isinstance(value, list) or not value
+              or not all(isinstance(w, str) and w.strip() for w in value)):
+            raise MtlError(f"{where}: \"tokens\" must be a list of words (non-blank strings), got {json.dumps(value)}")
+        else:
+            yield [_unicode(w, f"{where}: \"tokens\" word {i}") for i, w in enumerate(value, start=1)]
 
 
 def _unicode(text: str, where: str) -> str:
@@ -138,12 +154,12 @@ def _predict(args: argparse.Namespace) -> None:
     from mtl.inference import Predictor
 
     predictor = Predictor.from_workdir(args.workdir, args.checkpoint, batch_size=args.batch_size)
-    predictor.predict(args.task, [])  # an unknown task is an error before stdin is read
+    tokens = predictor.takes_tokens(args.task)  # an unknown task is an error before stdin is read
     # stdin is read and answered a chunk at a time: a file of any size streams through in
     # bounded memory, and results appear while later lines are still being read. A bad line
     # stops the run after every line before it has its result.
     texts = (iter([_unicode(t, f'text argument {i}') for i, t in enumerate(args.texts, start=1)]) if args.texts
-             else _jsonl_texts(sys.stdin))
+             else _jsonl_texts(sys.stdin, tokens))
     bad_line = None
     while bad_line is None:
         chunk = []

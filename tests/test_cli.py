@@ -110,6 +110,30 @@ def test_predict_names_the_bad_stdin_line(line, message):
     assert str(error.value) == message
 
 
+@pytest.mark.parametrize("line, message", [
+    ('{"tokens": "a b"}', 'stdin:2: "tokens" must be a list of words (non-blank strings), got "a b"'),
+    ('{"tokens": []}', 'stdin:2: "tokens" must be a list of words (non-blank strings), got []'),
+    ('{"tokens": ["a", " "]}', 'stdin:2: "tokens" must be a list of words (non-blank strings), got ["a", " "]'),
+    ('{"tokens": ["a", 3]}', 'stdin:2: "tokens" must be a list of words (non-blank strings), got ["a", 3]'),
+    ('{"tokens": ["a", "\\udcff"]}', 'stdin:2: "tokens" word 2 is not valid UTF-8 (at character 0)'),
+    ('{"txt": "a"}', 'stdin:2: expected a JSON object with a "text" key or a "tokens" list'),
+])
+def test_a_token_task_reads_stdin_lines_of_words(line, message):
+    import io
+
+    from mtl import MtlError
+    from mtl.cli import _jsonl_texts
+
+    texts = _jsonl_texts(io.StringIO(f'{{"tokens": ["Paris", ","]}}\n{line}\n'), tokens=True)
+    assert next(texts) == ["Paris", ","]
+    with pytest.raises(MtlError) as error:
+        next(texts)
+    assert str(error.value) == message
+    # A task that reads whole texts takes no lists of words.
+    with pytest.raises(MtlError, match=r'^stdin:1: "tokens" are for token tasks; this task reads whole texts: give "text"$'):
+        next(_jsonl_texts(io.StringIO('{"tokens": ["a"]}\n')))
+
+
 def test_texts_that_are_not_unicode_are_one_line():
     # Undecodable bytes in argv reach Python as lone surrogates.
     proc = subprocess.run([*MTL.split(), "embed", "fine", b"caf\xe9".decode("utf-8", "surrogateescape")],

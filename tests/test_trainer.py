@@ -662,6 +662,16 @@ def test_predict_batches_texts_shortest_first_and_answers_in_their_order(tmp_pat
             # Other batch shapes sum in other orders; the probabilities are rounded to 4 places.
             for label, p in one.get("probs", {}).items():
                 assert abs(p - other["probs"][label]) <= 1.0001e-4
+    # A token task also takes each text as its words: the tags of the text split at whitespace.
+    def spans(results):
+        return [{k: r[k] for k in ("tokens", "tags", "entities")} for r in results]
+
+    assert spans(predictor.predict("toy_ner", [text.split() for text in texts])) == spans(answers["toy_ner"])
+    given = predictor.predict("toy_ner", [["John", "visited", "Paris", ","]])[0]
+    assert given["text"] == "John visited Paris ," and given["tokens"] == ["John", "visited", "Paris", ","]
+    assert len(given["tags"]) == 4
+    with pytest.raises(MtlError, match=r"^task 'toy_csv' reads whole texts: give strings, not lists of words$"):
+        predictor.predict("toy_csv", [["good", "film"]])
     assert caplog.text.count("texts are longer than task") == 1  # toy_csv cuts at 128
     assert ("8 of 11 texts are longer than task 'toy_ner''s max_length of 16 tokens; only their first 16 are read, "
             "later words tagged O (said once per task)") in caplog.text
@@ -672,6 +682,10 @@ def test_predict_batches_texts_shortest_first_and_answers_in_their_order(tmp_pat
                           input="\n".join(lines) + "\n", capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr == 'mtl: error: stdin:4: expected a JSON object with a "text" key\n'
     assert [json.loads(line) for line in proc.stdout.splitlines()] == answers["toy_csv"][:3]
+    proc = subprocess.run(_mtl("predict", "--workdir", str(tmp_path / "a"), "--task", "toy_csv"),
+                          input='{"tokens": ["good", "film"]}\n', capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == 'mtl: error: stdin:1: "tokens" are for token tasks; this task reads whole texts: give "text"\n'
 
 
 def test_a_spec_edited_to_another_head_is_refused_and_predict_needs_no_spec(tmp_path, isolated_cache, minilm_dir):
