@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtl", description="Transfer learning for NLP in JAX.")
     loudness = parser.add_mutually_exclusive_group()
     loudness.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, the libraries too")
-    loudness.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    loudness.add_argument("-q", "--quiet", action="store_true",
+                          help="warnings and errors only: no notes, no training progress (results still print)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     embed = sub.add_parser("embed", help="embed sentences with a pretrained encoder and print their similarities")
@@ -279,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.quiet:  # mtl's own notes (model source, resume step, transferred heads) by default
         logging.getLogger("mtl").setLevel(logging.INFO)
+    else:  # nor the training progress, nor the libraries' bars (tokenizing a dataset the first time)
+        import datasets
+
+        from mtl import tracking
+
+        tracking.SHOW_PROGRESS = False
+        datasets.disable_progress_bars()
     try:
         args.run(args)
     except MtlError as e:

@@ -109,16 +109,22 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     return records
 
 
+# Whether runs show progress on stderr; `mtl -q` turns it off (metrics.jsonl has every record).
+SHOW_PROGRESS = True
+
+
 class Progress:
     """What a run shows on stderr as it goes.
 
     On a terminal, tqdm's bar with the latest losses. Where stderr is a file (a batch job's log,
     nohup, CI) a bar is carriage returns, so tqdm turns itself off and each logged step prints
     one line instead: step, losses, steps/s and ETA. Every evaluation prints one line in both.
-    `enabled=False` (the other processes of a multi-process run) shows nothing.
+    `enabled=False` (the other processes of a multi-process run), or SHOW_PROGRESS False, shows
+    nothing.
     """
 
     def __init__(self, total: int, initial: int, *, enabled: bool = True, clock: Callable[[], float] = time.perf_counter):
+        enabled = enabled and SHOW_PROGRESS
         self.total, self.enabled = total, enabled
         self.initial, self.clock, self.started = initial, clock, clock()
         self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
