@@ -89,11 +89,14 @@ class Predictor:
         assign_params(model, flatten(saved["model"]), where=where)
         return cls(model, tokenizer, tasks, meta["labels"], step, batch_size)
 
-    def takes_tokens(self, task: str) -> bool:
-        """Whether `task` tags words, and so may be given texts as lists of words."""
+    def _label_kind(self, task: str) -> str:
         if task not in self.tasks:
             raise MtlError(f"task {task!r} is not in this workdir; tasks: {sorted(self.tasks)}")
-        return get_head(self.tasks[task].head).label_kind == "tags"
+        return get_head(self.tasks[task].head).label_kind
+
+    def takes_tokens(self, task: str) -> bool:
+        """Whether `task` tags words, and so may be given texts as lists of words."""
+        return self._label_kind(task) == "tags"
 
     def predict(self, task: str, texts: Sequence[str | Sequence[str]]) -> list[dict[str, Any]]:
         """One result dict per text, in order: label (+probabilities, score), tags and entity spans, ...
@@ -101,15 +104,14 @@ class Predictor:
         A token task also takes a text as its list of words (tokenized as its training data was,
         e.g. with punctuation apart); a string is split at whitespace.
         """
-        tags = self.takes_tokens(task)
+        kind = self._label_kind(task)
         texts = list(texts)
         if not texts:
             return []
-        if not tags and not all(isinstance(t, str) for t in texts):
+        if kind != "tags" and not all(isinstance(t, str) for t in texts):
             raise MtlError(f"task {task!r} reads whole texts: give strings, not lists of words")
         trained, head = self.tasks[task], self.model.head(task)
-        kind = get_head(trained.head).label_kind
-        words = [t.split() if isinstance(t, str) else list(t) for t in texts] if tags else None
+        words = [t.split() if isinstance(t, str) else list(t) for t in texts] if kind == "tags" else None
         texts = [t if isinstance(t, str) else " ".join(t) for t in texts]
         if words is not None:
             enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=trained.max_length)
