@@ -145,6 +145,32 @@ def _toy_config(tmp_path, minilm_dir, relative_task=False, **train):
     return load_experiment(None, data=data)
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_between_steps_and_twice_at_once(presses, tmp_path, isolated_cache, minilm_dir, monkeypatch, capfd):
+    """Ctrl-C inside a library call (here: writing step 3's metrics) must not raise there: a
+    KeyboardInterrupt inside tensorboardX's queue put once left the run hung at close. One press
+    stops the run after that step; a second press stops it at once."""
+    from mtl.tracking import MetricsWriter
+
+    write, finished = MetricsWriter.write, []
+
+    def interrupted_write(self, step, kind, record):
+        write(self, step, kind, record)
+        if step == 3 and kind == "train":
+            for _ in range(presses):
+                signal.raise_signal(signal.SIGINT)
+            finished.append(step)  # not reached where the KeyboardInterrupt is raised inside
+
+    monkeypatch.setattr(MetricsWriter, "write", interrupted_write)
+    trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert finished == ([3] if presses == 1 else [])
+    assert max(r["step"] for r in read_metrics(tmp_path / "a")) == 3
+    assert "mtl: stopping after this step (Ctrl-C again to stop now)" in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's handler is back
+
+
 def test_restore_into_another_seed_gives_identical_trees(tmp_path, isolated_cache, minilm_dir):
     first = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "a")
     first.run()

@@ -16,6 +16,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,6 +84,42 @@ def exclusive_workdir(workdir: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def interrupts_between_steps() -> Iterator[Callable[[], None]]:
+    """Ctrl-C (SIGINT) stops the loop between steps, never inside one; yields the check to call
+    between steps, which raises the KeyboardInterrupt.
+
+    A KeyboardInterrupt raised wherever Python happened to be can land inside a library. Once
+    (CI's Ctrl-C test) it left tensorboardX's event-writer thread waiting for a shutdown signal
+    that never reached it, and the run hung at close. A second Ctrl-C interrupts at once.
+    Where Python's own handler is not installed (a thread, an embedding application), this
+    changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: None
+        return
+    requested = False
+
+    def on_sigint(signum, frame):
+        nonlocal requested
+        if requested:
+            raise KeyboardInterrupt
+        requested = True
+        # os.write: safe in a signal handler, where logging's locks may be held.
+        os.write(2, b"mtl: stopping after this step (Ctrl-C again to stop now)\n")
+
+    def check() -> None:
+        if requested:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class TrainLoop:
@@ -216,8 +255,11 @@ class TrainLoop:
         progress = Progress(cfg.steps, start, enabled=is_primary())
         tick, tick_step = time.perf_counter(), start
         done = start
+        interrupts = contextlib.ExitStack()  # a with-block, closed in the finally below
         try:
+            stop_if_interrupted = interrupts.enter_context(interrupts_between_steps())
             for step in range(start, cfg.steps):
+                stop_if_interrupted()  # a Ctrl-C during the step before (a finished run ignores it)
                 name, batch = self.next_batch(step)
                 self.state, metrics = self.train_steps[name](self.state, batch)
                 loss = float(metrics["loss"])
@@ -269,6 +311,7 @@ class TrainLoop:
                         done, self.checkpointer.latest_step())
             raise
         finally:
+            interrupts.close()
             progress.close()
             writer.close()
             self.checkpointer.close()
