@@ -227,7 +227,10 @@ def config_from_hf(hf_config: Mapping[str, Any], where: str = "config", **run_op
         if hf_config.get(hf_key) is None:
             raise MtlError(f"{where}: missing required key {hf_key!r}")
         fields[field] = hf_config[hf_key]
-    return EncoderConfig(**fields, **run_options, hf_config=dict(hf_config))
+    try:
+        return EncoderConfig(**fields, **run_options, hf_config=dict(hf_config))
+    except MtlError as e:  # a value the encoder cannot take: say which file it came from
+        raise MtlError(f"{where}: {e}") from None
 
 
 def config_to_hf(config: EncoderConfig) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from conftest import padded_batch
 from mtl import Encoder
 from mtl.errors import MtlError
 from mtl.hf import encoder_to_hf_tensors
-from mtl.models.encoder import gelu
+from mtl.models.encoder import dropout, gelu
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,41 @@ def test_dropout_is_driven_by_the_key(tiny_hf, batch):
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - deterministic).max() > 1e-2
     assert np.abs(a - c).max() > 1e-2
+
+
+def test_dropout_drops_at_the_rate_and_keeps_the_mean():
+    """Each element is dropped with the given probability (16-bit threshold, so 0.1 is 6554/65536)
+    and the kept ones are scaled so the expectation is x; two elements share one 32-bit draw but
+    not their decisions."""
+    x = jnp.full((64, 128, 129), 2.0)  # an odd last axis: the second half of the last pair is cut
+    y = np.asarray(dropout(x, 0.1, jax.random.key(0)))
+    assert y.shape == x.shape
+    kept = y != 0
+    scale = 65536 / (65536 - 6554)
+    np.testing.assert_array_equal(y[kept], np.float32(2.0 * scale))
+    n = kept.size  # 1,056,768 decisions: the dropped fraction's std is sqrt(0.1 * 0.9 / n) = 2.9e-4
+    assert abs((~kept).mean() - 6554 / 65536) < 1.5e-3
+    assert abs(y.mean() - 2.0) < 5 * 2.0 * np.sqrt(0.1 / 0.9 / n)
+    # The two 16-bit halves of one draw decide independently: neighbours agree as often as chance says.
+    pairs = kept[..., :128].reshape(-1, 2)
+    assert abs((pairs[:, 0] == pairs[:, 1]).mean() - (0.9**2 + 0.1**2)) < 3e-3
+    np.testing.assert_array_equal(y, dropout(x, 0.1, jax.random.key(0)))
+    assert (dropout(x, 0.1, jax.random.key(1)) != y).any()
+
+
+def test_dropout_edges_and_gradient():
+    x = jnp.arange(1.0, 9.0).reshape(2, 4)
+    assert dropout(x, 0.3, None) is x
+    assert dropout(x, 0.0, jax.random.key(0)) is x
+    np.testing.assert_array_equal(dropout(x, 1.0, jax.random.key(0)), np.zeros((2, 4)))
+    with pytest.raises(MtlError, match=r"dropout rate 1.5 must be in \[0, 1\]"):
+        dropout(x, 1.5, jax.random.key(0))
+    key = jax.random.key(4)
+    y = dropout(x, 0.5, key)
+    grad = jax.grad(lambda x: dropout(x, 0.5, key).sum())(x)
+    np.testing.assert_array_equal(grad, np.where(y != 0, 2.0, 0.0))
+    half = dropout(jnp.ones((8, 8), jnp.bfloat16), 0.5, key)
+    assert half.dtype == jnp.bfloat16 and set(np.unique(np.asarray(half, np.float32))) <= {0.0, 2.0}
 
 
 def test_scan_and_loop_agree_with_dropout(tiny_hf, batch):

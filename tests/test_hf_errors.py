@@ -119,6 +119,19 @@ def test_malformed_config(bert_dir, tmp_path):
         Encoder.from_pretrained(path)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("hidden_dropout_prob", 1.5, r"hidden_dropout 1\.5 must be in \[0, 1\]"),
+    ("attention_probs_dropout_prob", -0.1, r"attention_dropout -0\.1 must be in \[0, 1\]"),
+    ("hidden_act", "mish", r"hidden_act 'mish' is not supported"),
+])
+def test_config_value_the_encoder_cannot_take(bert_dir, tmp_path, key, value, message):
+    path = _copy_with_tensors(bert_dir, tmp_path / "ckpt", lambda t: t)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(MtlError, match=r"ckpt[/\\]config\.json: " + message):
+        Encoder.from_pretrained(path)
+
+
 def test_unknown_run_option(bert_dir):
     with pytest.raises(MtlError, match=r"unknown run option\(s\) \['scan'\]"):
         Encoder.from_pretrained(bert_dir, scan=True)

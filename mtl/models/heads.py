@@ -36,7 +36,7 @@ from flax import nnx
 
 from mtl import metrics
 from mtl.errors import MtlError
-from mtl.models.encoder import EncoderOutput, at_least_float32
+from mtl.models.encoder import EncoderOutput, at_least_float32, dropout
 
 Batch = Mapping[str, jax.Array]
 
@@ -125,10 +125,6 @@ class Head(nnx.Module):
         raise NotImplementedError
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    return x if key is None or rate == 0.0 else nnx.Dropout(rate)(x, rngs=key)
-
-
 def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     # max(.., 1e-9): an all-padding batch (weights all 0) gives loss 0, not NaN.
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-9)
@@ -171,7 +167,7 @@ class _PooledHead(Head):
 
     def __call__(self, encoded, batch, *, dropout_rng=None):
         pooled = at_least_float32(pool(encoded, batch["attention_mask"], self.pooling))
-        return self.out(_dropout(pooled, self.dropout, dropout_rng))
+        return self.out(dropout(pooled, self.dropout, dropout_rng))
 
 
 @register_head("classification")
@@ -278,7 +274,7 @@ class TokenClassificationHead(Head):
 
     def __call__(self, encoded, batch, *, dropout_rng=None):
         hidden = at_least_float32(encoded.last_hidden_state)
-        return self.out(_dropout(hidden, self.dropout, dropout_rng))
+        return self.out(dropout(hidden, self.dropout, dropout_rng))
 
     def loss(self, logits, batch):
         labels = batch["labels"]
