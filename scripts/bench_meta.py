@@ -2,6 +2,7 @@
 
     python scripts/bench_meta.py               # MiniLM, 5-way 5-shot 5-query, meta-batch 4, seq 64
     python scripts/bench_meta.py --iters 1 --only mtl-maml torch-maml
+    python scripts/bench_meta.py --only torch-maml mtl-maml --retain-memory   # glibc keeps freed memory, both sides
     python scripts/bench_meta.py --random-init minilm --iters 10     # on a GPU: no download
 
 Setup (the issue's): all-MiniLM-L6-v2 with a mean-pooled 5-way linear head; a meta-batch of 4
@@ -193,10 +194,16 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--mesh", help="mtl's device mesh as mesh config keys, e.g. data=4 (default: data parallel "
                         "over all devices)")
+    parser.add_argument("--retain-memory", action="store_true", help="every variant's process keeps the memory "
+                        "it frees for reuse (mtl.hostmem), the peer's too: no page faults for fresh temporaries")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        if args.retain_memory:
+            from mtl.hostmem import retain_freed_memory
+
+            assert retain_freed_memory(), "--retain-memory needs glibc"
         worker(args.worker, args.directory, args.random_init, args.iters, args.mesh)
         return
     from mtl import resolve_model
@@ -204,12 +211,14 @@ def main() -> None:
     directory = None if args.random_init else str(resolve_model(args.model))
     name = f"random {args.random_init}" if args.random_init else args.model
     print(f"{name}: {WAYS}-way {SHOTS}-shot {QUERIES}-query, meta-batch {META_BATCH}, seq {SEQ}, "
-          f"1 inner step over all params, {os.cpu_count()} cores")
+          f"1 inner step over all params, {os.cpu_count()} cores"
+          f"{', freed memory retained (both sides)' if args.retain_memory else ''}")
     results = {}
     for variant in args.only:
         source = ["--random-init", args.random_init] if args.random_init else ["--directory", directory]
         mesh = ["--mesh", args.mesh] if args.mesh else []
-        proc = subprocess.run([sys.executable, __file__, "--worker", variant, *source, *mesh, "--iters", str(args.iters)],
+        retain = ["--retain-memory"] if args.retain_memory else []
+        proc = subprocess.run([sys.executable, __file__, "--worker", variant, *source, *mesh, *retain, "--iters", str(args.iters)],
                               capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:

@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py                  # MiniLM, batch 32, seq 128, 10 steps
     python scripts/bench_train.py --iters 5
+    python scripts/bench_train.py --retain-memory  # glibc keeps freed memory, for all three sides
     python scripts/bench_train.py --random-init bert-base --dtype bfloat16 --batch 256   # on a GPU
 
 mtl: the Trainer's own step for a classification task (MultiTaskModel, cross-entropy, clipping
@@ -46,6 +47,7 @@ from timing import SHAPES, VOCAB, device_memory_peak_gb, device_peak, median_tim
 
 from mtl import DEFAULT_MODEL, Encoder, EncoderConfig, resolve_model
 from mtl.config import OptimSection
+from mtl.hostmem import retain_freed_memory
 from mtl.models.heads import ClassificationHead
 from mtl.models.model import MultiTaskModel
 from mtl.sharding import Layout, make_mesh
@@ -71,7 +73,11 @@ def main() -> None:
                         help="JAX's random-number generator (jax_default_prng_impl), which draws the dropout masks")
     parser.add_argument("--profile", metavar="DIR", help="also write a jax.profiler trace of 3 mtl steps to DIR "
                         "(open it with xprof or TensorBoard's profile plugin)")
+    parser.add_argument("--retain-memory", action="store_true", help="the process (mtl and both peers) keeps the "
+                        "memory it frees for reuse (mtl.hostmem): no page faults for fresh temporaries")
     args = parser.parse_args()
+    if args.retain_memory and not retain_freed_memory():  # before torch's and XLA's threads allocate
+        parser.error("--retain-memory needs glibc's malloc")
     if args.prng:
         jax.config.update("jax_default_prng_impl", args.prng)
     torch.set_num_threads(os.cpu_count())
@@ -85,7 +91,7 @@ def main() -> None:
              "labels": labels, "weights": np.ones((args.batch,), np.float32)}
     name = f"random {args.random_init}" if args.random_init else args.model
     print(f"{name}: batch {args.batch}, seq {args.seq}, {args.dtype} compute, "
-          f"{'scanned' if args.scan_layers else 'looped'} layers, dropout {'off' if args.no_dropout else 'on'}, prng {jax.config.jax_default_prng_impl}, jax {jax.__version__} on "
+          f"{'scanned' if args.scan_layers else 'looped'} layers, dropout {'off' if args.no_dropout else 'on'}, {'freed memory retained, ' if args.retain_memory else ''}prng {jax.config.jax_default_prng_impl}, jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {torch_device}, {os.cpu_count()} cores")
 
     # The HF PyTorch peer first: it gives its GPU memory back before mtl starts.
