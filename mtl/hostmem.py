@@ -8,7 +8,7 @@ a second-order MAML meta-step faulted in 7.7 GB.
 
 `retain_freed_memory()` tells glibc to keep freed memory for reuse: one arena for all threads,
 no mmap for large blocks, no trimming. Measured there (README, Benchmarks): train step 2.49 s ->
-1.99 s, peak RSS 2.9 -> 4.1 GB; MAML meta-step 16.8 s -> 11.0 s, peak RSS 7.3 -> 13.0 GB. The
+1.99 s, peak RSS 2.9 -> 4.1 GB; MAML meta-step 16.8 s -> 11-12 s, peak RSS 7.3 -> 13.0 GB. The
 process keeps its high-water mark, and fragmentation in the one heap raises it, so it is an
 opt-in (`mtl --retain-memory ...`), not a default.
 """

@@ -203,7 +203,8 @@ def main() -> None:
         if args.retain_memory:
             from mtl.hostmem import retain_freed_memory
 
-            assert retain_freed_memory(), "--retain-memory needs glibc"
+            if not retain_freed_memory():
+                sys.exit("--retain-memory needs glibc's malloc")
         worker(args.worker, args.directory, args.random_init, args.iters, args.mesh)
         return
     from mtl import resolve_model
