@@ -163,12 +163,40 @@ def test_ctrl_c_stops_between_steps_and_twice_at_once(presses, tmp_path, isolate
 
     monkeypatch.setattr(MetricsWriter, "write", interrupted_write)
     trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "a")
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run()
+    # Ctrl-C live, as in a terminal: pytest started as a shell's background job inherits it ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.run()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's handler is back
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert finished == ([3] if presses == 1 else [])
     assert max(r["step"] for r in read_metrics(tmp_path / "a")) == 3
     assert "mtl: stopping after this step (Ctrl-C again to stop now)" in capfd.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's handler is back
+
+
+def test_ctrl_c_the_process_ignores_is_left_ignored(tmp_path, isolated_cache, minilm_dir, monkeypatch):
+    """A process that ignores SIGINT (started in the background by a shell) keeps ignoring it:
+    the run goes on to its last step."""
+    from mtl.tracking import MetricsWriter
+
+    write = MetricsWriter.write
+
+    def interrupted_write(self, step, kind, record):
+        write(self, step, kind, record)
+        if step == 3 and kind == "train":
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(MetricsWriter, "write", interrupted_write)
+    trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "a")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        trainer.run()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert max(r["step"] for r in read_metrics(tmp_path / "a")) == 8
 
 
 def test_restore_into_another_seed_gives_identical_trees(tmp_path, isolated_cache, minilm_dir):
