@@ -1,5 +1,6 @@
 """The multi-task trainer: exact resume after SIGKILL, restore, non-finite losses, traces, bad configs."""
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -145,11 +146,19 @@ def _toy_config(tmp_path, minilm_dir, relative_task=False, **train):
     return load_experiment(None, data=data)
 
 
-@pytest.mark.parametrize("presses", [1, 2])
-def test_ctrl_c_stops_between_steps_and_twice_at_once(presses, tmp_path, isolated_cache, minilm_dir, monkeypatch, capfd):
-    """Ctrl-C inside a library call (here: writing step 3's metrics) must not raise there: a
-    KeyboardInterrupt inside tensorboardX's queue put once left the run hung at close. One press
-    stops the run after that step; a second press stops it at once."""
+@contextlib.contextmanager
+def _sigint(handler):
+    """SIGINT handled by `handler` inside the block, as before it after."""
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_inside_step_3_write(monkeypatch, presses: int) -> list[int]:
+    """Press Ctrl-C `presses` times inside a library call (writing step 3's train metrics);
+    returns the steps whose write went on past the presses (empty where one raised)."""
     from mtl.tracking import MetricsWriter
 
     write, finished = MetricsWriter.write, []
@@ -159,18 +168,24 @@ def test_ctrl_c_stops_between_steps_and_twice_at_once(presses, tmp_path, isolate
         if step == 3 and kind == "train":
             for _ in range(presses):
                 signal.raise_signal(signal.SIGINT)
-            finished.append(step)  # not reached where the KeyboardInterrupt is raised inside
+            finished.append(step)
 
     monkeypatch.setattr(MetricsWriter, "write", interrupted_write)
+    return finished
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_between_steps_and_twice_at_once(presses, tmp_path, isolated_cache, minilm_dir, monkeypatch, capfd):
+    """Ctrl-C inside a library call must not raise there: a KeyboardInterrupt inside
+    tensorboardX's queue put once left the run hung at close. One press stops the run after that
+    step; a second press stops it at once."""
+    finished = _ctrl_c_inside_step_3_write(monkeypatch, presses)
     trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "a")
     # Ctrl-C live, as in a terminal: pytest started as a shell's background job inherits it ignored.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    with _sigint(signal.default_int_handler):
         with pytest.raises(KeyboardInterrupt):
             trainer.run()
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's handler is back
-    finally:
-        signal.signal(signal.SIGINT, previous)
     assert finished == ([3] if presses == 1 else [])
     assert max(r["step"] for r in read_metrics(tmp_path / "a")) == 3
     assert "mtl: stopping after this step (Ctrl-C again to stop now)" in capfd.readouterr().err
@@ -179,23 +194,12 @@ def test_ctrl_c_stops_between_steps_and_twice_at_once(presses, tmp_path, isolate
 def test_ctrl_c_the_process_ignores_is_left_ignored(tmp_path, isolated_cache, minilm_dir, monkeypatch):
     """A process that ignores SIGINT (started in the background by a shell) keeps ignoring it:
     the run goes on to its last step."""
-    from mtl.tracking import MetricsWriter
-
-    write = MetricsWriter.write
-
-    def interrupted_write(self, step, kind, record):
-        write(self, step, kind, record)
-        if step == 3 and kind == "train":
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(MetricsWriter, "write", interrupted_write)
+    finished = _ctrl_c_inside_step_3_write(monkeypatch, presses=1)
     trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "a")
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    with _sigint(signal.SIG_IGN):
         trainer.run()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    assert finished == [3]
     assert max(r["step"] for r in read_metrics(tmp_path / "a")) == 8
 
 
