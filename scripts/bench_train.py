@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--scan-layers", action="store_true", help="mtl with model.scan_layers true")
     parser.add_argument("--no-dropout", action="store_true", help="both sides without dropout")
     parser.add_argument("--prng", choices=("threefry2x32", "rbg", "unsafe_rbg"),
-                        help="JAX's random-number generator (jax_default_prng_impl), which draws the dropout masks")
+                        help="JAX's random-number generator (jax_default_prng_impl); it draws the keys that dropout "
+                             "hashes its masks from")
     parser.add_argument("--profile", metavar="DIR", help="also write a jax.profiler trace of 3 mtl steps to DIR "
                         "(open it with xprof or TensorBoard's profile plugin)")
     parser.add_argument("--retain-memory", action="store_true", help="the process (mtl and both peers) keeps the "

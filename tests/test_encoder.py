@@ -1,5 +1,7 @@
 """Encoder behaviour beyond forward parity: tracing, dropout, remat, bf16, gradients."""
 
+import itertools
+import math
 import re
 
 import jax
@@ -8,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from jax.extend.random import threefry2x32_p
 
 from conftest import padded_batch
 from mtl import Encoder
 from mtl.errors import MtlError
 from mtl.hf import encoder_to_hf_tensors
-from mtl.models.encoder import dropout, gelu
+from mtl.models.encoder import _block_counters, dropout, gelu, threefry2x32
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +60,9 @@ def test_dropout_is_driven_by_the_key(tiny_hf, batch):
 
 def test_dropout_drops_at_the_rate_and_keeps_the_mean():
     """Each element is dropped with the given probability (16-bit threshold, so 0.1 is 6554/65536)
-    and the kept ones are scaled so the expectation is x; two elements share one 32-bit draw but
-    not their decisions."""
-    x = jnp.full((64, 128, 129), 2.0)  # an odd last axis: the second half of the last pair is cut
+    and the kept ones are scaled so the expectation is x; four elements share one 64-bit threefry
+    block but not their decisions."""
+    x = jnp.full((64, 128, 129), 2.0)  # 129 = 32 blocks of 4 and 1 element from a 33rd block
     y = np.asarray(dropout(x, 0.1, jax.random.key(0)))
     assert y.shape == x.shape
     kept = y != 0
@@ -68,11 +71,30 @@ def test_dropout_drops_at_the_rate_and_keeps_the_mean():
     n = kept.size  # 1,056,768 decisions: the dropped fraction's std is sqrt(0.1 * 0.9 / n) = 2.9e-4
     assert abs((~kept).mean() - 6554 / 65536) < 1.5e-3
     assert abs(y.mean() - 2.0) < 5 * 2.0 * np.sqrt(0.1 / 0.9 / n)
-    # The two 16-bit halves of one draw decide independently: neighbours agree as often as chance says.
-    pairs = kept[..., :128].reshape(-1, 2)
-    assert abs((pairs[:, 0] == pairs[:, 1]).mean() - (0.9**2 + 0.1**2)) < 3e-3
+    # The four 16-bit words of one block decide independently: any two of them agree as often as
+    # chance says (262,144 blocks: the agreement's std is 7.5e-4).
+    blocks = kept[..., :128].reshape(-1, 4)
+    for i, j in itertools.combinations(range(4), 2):
+        assert abs((blocks[:, i] == blocks[:, j]).mean() - (0.9**2 + 0.1**2)) < 3e-3, (i, j)
     np.testing.assert_array_equal(y, dropout(x, 0.1, jax.random.key(0)))
     assert (dropout(x, 0.1, jax.random.key(1)) != y).any()
+
+
+def test_threefry_is_jax_threefry_and_every_block_has_its_own_counter():
+    """Dropout's hash is bit for bit JAX's Threefry-2x32 primitive, and no two blocks of an array
+    share a counter, so no two blocks share their bits."""
+    keys = np.random.RandomState(0).randint(0, 2**32, size=(4, 1000), dtype=np.uint64).astype(np.uint32)
+    k1, k2, x1, x2 = (jnp.asarray(a) for a in keys)
+    ours = jax.jit(threefry2x32)(k1[0], k2[0], x1, x2)
+    theirs = jax.jit(threefry2x32_p.bind)(k1[0], k2[0], x1, x2)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for shape in [(7,), (3, 5), (2, 3, 4, 5)]:
+        hi, lo = (np.asarray(c).ravel() for c in _block_counters(shape))
+        assert len(set(zip(hi.tolist(), lo.tolist()))) == math.prod(shape), shape
+    too_long = jax.ShapeDtypeStruct((2, 2**32 * 4), jnp.float32)  # 2**32 blocks after the first axis
+    with pytest.raises(MtlError, match=r"dropout over an array of shape \(2, 4294967296\)"):
+        jax.eval_shape(lambda x: dropout(x, 0.1, jax.random.key(0)), too_long)
 
 
 def test_dropout_edges_and_gradient():

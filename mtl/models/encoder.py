@@ -67,19 +67,57 @@ def _gelu_backward(x, grad):
 gelu.defvjp(_gelu_forward, _gelu_backward)
 
 _DROPOUT_LEVELS = 1 << 16  # a dropout decision compares 16 random bits with a threshold
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _rotate_left(x: jax.Array, bits: int) -> jax.Array:
+    return (x << np.uint32(bits)) | (x >> np.uint32(32 - bits))
+
+
+def threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The Threefry-2x32 block cipher (20 rounds; Salmon et al. 2011), bit for bit what
+    `jax.random`'s default generator computes, written as uint32 array ops.
+
+    JAX lowers its own threefry for CPU as a loop of five trips, each a pass over memory, and
+    XLA cannot fuse a loop into the ops that use its output. Written out, the whole hash fuses
+    into the op that consumes the bits: dropout then never stores a random array.
+    """
+    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+    x1, x2 = x1 + ks[0], x2 + ks[1]
+    for i in range(5):
+        for r in _THREEFRY_ROTATIONS[i % 2]:
+            x1 = x1 + x2
+            x2 = _rotate_left(x2, r) ^ x1
+        x1, x2 = x1 + ks[(i + 1) % 3], x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x1, x2
+
+
+def _block_counters(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """A distinct 64-bit counter (hi, lo) for every position of `shape`: hi is the index along
+    the first axis, lo the position within the rest. Built from iotas, so it shards like x."""
+    if shape[0] >= 2**32 or math.prod(shape[1:]) >= 2**32:
+        raise MtlError(f"dropout over an array of shape {shape} (in 4-element blocks): the first axis and the "
+                       "product of the others must each be below 2**32")
+    lo, stride = jnp.zeros(shape, jnp.uint32), 1
+    for axis in range(len(shape) - 1, 0, -1):
+        lo = lo + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+        stride *= shape[axis]
+    return jax.lax.broadcasted_iota(jnp.uint32, shape, 0), lo
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout: zero each element with probability `rate`, scale the rest up so the
     expectation is x. `key=None` (or rate 0) returns x unchanged.
 
-    Each decision takes 16 random bits, so one 32-bit threefry draw serves two elements:
-    drawing the bits was most of dropout's cost (jax.random.bernoulli draws 32 bits an element;
-    on a 2-core CPU a MiniLM train step spent about 13% of its time in threefry, most of it on
-    the [batch, heads, seq, seq] attention masks). The rate is used to the nearest 1/65536
-    (0.1 drops 6554/65536 = 0.100006), and the scale is 1 / (1 - that rate), so the output stays
-    unbiased. Bits are drawn over the leading axes as given, so a sharded x gets the same mask as
-    an unsharded one.
+    Drawing the random bits was most of dropout's cost: jax.random.bernoulli draws 32 bits an
+    element, and on CPU through a loop XLA cannot fuse (a MiniLM train step on a 2-core CPU spent
+    about 13% of its time in threefry, most of it for the [batch, heads, seq, seq] attention
+    masks). Here each decision takes 16 bits, and one Threefry-2x32 block (64 bits) serves four
+    consecutive elements of the last axis. The block's counter is its position in x; its key is
+    64 bits drawn from `key`. The rate is used to the nearest 1/65536 (0.1 drops
+    6554/65536 = 0.100006), and the scale is 1 / (1 - that rate), so the output stays unbiased.
+    The mask depends only on the key and each element's position, so a sharded x gets the same
+    mask as an unsharded one.
     """
     if key is None or rate == 0.0:
         return x
@@ -91,9 +129,10 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     if threshold == _DROPOUT_LEVELS:
         return jnp.zeros_like(x)
     *lead, last = x.shape
-    pairs = (last + 1) // 2
-    bits = jax.random.bits(key, (*lead, pairs), jnp.uint32)
-    bits = jax.lax.bitcast_convert_type(bits, jnp.uint16).reshape(*lead, 2 * pairs)[..., :last]
+    blocks = (*lead, (last + 3) // 4)
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    words = jnp.stack(threefry2x32(seed[0], seed[1], *_block_counters(blocks)), axis=-1)
+    bits = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*lead, -1)[..., :last]
     scale = _DROPOUT_LEVELS / (_DROPOUT_LEVELS - threshold)
     return jnp.where(bits >= threshold, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
 
