@@ -5,6 +5,7 @@ from collections import Counter
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -13,8 +14,8 @@ from mtl.config import OptimSection
 from mtl.models.heads import ClassificationHead
 from mtl.models.model import MultiTaskModel
 from mtl.train.multitask import TaskSampler, make_train_steps
-from mtl.train.optim import _names, build_optimizer, decay_mask, depth_factors, schedule
-from mtl.train.state import TrainState
+from mtl.train.optim import _names, build_optimizer, clip_by_global_norm, decay_mask, depth_factors, schedule
+from mtl.train.state import TrainState, make_update
 
 
 def _setup(scan_layers=True, **optim):
@@ -48,6 +49,28 @@ def test_schedules():
     assert float(cosine(50)) == pytest.approx(0.5, abs=1e-6)
     constant = schedule(OptimSection(learning_rate=1.0, warmup_ratio=0.5, schedule="constant"), 100)
     assert float(constant(25)) == pytest.approx(0.5) and float(constant(90)) == 1.0
+
+
+def test_clipping_equals_optax_and_stores_no_clipped_copy_of_the_gradients():
+    grads = {"a": jax.random.normal(jax.random.key(0), (300, 7)), "b": jax.random.normal(jax.random.key(1), (11,))}
+    norm = float(optax.tree.norm(grads))  # about 46
+    for max_norm in (norm * 2, norm / 3):
+        ours, _ = clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+        theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+            if max_norm > norm:  # untouched, bit for bit
+                np.testing.assert_array_equal(a, b)
+            else:  # g * (m / n) against (g / n) * m: two float32 roundings each, so at most 2 ulp apart
+                np.testing.assert_allclose(a, b, rtol=2.4e-7, atol=0)
+        assert float(optax.tree.norm(ours)) == pytest.approx(min(max_norm, norm), rel=1e-6)
+    # The update program keeps no parameter-sized temporary (optax's per-element division made
+    # XLA store the clipped gradient once for both Adam moments).
+    graphdef, rest, tx, state, _ = _setup(scan_layers=False, clip_norm=1.0)
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    metrics = {"total_loss": jnp.float32(1.0)}
+    compiled = make_update(tx, skip_nonfinite=False).lower(state, grads, metrics).compile()
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    assert compiled.memory_analysis().temp_size_in_bytes < param_bytes / 4
 
 
 def test_weight_decay_skips_biases_and_norms():

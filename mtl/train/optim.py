@@ -12,6 +12,8 @@
 - freeze_encoder uses optax.partition with set_to_zero, so a frozen encoder also carries no
   Adam moments.
 - grad_accum > 1 wraps everything in optax.MultiSteps.
+- clipping multiplies by one factor rather than dividing each element as optax does, so XLA
+  keeps no clipped copy of the gradients (see clip_by_global_norm).
 """
 
 from __future__ import annotations
@@ -96,6 +98,25 @@ def depth_factors(params: Any, encoder: EncoderConfig, layer_decay: float | None
     return jax.tree_util.tree_map_with_path(factor, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm's clipping, applied as one scalar factor, min(1, max_norm / norm).
+
+    optax divides every element by the norm. XLA counts a division as too costly to repeat in
+    each of its consumers (Adam's two moments), so it stored the whole clipped gradient: a
+    parameter-sized temporary every step (91 MB for MiniLM), which on CPU is fresh memory the
+    kernel faults in each step (22 thousand page faults; a MiniLM train step took 2274 ms with
+    optax's clip, 2226 ms with this one, alternating in one process). A multiplication is
+    recomputed in place. Below the threshold the factor is exactly 1, as optax leaves those
+    gradients; above it the result can differ from optax's in the last bit.
+    """
+    def clip(updates, params):
+        del params
+        factor = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))
+        return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates)
+
+    return optax.stateless(clip)
+
+
 def build_optimizer(cfg: OptimSection, params: Any, encoder: EncoderConfig, total_steps: int) -> optax.GradientTransformation:
     """The optimizer for `params` ({"model": nnx.State, "log_vars": array}) over total_steps."""
     if cfg.freeze_layers > encoder.num_layers:
@@ -104,7 +125,7 @@ def build_optimizer(cfg: OptimSection, params: Any, encoder: EncoderConfig, tota
     total_updates = max(total_steps // cfg.grad_accum, 1)
     parts = []
     if cfg.clip_norm is not None:
-        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+        parts.append(clip_by_global_norm(cfg.clip_norm))
     if cfg.optimizer == "sgd":
         if cfg.weight_decay:
             parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
