@@ -71,18 +71,33 @@ def test_raw_splits_are_the_rows_that_get_tokenized(tmp_path, tokenizer):
         assert [CSV_SPEC["labels"].index(v) for v in raw[name]["label"]] == split["labels"]
 
 
+def run_peer_script(tmp_path, *args):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "peer_tfidf.py"
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          env={**os.environ, "MTL_CACHE": str(tmp_path / "cache")})
+
+
 def test_peer_script_scores_a_separable_task_perfectly(tmp_path):
     # Every text names its label's word, so a working TF-IDF peer on the right rows scores 1.0.
     rows = "\n".join(f"{word} item {i} number {i % 7},{label}" for i in range(60)
                      for word, label in [(("lovely", "pos"), ("awful", "neg"))[i % 2]])
     path = write_task(tmp_path, CSV_SPEC, {"data.csv": f"review,stars\n{rows}\n"})
-    script = Path(__file__).resolve().parents[1] / "scripts" / "peer_tfidf.py"
-    proc = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True,
-                          env={**os.environ, "MTL_CACHE": str(tmp_path / "cache")})
+    proc = run_peer_script(tmp_path, str(path), "--split-seeds", "0", "3")
     assert proc.returncode == 0, proc.stderr
     table = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| toy_csv")]
-    assert [row[1] for row in table] == ["DATA.md recipe", "tuned on validation"]
-    assert all(row[5] == "1.0000 / 1.0000" and row[6].rstrip(" |") == "15" for row in table)
+    assert [(row[1], row[2]) for row in table] == [
+        ("0", "DATA.md recipe"), ("0", "tuned on validation"), ("3", "DATA.md recipe"), ("3", "tuned on validation")]
+    assert all(row[6] == "1.0000 / 1.0000" and row[7].rstrip(" |") == "15" for row in table)
+
+
+def test_peer_script_refuses_split_seeds_for_fixed_splits(tmp_path):
+    spec = {**CSV_SPEC, "source": {"format": "csv", "splits": {"train": ["t.csv"], "validation": ["t.csv"],
+                                                               "test": ["t.csv"]}}}
+    path = write_task(tmp_path, spec, {"t.csv": CSV_DATA})
+    proc = run_peer_script(tmp_path, str(path), "--split-seeds", "1")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"{path}: task 'toy_csv' has fixed splits (source.splits); "
+                                   "--split-seeds does not apply to it")
 
 
 def test_bucket_lengths():
