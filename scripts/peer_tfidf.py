@@ -26,6 +26,7 @@ import argparse
 import itertools
 
 from mtl.data import load_raw_splits
+from mtl.errors import MtlError
 from mtl.metrics import classification_metrics
 from mtl.models.heads import get_head
 from mtl.tasks import load_task
@@ -88,4 +89,7 @@ def score_peers(spec) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MtlError as e:  # an unknown task or a bad spec: one line, not a traceback
+        raise SystemExit(f"peer_tfidf.py: error: {e}") from None

@@ -100,6 +100,13 @@ def test_peer_script_refuses_split_seeds_for_fixed_splits(tmp_path):
                                    "--split-seeds does not apply to it")
 
 
+def test_peer_script_names_an_unknown_task_in_one_line(tmp_path):
+    proc = run_peer_script(tmp_path, "no_such_task")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("peer_tfidf.py: error: task 'no_such_task' is neither a file nor a shipped "
+                                   "task; shipped: ['bbc_topic', 'tweet_sentiment', 'wnut_ner']")
+
+
 def test_bucket_lengths():
     assert bucket_lengths(128) == (32, 64, 128)
     assert bucket_lengths(100) == (32, 64, 100)
