@@ -58,18 +58,25 @@ def main() -> None:
                         help="score on the splits of these seeds (default: each spec's own seed)")
     args = parser.parse_args()
 
+    # Every spec is read and checked before any fitting, which takes minutes a task: a bad last
+    # argument fails at once, not after the others have been scored.
+    specs = [checked_spec(task, seed) for task in args.tasks for seed in args.split_seeds or [None]]
     print("| task | split seed | peer | C | sublinear tf | validation accuracy / macro-F1 "
           "| test accuracy / macro-F1 | test rows |")
     print("|---|---|---|---|---|---|---|---|")
-    for task in args.tasks:
-        for seed in args.split_seeds or [None]:
-            spec = load_task(task, [f"split.seed={seed}"] if seed is not None else [])
-            if get_head(spec.head).label_kind != "class":
-                raise SystemExit(f"{spec.origin}: head {spec.head!r} is not single-label classification")
-            if seed is not None and spec.source.splits:
-                raise SystemExit(f"{spec.origin}: task {spec.name!r} has fixed splits (source.splits); "
-                                 "--split-seeds does not apply to it")
-            score_peers(spec)
+    for spec in specs:
+        score_peers(spec)
+
+
+def checked_spec(task: str, seed: int | None):
+    """The spec of `task` (its split reseeded when `seed` is given), refused unless the peer applies."""
+    spec = load_task(task, [f"split.seed={seed}"] if seed is not None else [])
+    if get_head(spec.head).label_kind != "class":
+        raise SystemExit(f"{spec.origin}: head {spec.head!r} is not single-label classification")
+    if seed is not None and spec.source.splits:
+        raise SystemExit(f"{spec.origin}: task {spec.name!r} has fixed splits (source.splits); "
+                         "--split-seeds does not apply to it")
+    return spec
 
 
 def score_peers(spec) -> None:

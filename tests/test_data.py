@@ -107,6 +107,14 @@ def test_peer_script_names_an_unknown_task_in_one_line(tmp_path):
                                    "task; shipped: ['bbc_topic', 'tweet_sentiment', 'wnut_ner']")
 
 
+def test_peer_script_checks_every_task_before_fitting_any(tmp_path):
+    path = write_task(tmp_path, CSV_SPEC, {"data.csv": CSV_DATA})
+    proc = run_peer_script(tmp_path, str(path), "no_such_task")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("peer_tfidf.py: error: task 'no_such_task' is neither")
+    assert proc.stdout == ""  # the good first task was not scored, nor the table begun
+
+
 def test_bucket_lengths():
     assert bucket_lengths(128) == (32, 64, 128)
     assert bucket_lengths(100) == (32, 64, 100)
