@@ -3,13 +3,14 @@
 Every schema (task specs now, experiment configs with the trainer) is a dataclass. OmegaConf
 merges a YAML file and dotted `key=value` overrides onto it, which rejects unknown keys,
 wrong types and missing required values. `load_structured` turns OmegaConf's errors into one
-`MtlError` line naming the file and the full key.
+`MtlError` line naming the file and the full key, and the override when one set that key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -80,7 +81,8 @@ def load_structured(
 
     Raises:
       MtlError: "<where>: key 'a.b': <what is wrong>" for an unknown key, a value of the wrong
-        type, or a missing required value; or a malformed override.
+        type, or a missing required value; or a malformed override. A key an override set reads
+        "<where> with override 'a.b=x': key 'a.b': ...".
     """
     for override in overrides:
         if "=" not in override or not override.split("=", 1)[0]:
@@ -88,15 +90,26 @@ def load_structured(
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(dict(data)))
         for override in overrides:
-            merged = _apply_override(merged, *override.split("=", 1), where=where)
+            merged = _apply_override(merged, *override.split("=", 1), where=where, overrides=overrides)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         message = str(e).splitlines()[0]
-        raise MtlError(f"{where}: key {key!r}: {message}" if key else f"{where}: {message}") from None
+        raise MtlError(f"{at_key(where, key, overrides)}: {message}" if key else f"{where}: {message}") from None
 
 
-def _apply_override(config: DictConfig, key: str, text: str, *, where: str) -> DictConfig:
+def at_key(where: str, key: str, overrides: Sequence[str] = ()) -> str:
+    """"<where>: key '<key>'" for an error message, naming the last override that set the key
+    (or a section above it) when one did: its value is then not the one the file shows."""
+    dotted = re.sub(r"\[(\d+)\]", r".\1", key)  # OmegaConf writes tasks[1].weight
+    for override in reversed(overrides):
+        target = override.split("=", 1)[0].strip()
+        if dotted == target or dotted.startswith(target + "."):
+            return f"{where} with override {override!r}: key {key!r}"
+    return f"{where}: key {key!r}"
+
+
+def _apply_override(config: DictConfig, key: str, text: str, *, where: str, overrides: Sequence[str]) -> DictConfig:
     """`config` with one dotted `key=text` override, list items included.
 
     A merge of `from_dotlist` fills a section that is None (`model.random_init.hidden_size=32`
@@ -111,7 +124,7 @@ def _apply_override(config: DictConfig, key: str, text: str, *, where: str) -> D
         if isinstance(node, ListConfig):
             if not (part.isdigit() and int(part) < len(node)):
                 items = f"items 0 to {len(node) - 1}" if len(node) else "no items"
-                raise MtlError(f"{where}: key {key!r}: {'.'.join(parts[:depth])!r} is a list; it has {items}")
+                raise MtlError(f"{at_key(where, key, overrides)}: {'.'.join(parts[:depth])!r} is a list; it has {items}")
             node, through_list = node[int(part)], True
         elif isinstance(node, DictConfig) and part in node:
             node = node[part]
@@ -396,15 +409,15 @@ def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] = (
     for key, names in _CHOICES.items():
         for full_key, value in _values(config, key):
             if value not in names:
-                raise MtlError(f"{where}: key {full_key!r}: {value!r} is not one of {list(names)}")
+                raise MtlError(f"{at_key(where, full_key, overrides)}: {value!r} is not one of {list(names)}")
     for key, (expected, holds) in _RANGES.items():
         for full_key, value in _values(config, key):
             if not holds(value):
-                raise MtlError(f"{where}: key {full_key!r}: must be {expected}, got {value}")
+                raise MtlError(f"{at_key(where, full_key, overrides)}: must be {expected}, got {value}")
     if not config.tasks:
-        raise MtlError(f"{where}: key 'tasks': list at least one task")
+        raise MtlError(f"{at_key(where, 'tasks', overrides)}: list at least one task")
     if config.meta is not None:
-        _check_meta_sources(config, where)
+        _check_meta_sources(config, where, overrides)
     return _absolute_task_paths(config)
 
 
@@ -423,7 +436,7 @@ def _absolute_task_paths(config: ExperimentConfig) -> ExperimentConfig:
     return config
 
 
-def _check_meta_sources(config: ExperimentConfig, where: str) -> None:
+def _check_meta_sources(config: ExperimentConfig, where: str, overrides: Sequence[str]) -> None:
     """Every episode source names one of the config's tasks."""
     meta = config.meta
     tasks = [entry.task for entry in config.tasks]
@@ -432,8 +445,8 @@ def _check_meta_sources(config: ExperimentConfig, where: str) -> None:
         if part == "eval" and sources is None:
             continue
         if not sources:
-            raise MtlError(f"{where}: key 'meta.{part}': list at least one episode source")
+            raise MtlError(f"{at_key(where, f'meta.{part}', overrides)}: list at least one episode source")
         for i, source in enumerate(sources):
             if source.task not in tasks:
-                raise MtlError(f"{where}: key 'meta.{part}[{i}].task': {source.task!r} is not one of the "
+                raise MtlError(f"{at_key(where, f'meta.{part}[{i}].task', overrides)}: {source.task!r} is not one of the "
                                f"config's tasks {tasks}")

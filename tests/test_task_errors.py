@@ -133,6 +133,24 @@ def test_unknown_spec_key_and_wrong_type(tmp_path):
         load_task(write_task(tmp_path / "c", dict(CSV_SPEC, max_length="long"), {}))
 
 
+def test_a_bad_spec_override_is_named(tmp_path):
+    # An experiment's `tasks[].overrides` change a spec the file does not show: the error names
+    # the override, and a key the override did not touch still names only the file.
+    path = write_task(tmp_path, CSV_SPEC, {})
+    with pytest.raises(MtlError) as error:
+        load_task(path, ["max_lenght=64"])
+    assert str(error.value).startswith(f"{path} with override 'max_lenght=64': key 'max_lenght': Key 'max_lenght' not in 'TaskSpec'")
+    with pytest.raises(MtlError) as error:
+        load_task(path, ["split.seed=3", "max_length=4"])
+    assert str(error.value) == f"{path} with override 'max_length=4': key 'max_length': 4 is too small (at least 8)"
+    with pytest.raises(MtlError) as error:
+        load_task(path, ["split={train: 0.5, validation: 0.1, test: 0.1}"])
+    assert str(error.value).startswith(f"{path} with override 'split={{train: 0.5, validation: 0.1, test: 0.1}}': key 'split': fractions")
+    with pytest.raises(MtlError) as error:
+        load_task(write_task(tmp_path / "b", dict(CSV_SPEC, metric="entity_f1"), {}), ["max_length=64"])
+    assert str(error.value).startswith(f"{tmp_path / 'b'}/toy_csv.yaml: key 'metric': 'entity_f1' is not reported")
+
+
 def test_metric_must_come_from_the_head(tmp_path):
     with pytest.raises(MtlError, match=r"key 'metric': 'entity_f1' is not reported by head 'classification'; choose one of \['accuracy', 'macro_f1', 'weighted_f1'\]"):
         load_task(write_task(tmp_path, dict(CSV_SPEC, metric="entity_f1"), {}))

@@ -379,27 +379,46 @@ def test_evaluate_restores_and_scores(tmp_path, isolated_cache, minilm_dir):
 
 
 def test_bad_experiment_configs(tmp_path):
-    with pytest.raises(MtlError, match=r"key 'train.stpes': Key 'stpes' not in 'TrainSection'"):
+    # A bad value an override set names the override: the file shows another value.
+    with pytest.raises(MtlError, match=r"tiny\.yaml with override 'train.stpes=3': key 'train.stpes': Key 'stpes' not in 'TrainSection'"):
         load_experiment(TINY, ["train.stpes=3"])
     with pytest.raises(MtlError, match=r"key 'train.sampling': 'random' is not one of \['proportional', 'temperature', 'uniform', 'round_robin'\]"):
         load_experiment(TINY, ["train.sampling=random"])
-    with pytest.raises(MtlError, match=r"tiny\.yaml: key 'model.dtype': 'bf16' is not one of \['float32', 'bfloat16', 'float16'\]$"):
+    with pytest.raises(MtlError, match=r"tiny\.yaml with override 'model.dtype=bf16': key 'model.dtype': 'bf16' is not one of \['float32', 'bfloat16', 'float16'\]$"):
         load_experiment(TINY, ["model.dtype=bf16"])
-    with pytest.raises(MtlError, match=r"tiny\.yaml: key 'model.remat_policy': 'dots' is not one of \['nothing_saveable', "):
+    with pytest.raises(MtlError, match=r"tiny\.yaml with override 'model.remat_policy=dots': key 'model.remat_policy': 'dots' is not one of \['nothing_saveable', "):
         load_experiment(TINY, ["model.remat_policy=dots"])
     with pytest.raises(MtlError, match=r"override 'train.steps': expected key=value"):
         load_experiment(TINY, ["train.steps"])
-    with pytest.raises(MtlError, match=r"key 'tasks.7.weight': 'tasks' is a list; it has items 0 to 2$"):
+    with pytest.raises(MtlError, match=r"with override 'tasks.7.weight=2': key 'tasks.7.weight': 'tasks' is a list; it has items 0 to 2$"):
         load_experiment(TINY, ["tasks.7.weight=2"])
     with pytest.raises(MtlError, match=r"key 'tasks.first.weight': 'tasks' is a list; it has items 0 to 2$"):
         load_experiment(TINY, ["tasks.first.weight=2"])
-    with pytest.raises(MtlError, match=r"key 'tasks\[1\].wieght': Key 'wieght' not in 'TaskEntry'"):
+    # OmegaConf names a list item tasks[1]; the override wrote tasks.1.
+    with pytest.raises(MtlError, match=r"with override 'tasks.1.wieght=2': key 'tasks\[1\].wieght': Key 'wieght' not in 'TaskEntry'"):
         load_experiment(TINY, ["tasks.1.wieght=2"])
-    with pytest.raises(MtlError, match=r"key 'optim.head_lr_scale': must be positive, got 0.0$"):
+    with pytest.raises(MtlError, match=r"with override 'optim.head_lr_scale=0': key 'optim.head_lr_scale': must be positive, got 0.0$"):
         load_experiment(TINY, ["optim.head_lr_scale=0"])
+    # An override of a whole section owns the keys below it.
+    with pytest.raises(MtlError, match=r"with override 'tasks=\[\]': key 'tasks': list at least one task$"):
+        load_experiment(TINY, ["tasks=[]"])
+    with pytest.raises(MtlError, match=r"with override 'tasks=\[\{task: x, weight: -1\}\]': key 'tasks\[0\].weight': must be non-negative"):
+        load_experiment(TINY, ["tasks=[{task: x, weight: -1}]"])
     config = load_experiment(TINY, ["tasks=[{task: tweets}]"])
     with pytest.raises(MtlError, match=r"task 'tweets' is neither a file nor a shipped task"):
         build_experiment(config)
+
+
+def test_a_bad_key_in_the_file_does_not_blame_an_override(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(Path(TINY).read_text().replace("learning_rate: 1.0e-3", "learning_rate: -1.0"))
+    with pytest.raises(MtlError) as error:
+        load_experiment(path, ["train.steps=3", "optim.warmup_ratio=0.2"])
+    assert str(error.value) == f"{path}: key 'optim.learning_rate': must be positive, got -1.0"
+    # The last override of a key is the one that set it.
+    with pytest.raises(MtlError) as error:
+        load_experiment(TINY, ["train.steps=0", "train.steps=-2"])
+    assert str(error.value) == f"{TINY} with override 'train.steps=-2': key 'train.steps': must be positive, got -2"
 
 
 def test_a_section_given_twice_is_refused(tmp_path):
@@ -439,7 +458,7 @@ def test_keys_from_a_yaml_merge_may_be_overridden(tmp_path):
 def test_out_of_range_values_are_refused_at_load(override, message):
     with pytest.raises(MtlError) as error:
         load_experiment(TINY, [override])
-    assert str(error.value) == f"{TINY}: {message}"
+    assert str(error.value) == f"{TINY} with override {override!r}: {message}"
 
 
 def test_null_optional_keys_are_not_range_checked():
