@@ -99,12 +99,12 @@ def load_structured(
 
 
 def at_key(where: str, key: str, overrides: Sequence[str] = ()) -> str:
-    """"<where>: key '<key>'" for an error message, naming the last override that set the key
-    (or a section above it) when one did: its value is then not the one the file shows."""
+    """"<where>: key '<key>'" for an error message, naming the last override that set the key,
+    a section above it or a key inside it, when one did: the file does not show that value."""
     dotted = re.sub(r"\[(\d+)\]", r".\1", key)  # OmegaConf writes tasks[1].weight
     for override in reversed(overrides):
         target = override.split("=", 1)[0].strip()
-        if dotted == target or dotted.startswith(target + "."):
+        if target == dotted or f"{target}.".startswith(f"{dotted}.") or f"{dotted}.".startswith(f"{target}."):
             return f"{where} with override {override!r}: key {key!r}"
     return f"{where}: key {key!r}"
 

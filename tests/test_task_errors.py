@@ -146,6 +146,10 @@ def test_a_bad_spec_override_is_named(tmp_path):
     with pytest.raises(MtlError) as error:
         load_task(path, ["split={train: 0.5, validation: 0.1, test: 0.1}"])
     assert str(error.value).startswith(f"{path} with override 'split={{train: 0.5, validation: 0.1, test: 0.1}}': key 'split': fractions")
+    # ... or a key inside the one the check names.
+    with pytest.raises(MtlError) as error:
+        load_task(path, ["split.train=0.9"])
+    assert str(error.value).startswith(f"{path} with override 'split.train=0.9': key 'split': fractions train=0.9")
     with pytest.raises(MtlError) as error:
         load_task(write_task(tmp_path / "b", dict(CSV_SPEC, metric="entity_f1"), {}), ["max_length=64"])
     assert str(error.value).startswith(f"{tmp_path / 'b'}/toy_csv.yaml: key 'metric': 'entity_f1' is not reported")
