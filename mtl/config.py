@@ -8,10 +8,11 @@ wrong types and missing required values. `load_structured` turns OmegaConf's err
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,11 +88,20 @@ def load_structured(
     for override in overrides:
         if "=" not in override or not override.split("=", 1)[0]:
             raise MtlError(f"override {override!r}: expected key=value")
-    try:
+    with _named_errors(where):
         merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(dict(data)))
-        for override in overrides:
-            merged = _apply_override(merged, *override.split("=", 1), where=where, overrides=overrides)
+    for override in overrides:
+        with _named_errors(where, [override]):  # this override, not a later one of the same key
+            merged = _apply_override(merged, override, where=where)
+    with _named_errors(where, overrides):
         return OmegaConf.to_object(merged)
+
+
+@contextlib.contextmanager
+def _named_errors(where: str, overrides: Sequence[str] = ()) -> Iterator[None]:
+    """An OmegaConf error inside becomes one MtlError line naming the file, key and override."""
+    try:
+        yield
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         message = str(e).splitlines()[0]
@@ -104,12 +114,12 @@ def at_key(where: str, key: str, overrides: Sequence[str] = ()) -> str:
     dotted = re.sub(r"\[(\d+)\]", r".\1", key)  # OmegaConf writes tasks[1].weight
     for override in reversed(overrides):
         target = override.split("=", 1)[0].strip()
-        if target == dotted or f"{target}.".startswith(f"{dotted}.") or f"{dotted}.".startswith(f"{target}."):
+        if f"{target}.".startswith(f"{dotted}.") or f"{dotted}.".startswith(f"{target}."):
             return f"{where} with override {override!r}: key {key!r}"
     return f"{where}: key {key!r}"
 
 
-def _apply_override(config: DictConfig, key: str, text: str, *, where: str, overrides: Sequence[str]) -> DictConfig:
+def _apply_override(config: DictConfig, override: str, *, where: str) -> DictConfig:
     """`config` with one dotted `key=text` override, list items included.
 
     A merge of `from_dotlist` fills a section that is None (`model.random_init.hidden_size=32`
@@ -117,6 +127,7 @@ def _apply_override(config: DictConfig, key: str, text: str, *, where: str, over
     into the list, so a key through a list item goes through OmegaConf.update, which indexes
     lists. Both parse the value the same way.
     """
+    key, text = override.split("=", 1)
     node: Any = config
     parts = key.split(".")
     through_list = False
@@ -124,14 +135,14 @@ def _apply_override(config: DictConfig, key: str, text: str, *, where: str, over
         if isinstance(node, ListConfig):
             if not (part.isdigit() and int(part) < len(node)):
                 items = f"items 0 to {len(node) - 1}" if len(node) else "no items"
-                raise MtlError(f"{at_key(where, key, overrides)}: {'.'.join(parts[:depth])!r} is a list; it has {items}")
+                raise MtlError(f"{at_key(where, key, [override])}: {'.'.join(parts[:depth])!r} is a list; it has {items}")
             node, through_list = node[int(part)], True
         elif isinstance(node, DictConfig) and part in node:
             node = node[part]
         else:
             break  # an unknown key or a None section: the merge fills or names it
     if not through_list:
-        return OmegaConf.merge(config, OmegaConf.from_dotlist([f"{key}={text}"]))
+        return OmegaConf.merge(config, OmegaConf.from_dotlist([override]))
     value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
     OmegaConf.update(config, key, value, merge=True)
     return config

@@ -419,6 +419,13 @@ def test_a_bad_key_in_the_file_does_not_blame_an_override(tmp_path):
     with pytest.raises(MtlError) as error:
         load_experiment(TINY, ["train.steps=0", "train.steps=-2"])
     assert str(error.value) == f"{TINY} with override 'train.steps=-2': key 'train.steps': must be positive, got -2"
+    # An override that cannot apply is the one named, not a later one of the same key.
+    with pytest.raises(MtlError) as error:
+        load_experiment(TINY, ["train.steps=abc", "train.steps=3"])
+    assert str(error.value).startswith(f"{TINY} with override 'train.steps=abc': key 'train.steps': Value 'abc'")
+    with pytest.raises(MtlError) as error:
+        load_experiment(TINY, ["tasks.7.weight=2", "tasks.7.weight=3"])
+    assert str(error.value) == f"{TINY} with override 'tasks.7.weight=2': key 'tasks.7.weight': 'tasks' is a list; it has items 0 to 2"
 
 
 def test_a_section_given_twice_is_refused(tmp_path):
