@@ -141,11 +141,26 @@ def _apply_override(config: DictConfig, override: str, *, where: str) -> DictCon
             node = node[part]
         else:
             break  # an unknown key or a None section: the merge fills or names it
-    if not through_list:
-        return OmegaConf.merge(config, OmegaConf.from_dotlist([override]))
-    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
+    try:
+        if not through_list:
+            return OmegaConf.merge(config, OmegaConf.from_dotlist([override]))
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
+    except yaml.YAMLError as e:  # OmegaConf parses the value as YAML and lets its errors through
+        raise MtlError(f"{where} with override {override!r}: {_yaml_value_problem(e, text)}") from None
     OmegaConf.update(config, key, value, merge=True)
     return config
+
+
+def _yaml_value_problem(error: yaml.YAMLError, text: str) -> str:
+    """Why an override's value does not parse, and where in the value."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        problem += " at the end of the value" if mark.index >= len(text) else f" at column {mark.index + 1} of the value"
+    if text.lstrip().startswith("[") and "=" in text:
+        # A task's `overrides` list: its items hold `=` and often brackets or commas of their own.
+        problem += "; quote each item: '[\"labels=[a, b]\"]'"
+    return f"the value is not valid YAML: {problem}"
 
 
 def to_yaml(obj: Any) -> str:

@@ -155,6 +155,14 @@ def test_a_bad_spec_override_is_named(tmp_path):
     assert str(error.value).startswith(f"{tmp_path / 'b'}/toy_csv.yaml: key 'metric': 'entity_f1' is not reported")
 
 
+def test_a_spec_override_value_that_is_not_yaml_is_one_line(tmp_path):
+    path = write_task(tmp_path, CSV_SPEC, {})
+    with pytest.raises(MtlError) as error:
+        load_task(path, ["labels=[neg, pos"])
+    assert str(error.value) == (f"{path} with override 'labels=[neg, pos': the value is not valid YAML: "
+                                "did not find expected ',' or ']' at the end of the value")
+
+
 def test_metric_must_come_from_the_head(tmp_path):
     with pytest.raises(MtlError, match=r"key 'metric': 'entity_f1' is not reported by head 'classification'; choose one of \['accuracy', 'macro_f1', 'weighted_f1'\]"):
         load_task(write_task(tmp_path, dict(CSV_SPEC, metric="entity_f1"), {}))

@@ -428,6 +428,24 @@ def test_a_bad_key_in_the_file_does_not_blame_an_override(tmp_path):
     assert str(error.value) == f"{TINY} with override 'tasks.7.weight=2': key 'tasks.7.weight': 'tasks' is a list; it has items 0 to 2"
 
 
+def test_an_override_value_that_is_not_yaml_is_one_line():
+    # OmegaConf parses a value as YAML and lets the parser's error, a traceback, through.
+    with pytest.raises(MtlError) as error:
+        load_experiment(TINY, ["optim.learning_rate=[1"])
+    assert str(error.value) == (f"{TINY} with override 'optim.learning_rate=[1': the value is not valid YAML: "
+                                "did not find expected ',' or ']' at the end of the value")
+    # Through a list item (OmegaConf.update's path). A task's overrides are the usual case:
+    # an item's own brackets end the list early, and the message says how to quote it.
+    with pytest.raises(MtlError) as error:
+        load_experiment(TINY, ["tasks.1.overrides=[labels=[a,b]]"])
+    assert str(error.value) == (f"{TINY} with override 'tasks.1.overrides=[labels=[a,b]]': the value is not valid YAML: "
+                                "did not find expected ',' or ']' at column 9 of the value; quote each item: '[\"labels=[a, b]\"]'")
+    with pytest.raises(MtlError, match=r"with override 'train.steps=@3': the value is not valid YAML: found character that cannot start any token at column 1 of the value$"):
+        load_experiment(TINY, ["train.steps=@3"])
+    # The quoted form the message suggests is read as one item.
+    assert load_experiment(TINY, ['tasks.1.overrides=["labels=[a, b]"]']).tasks[1].overrides == ["labels=[a, b]"]
+
+
 def test_a_section_given_twice_is_refused(tmp_path):
     # YAML parsers keep the last value of a repeated key, so the first section would vanish.
     path = tmp_path / "twice.yaml"
