@@ -26,6 +26,18 @@ def test_label_not_in_declared_set(tmp_path, tokenizer):
         _load(tmp_path, tokenizer, CSV_SPEC, {"data.csv": CSV_DATA.replace("hated it,neg", "hated it,meh")})
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_labels_outside_the_set_are_named_in_file_order_and_counted(tmp_path, tokenizer, seed):
+    # The splits are a seeded shuffle of the file; the error names the first bad row of the file,
+    # whichever split it lands in, and says how many there are, so one pass can fix them all.
+    bad = CSV_DATA.replace("boring,neg", "boring,Neg").replace("fine,pos", "fine,meh").replace("great film,pos", "great film,meh")
+    spec = dict(CSV_SPEC, split=dict(CSV_SPEC["split"], seed=seed))
+    with pytest.raises(MtlError) as error:
+        _load(tmp_path, tokenizer, spec, {"data.csv": bad})
+    assert str(error.value) == (f"{tmp_path}/data.csv:2: label 'meh' is not in the declared labels: ['neg', 'pos'] "
+                                "(3 labels in all, with values ['Neg', 'meh'])")
+
+
 def test_tag_not_in_declared_set_names_its_line(tmp_path, tokenizer):
     bad = CONLL_TRAIN.replace("Paris B-LOC", "Paris B-GPE")
     with pytest.raises(MtlError, match=r"train\.txt:4: label 'B-GPE' is not in the declared labels"):
@@ -210,7 +222,8 @@ def test_unknown_shipped_task_lists_the_shipped_ones():
 
 def test_non_numeric_regression_label(tmp_path, tokenizer):
     spec = {k: v for k, v in CSV_SPEC.items() if k != "labels"} | {"head": "regression", "metric": "pearson"}
-    with pytest.raises(MtlError, match=r"data\.csv:\d+: label '(pos|neg)' is not a number \(head 'regression' needs one\)"):
+    with pytest.raises(MtlError, match=r"data\.csv:2: label 'pos' is not a number \(head 'regression' needs one\) "
+                                        r"\(8 labels in all, with values \['neg', 'pos'\]\)$"):
         _load(tmp_path, tokenizer, spec, {"data.csv": CSV_DATA})
 
 

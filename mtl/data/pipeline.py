@@ -322,27 +322,47 @@ def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Datase
     """The label vocabulary (declared or inferred from train), after checking every split."""
     counts = {name: Counter(x for _, vals in _label_values(kind, ds, spec) for x in vals) for name, ds in splits.items()}
     if kind == "scalar":
-        for name, ds in splits.items():
-            for origin, value in zip(ds["origin"], ds["label"]):
-                try:
-                    float(value)
-                except (TypeError, ValueError):
-                    raise MtlError(f"{origin}: label {value!r} is not a number (head {spec.head!r} needs one)") from None
+        bad = [(origin, value) for ds in splits.values() for origin, value in zip(ds["origin"], ds["label"])
+               if not _is_number(value)]
+        if bad:
+            raise MtlError(_first_bad_label(bad, f"is not a number (head {spec.head!r} needs one)"))
         return list(spec.labels or [spec.columns.label]), {}
     if spec.labels is not None:
         labels, known, what = list(spec.labels), set(spec.labels), "the declared labels"
     else:
         labels = sorted(counts["train"])
         known, what = set(labels), "the labels seen in train (labels are inferred; declare them to allow more)"
-    for name, ds in splits.items():
-        if set(counts[name]) <= known:
-            continue
-        for origin, values in _label_values(kind, ds, spec):
-            for i, value in enumerate(values):
-                if value not in known:
-                    where = _line_of(origin, i) if kind == "tags" else origin
-                    raise MtlError(f"{where}: label {value!r} is not in {what}: {sorted(known)}")
+    bad = [(_line_of(origin, i) if kind == "tags" else origin, value)
+           for name, ds in splits.items() if not set(counts[name]) <= known
+           for origin, values in _label_values(kind, ds, spec) for i, value in enumerate(values) if value not in known]
+    if bad:
+        raise MtlError(_first_bad_label(bad, f"is not in {what}: {sorted(known)}"))
     return labels, {name: dict(sorted(c.items())) for name, c in counts.items()}
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _first_bad_label(bad: list[tuple[str, Any]], problem: str) -> str:
+    """The message for labels that fail a check: the first in file order (the splits are a
+    shuffle of the files), and how many there are in all, so that one pass can fix them all."""
+
+    def file_order(item: tuple[str, Any]) -> tuple[str, int]:
+        path, _, line = item[0].rpartition(":")
+        return (path, int(line)) if line.isdigit() else (item[0], 0)
+
+    origin, value = min(bad, key=file_order)
+    message = f"{origin}: label {value!r} {problem}"
+    if len(bad) > 1:
+        others = sorted({str(v) for _, v in bad})
+        shown = others if len(others) <= 8 else others[:8] + [f"and {len(others) - 8} more"]
+        message += f" ({len(bad)} labels in all, with values {shown})"
+    return message
 
 
 # ---------------------------------------------------------------------------- tokenizing
