@@ -56,6 +56,18 @@ def test_invalid_bio_is_rejected_in_strict_mode(tmp_path, tokenizer):
         _load(tmp_path, tokenizer, CONLL_SPEC, {"train.txt": bad, "dev.txt": CONLL_DEV})
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_invalid_bio_names_the_first_in_file_order_and_counts(tmp_path, tokenizer, seed):
+    # One pool of sentences, shuffled into splits: the first bad tag of the file is named.
+    sentences = [f"w{i} O\nx{i} {'I-PER' if i in (1, 4, 6) else 'O'}\n" for i in range(8)]
+    spec = dict(CONLL_SPEC, source={"format": "conll", "files": ["all.txt"]},
+                split={"seed": seed, "train": 0.5, "validation": 0.25, "test": 0.25})
+    with pytest.raises(MtlError) as error:
+        _load(tmp_path, tokenizer, spec, {"all.txt": "\n".join(sentences)})
+    assert str(error.value) == (f"{tmp_path}/all.txt:5: tag 'I-PER' after 'O' is not valid IOB2; 3 such tags in all "
+                                "(set bio: repair in the task spec to turn such I- tags into B-)")
+
+
 def test_unclosed_csv_quote_names_the_line_its_row_starts_on(tmp_path, tokenizer):
     # The reader only notices at the end of the file; the row with the stray quote is what to fix.
     with pytest.raises(MtlError, match=r"data\.csv:5: malformed csv \(unexpected end of data\)$"):

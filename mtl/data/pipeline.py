@@ -286,20 +286,26 @@ def _line_of(origin: str, offset: int) -> str:
     return f"{path}:{int(line) + offset}" if line.isdigit() else origin
 
 
+def _file_order(origin: str) -> tuple[str, int]:
+    """A sort key for "path:line" origins: by file, then line."""
+    path, _, line = origin.rpartition(":")
+    return (path, int(line)) if line.isdigit() else (origin, 0)
+
+
 def _check_tags(spec: TaskSpec, splits: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
+    problems = {name: [(origin, tags, iob2_problems(tags)) for origin, tags in zip(ds["origin"], ds["tags"])]
+                for name, ds in splits.items()}
+    if spec.bio == "reject":
+        bad = [(_line_of(origin, i), f"{tags[i]!r} after {tags[i - 1] if i else 'the sentence start'!r}")
+               for sentences in problems.values() for origin, tags, at in sentences for i in at]
+        if bad:
+            where, what = min(bad, key=lambda item: _file_order(item[0]))
+            count = f"; {len(bad)} such tags in all" if len(bad) > 1 else ""
+            raise MtlError(f"{where}: tag {what} is not valid IOB2{count} "
+                           "(set bio: repair in the task spec to turn such I- tags into B-)")
     out = {}
     for name, ds in splits.items():
-        repaired = 0
-        for origin, tags in zip(ds["origin"], ds["tags"]):
-            bad = iob2_problems(tags)
-            if bad and spec.bio == "reject":
-                i = bad[0]
-                before = tags[i - 1] if i else "the sentence start"
-                raise MtlError(
-                    f"{_line_of(origin, i)}: tag {tags[i]!r} after {before!r} is not valid IOB2 "
-                    "(set bio: repair in the task spec to turn such I- tags into B-)"
-                )
-            repaired += bool(bad)
+        repaired = sum(bool(at) for _, _, at in problems[name])
         if repaired:
             log.info("%s/%s: repaired IOB2 in %d sentence(s)", spec.name, name, repaired)
             ds = ds.map(lambda b: {"tags": [repair_iob2(t) for t in b["tags"]]}, batched=True)
@@ -352,11 +358,7 @@ def _first_bad_label(bad: list[tuple[str, Any]], problem: str) -> str:
     """The message for labels that fail a check: the first in file order (the splits are a
     shuffle of the files), and how many there are in all, so that one pass can fix them all."""
 
-    def file_order(item: tuple[str, Any]) -> tuple[str, int]:
-        path, _, line = item[0].rpartition(":")
-        return (path, int(line)) if line.isdigit() else (item[0], 0)
-
-    origin, value = min(bad, key=file_order)
+    origin, value = min(bad, key=lambda item: _file_order(item[0]))
     message = f"{origin}: label {value!r} {problem}"
     if len(bad) > 1:
         others = sorted({str(v) for _, v in bad})
