@@ -657,6 +657,20 @@ def test_transfer_into_another_architecture_names_the_parameter(tmp_path, isolat
         build_experiment(wider)
 
 
+def test_transfer_from_a_model_directory_says_where_it_goes(tmp_path, isolated_cache, minilm_dir):
+    config = _toy_config(tmp_path, minilm_dir)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text("{}")
+    with pytest.raises(MtlError) as error:
+        build_experiment(_with(config, init_from=str(tmp_path / "export")))
+    assert str(error.value) == (f"key 'model.init_from': {tmp_path / 'export'} has no checkpoints/; it takes a training "
+                                "workdir; it holds a config.json: a Hugging Face model directory (an mtl export, say) "
+                                "loads as model.encoder")
+    with pytest.raises(MtlError) as error:
+        build_experiment(_with(config, init_from=str(tmp_path / "nothing")))
+    assert str(error.value) == f"key 'model.init_from': {tmp_path / 'nothing'} has no checkpoints/; it takes a training workdir"
+
+
 def test_transfer_between_scanned_and_looped_layers(tmp_path, isolated_cache, minilm_dir):
     """Scanning is a run option, not an architecture: a checkpoint trained with one layout
     initialises a model with the other, layer by layer; another depth is still refused."""
