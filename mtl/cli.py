@@ -131,8 +131,8 @@ def _jsonl_texts(lines, tokens: bool = False) -> Iterator[str | list[str]]:
             yield _unicode(value, f"{where}: \"text\"")
         elif not tokens:
             raise MtlError(f"{where}: \"tokens\" are for token tasks; this task reads whole texts: give \"text\"")
-        elif (not isinstance(value, list) or not value
-              or not all(isinstance(w, str) and w.strip() for w in value)):
+        elif not isinstance(value, list) or not all(isinstance(w, str) and w.strip() for w in value):
+            # [] is a sentence of no words, as a blank "text" is: it gets no tags.
             raise MtlError(f"{where}: \"tokens\" must be a list of words (non-blank strings), got {json.dumps(value)}")
         else:
             yield [_unicode(w, f"{where}: \"tokens\" word {i}") for i, w in enumerate(value, start=1)]

@@ -112,7 +112,6 @@ def test_predict_names_the_bad_stdin_line(line, message):
 
 @pytest.mark.parametrize("line, message", [
     ('{"tokens": "a b"}', 'stdin:2: "tokens" must be a list of words (non-blank strings), got "a b"'),
-    ('{"tokens": []}', 'stdin:2: "tokens" must be a list of words (non-blank strings), got []'),
     ('{"tokens": ["a", " "]}', 'stdin:2: "tokens" must be a list of words (non-blank strings), got ["a", " "]'),
     ('{"tokens": ["a", 3]}', 'stdin:2: "tokens" must be a list of words (non-blank strings), got ["a", 3]'),
     ('{"tokens": ["a", "\\udcff"]}', 'stdin:2: "tokens" word 2 is not valid UTF-8 (at character 0)'),
@@ -129,6 +128,8 @@ def test_a_token_task_reads_stdin_lines_of_words(line, message):
     with pytest.raises(MtlError) as error:
         next(texts)
     assert str(error.value) == message
+    # No words is a sentence of its own, as a blank text is (Predictor.predict gives it no tags).
+    assert list(_jsonl_texts(io.StringIO('{"tokens": []}\n{"text": ""}\n'), tokens=True)) == [[], ""]
     # A task that reads whole texts takes no lists of words.
     with pytest.raises(MtlError, match=r'^stdin:1: "tokens" are for token tasks; this task reads whole texts: give "text"$'):
         next(_jsonl_texts(io.StringIO('{"tokens": ["a"]}\n')))
