@@ -98,10 +98,15 @@ class TaskSpec:
     bio: str = "reject"  # token tasks: "reject" or "repair" sequences that break IOB2
     label_separator: str | None = None  # multi_label: labels in one column, split on this
     origin: str = ""  # set by the loader: the file this spec came from
+    overrides: list[str] = dataclasses.field(default_factory=list)  # set by the loader: those applied to the file
 
     @property
     def base_dir(self) -> Path:
         return Path(self.origin).parent if self.origin else Path.cwd()
+
+    def at(self, key: str) -> str:
+        """"<file>: key '<key>'" for an error found after loading, naming the override that set the key."""
+        return at_key(self.origin, key, self.overrides)
 
 
 @dataclasses.dataclass
@@ -168,6 +173,10 @@ def _validate(spec: TaskSpec, where: str, overrides: Sequence[str] = ()) -> None
         raise MtlError(f"{at_key(where, 'label_separator', overrides)}: a multi_label task read from csv needs one")
 
 
+# TaskSpec fields the loader fills in, not keys of the file.
+LOADER_KEYS = ("origin", "overrides")
+
+
 def load_task(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) -> TaskSpec:
     """Load and validate one task spec, by path or by the name of a shipped task."""
     path = Path(name_or_path)
@@ -177,7 +186,10 @@ def load_task(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) ->
             raise MtlError(f"task {str(name_or_path)!r} is neither a file nor a shipped task; shipped: {shipped_tasks()}")
         path = shipped
     spec = load_structured(TaskSpec, read_yaml(path), where=str(path), overrides=overrides)
-    spec.origin = str(path.resolve())
+    for key in LOADER_KEYS:
+        if getattr(spec, key):
+            raise MtlError(f"{at_key(str(path), key, overrides)}: mtl sets it when it loads the spec; leave it out")
+    spec.origin, spec.overrides = str(path.resolve()), list(overrides)
     _validate(spec, str(path), overrides)
     return spec
 

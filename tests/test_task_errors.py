@@ -146,6 +146,25 @@ def test_max_length_above_encoder_limit(tmp_path, tokenizer):
     spec = dict(CSV_SPEC, max_length=1024)
     with pytest.raises(MtlError, match=r"toy_csv\.yaml: key 'max_length': 1024 exceeds the encoder's limit of 512 positions"):
         _load(tmp_path, tokenizer, spec, {"data.csv": CSV_DATA}, max_positions=512)
+    # Found after loading, it still names the override that set it: the file shows another value.
+    path = write_task(tmp_path / "b", CSV_SPEC, {"data.csv": CSV_DATA})
+    with pytest.raises(MtlError) as error:
+        load_task_data(load_task(path, ["split.seed=1", "max_length=1024"]), tokenizer, max_positions=512)
+    assert str(error.value) == f"{path.resolve()} with override 'max_length=1024': key 'max_length': 1024 exceeds the encoder's limit of 512 positions"
+    with pytest.raises(MtlError) as error:
+        load_task_data(load_task(path, ["source.files=[other*.csv]"]), tokenizer)
+    assert str(error.value).startswith(f"{path.resolve()} with override 'source.files=[other*.csv]': key 'source.files': 'other*.csv' matches no file")
+
+
+def test_keys_the_loader_sets_are_refused_in_a_spec(tmp_path):
+    path = write_task(tmp_path, dict(CSV_SPEC, origin="elsewhere.yaml"), {})
+    with pytest.raises(MtlError) as error:
+        load_task(path)
+    assert str(error.value) == f"{path}: key 'origin': mtl sets it when it loads the spec; leave it out"
+    path = write_task(tmp_path / "b", CSV_SPEC, {})
+    with pytest.raises(MtlError) as error:
+        load_task(path, ["overrides=[max_length=64]"])
+    assert str(error.value) == f"{path} with override 'overrides=[max_length=64]': key 'overrides': mtl sets it when it loads the spec; leave it out"
 
 
 def test_unknown_spec_key_and_wrong_type(tmp_path):

@@ -878,3 +878,10 @@ def test_a_head_option_the_head_refuses_names_the_spec(tmp_path, isolated_cache,
     with pytest.raises(MtlError) as error:
         build_experiment(config)
     assert str(error.value) == f"{spec}: key 'head_options': pooling 'max' is unknown; known: ['pooler', 'cls', 'mean']"
+    # Set by the experiment's override of the spec, the error names it.
+    spec.write_text(spec.read_text().replace("head_options: {pooling: max}\n", ""))
+    overridden = dataclasses.replace(config, tasks=[dataclasses.replace(config.tasks[0], overrides=["head_options={pooling: max}"])])
+    with pytest.raises(MtlError) as error:
+        build_experiment(overridden)
+    assert str(error.value) == (f"{spec} with override 'head_options={{pooling: max}}': key 'head_options': pooling 'max' "
+                                "is unknown; known: ['pooler', 'cls', 'mean']")

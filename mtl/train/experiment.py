@@ -94,7 +94,7 @@ def _task_head(data: TaskData, hidden_size: int, rngs: nnx.Rngs) -> Head:
     try:
         return build_head(data.spec.head, hidden_size, data.labels, data.spec.head_options, rngs=rngs)
     except (MtlError, TypeError, ValueError) as e:
-        raise MtlError(f"{data.spec.origin}: key 'head_options': {e}") from None
+        raise MtlError(f"{data.spec.at('head_options')}: {e}") from None
 
 
 def assign_params(model: nnx.Module, flat: dict[str, Any], where: str = "the checkpoint") -> None:
