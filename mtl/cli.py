@@ -225,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     meta_train.set_defaults(run=_meta_train)
 
     meta_test = sub.add_parser("meta-test", help="few-shot evaluation of a meta-trained workdir beside its baselines")
-    meta_test.add_argument("--workdir", required=True)
-    meta_test.add_argument("--split", default="test", choices=["validation", "test"])
+    meta_test.add_argument("--workdir", required=True, help="a workdir of mtl meta-train")
+    meta_test.add_argument("--split", default="test", choices=["validation", "test"],
+                           help="the split episodes are drawn from (default: %(default)s)")
     meta_test.add_argument("--episodes", type=_positive_int, help="episodes (default: the config's meta.test_episodes)")
     meta_test.add_argument("--ways", type=_positive_int, help="classes per episode (protonet or proto_init only)")
     meta_test.add_argument("--shots", type=_positive_int, help="support examples per class")
@@ -235,24 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
     meta_test.set_defaults(run=_meta_test)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a workdir's best (or latest) checkpoint")
-    evaluate.add_argument("--workdir", required=True)
-    evaluate.add_argument("--split", default="validation", choices=["validation", "test"])
-    evaluate.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    evaluate.add_argument("--workdir", required=True, help=TRAINED_WORKDIR)
+    evaluate.add_argument("--split", default="validation", choices=["validation", "test"],
+                          help="the split to score (default: %(default)s)")
+    _add_checkpoint_option(evaluate)
     evaluate.add_argument("--all", action="store_true", help="print every metric (per class, per type)")
     evaluate.set_defaults(run=_evaluate)
 
     predict = sub.add_parser("predict", help="predict with a trained workdir; texts as arguments or JSONL on stdin")
     predict.add_argument("texts", nargs="*", help='texts; with none, read {"text": ...} lines from stdin')
-    predict.add_argument("--workdir", required=True)
-    predict.add_argument("--task", required=True)
-    predict.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    predict.add_argument("--workdir", required=True, help=TRAINED_WORKDIR)
+    predict.add_argument("--task", required=True, help="the name of one of the workdir's tasks")
+    _add_checkpoint_option(predict)
     predict.add_argument("--batch-size", type=_positive_int, default=64, help="texts per forward pass (default 64)")
     predict.set_defaults(run=_predict)
 
     export = sub.add_parser("export", help="write the encoder in HF format, plus heads and label maps")
-    export.add_argument("--workdir", required=True)
+    export.add_argument("--workdir", required=True, help=TRAINED_WORKDIR)
     export.add_argument("--out", required=True, help="output directory (transformers.AutoModel loads it)")
-    export.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    _add_checkpoint_option(export)
     export.set_defaults(run=_export)
 
     data = sub.add_parser("data", help="load tasks (shipped names or spec files) and print their example and label counts")
@@ -262,9 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(run=_data)
 
     fetch = sub.add_parser("fetch", help="resolve a model name to a local directory (downloading it once) and print it")
-    fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="model name (default: %(default)s)")
     fetch.set_defaults(run=_fetch)
     return parser
+
+
+TRAINED_WORKDIR = "a workdir of mtl train"
+
+
+def _add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default="best", choices=["best", "latest"],
+                        help="the best checkpoint by train.best_metric, or the latest (default: %(default)s)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
