@@ -195,6 +195,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+TRAINED_WORKDIR = "a workdir of mtl train"
+
+
+def _add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default="best", choices=["best", "latest"],
+                        help="the best checkpoint by train.best_metric, or the latest (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtl", description="Transfer learning for NLP in JAX.")
     loudness = parser.add_mutually_exclusive_group()
@@ -267,14 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="model name (default: %(default)s)")
     fetch.set_defaults(run=_fetch)
     return parser
-
-
-TRAINED_WORKDIR = "a workdir of mtl train"
-
-
-def _add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default="best", choices=["best", "latest"],
-                        help="the best checkpoint by train.best_metric, or the latest (default: %(default)s)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -663,12 +663,12 @@ def test_transfer_from_a_model_directory_says_where_it_goes(tmp_path, isolated_c
     (tmp_path / "export" / "config.json").write_text("{}")
     with pytest.raises(MtlError) as error:
         build_experiment(_with(config, init_from=str(tmp_path / "export")))
-    assert str(error.value) == (f"key 'model.init_from': {tmp_path / 'export'} has no checkpoints/; it takes a training "
-                                "workdir; it holds a config.json: a Hugging Face model directory (an mtl export, say) "
-                                "loads as model.encoder")
+    assert str(error.value) == (f"key 'model.init_from': {tmp_path / 'export'} is not a training workdir (no checkpoints/); "
+                                "it holds a config.json: a Hugging Face model directory, such as an mtl export, goes in "
+                                "model.encoder")
     with pytest.raises(MtlError) as error:
         build_experiment(_with(config, init_from=str(tmp_path / "nothing")))
-    assert str(error.value) == f"key 'model.init_from': {tmp_path / 'nothing'} has no checkpoints/; it takes a training workdir"
+    assert str(error.value) == f"key 'model.init_from': {tmp_path / 'nothing'} is not a training workdir (no checkpoints/)"
 
 
 def test_transfer_between_scanned_and_looped_layers(tmp_path, isolated_cache, minilm_dir):

@@ -357,7 +357,6 @@ def _is_number(value: Any) -> bool:
 def _first_bad_label(bad: list[tuple[str, Any]], problem: str) -> str:
     """The message for labels that fail a check: the first in file order (the splits are a
     shuffle of the files), and how many there are in all, so that one pass can fix them all."""
-
     origin, value = min(bad, key=lambda item: _file_order(item[0]))
     message = f"{origin}: label {value!r} {problem}"
     if len(bad) > 1:

@@ -122,9 +122,9 @@ def transfer(model: MultiTaskModel, workdir: str, labels: dict[str, list[str]], 
         raise MtlError(f"key 'model.reinit_heads': {unknown} are not among this run's heads {list(labels)}")
     if not (Path(workdir) / "checkpoints").is_dir():
         # A model directory (an mtl export, a downloaded checkpoint) is a likely mix-up: it goes elsewhere.
-        hint = ("; it holds a config.json: a Hugging Face model directory (an mtl export, say) loads as model.encoder"
+        hint = ("; it holds a config.json: a Hugging Face model directory, such as an mtl export, goes in model.encoder"
                 if (Path(workdir) / "config.json").is_file() else "")
-        raise MtlError(f"key 'model.init_from': {workdir} has no checkpoints/; it takes a training workdir{hint}")
+        raise MtlError(f"key 'model.init_from': {workdir} is not a training workdir (no checkpoints/){hint}")
     saved, meta, step = load_trained(workdir)
     # Compared and copied per layer: a run may scan its layers where the checkpoint's looped them.
     source = unstack_layers(flatten(saved["model"]), "encoder.layers.")
