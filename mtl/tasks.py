@@ -124,53 +124,56 @@ class TaskHead:
         return cls(spec.head, json.loads(json.dumps(spec.head_options)), spec.max_length)
 
 
-def _validate(spec: TaskSpec, where: str, overrides: Sequence[str] = ()) -> None:
+def _validate(spec: TaskSpec, where: str) -> None:
+    def at(key: str) -> str:  # the file as the user named it, and the override that set the key
+        return at_key(where, key, spec.overrides)
+
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", spec.name):
-        raise MtlError(f"{at_key(where, 'name', overrides)}: {spec.name!r} must be letters, digits, '_', '.' or '-'")
+        raise MtlError(f"{at('name')}: {spec.name!r} must be letters, digits, '_', '.' or '-'")
     try:
         head = get_head(spec.head)
     except MtlError as e:
-        raise MtlError(f"{at_key(where, 'head', overrides)}: {e}") from None
+        raise MtlError(f"{at('head')}: {e}") from None
     if spec.metric not in head.metric_names:
         raise MtlError(
-            f"{at_key(where, 'metric', overrides)}: {spec.metric!r} is not reported by head {spec.head!r}; "
+            f"{at('metric')}: {spec.metric!r} is not reported by head {spec.head!r}; "
             f"choose one of {list(head.metric_names)}"
         )
     if spec.labels is None and head.needs_declared_labels:
-        raise MtlError(f"{at_key(where, 'labels', overrides)}: head {spec.head!r} needs its labels declared in order")
+        raise MtlError(f"{at('labels')}: head {spec.head!r} needs its labels declared in order")
     if spec.labels is not None:
         if len(set(spec.labels)) != len(spec.labels):
             dupes = sorted({x for x in spec.labels if spec.labels.count(x) > 1})
-            raise MtlError(f"{at_key(where, 'labels', overrides)}: duplicate label(s) {dupes}")
+            raise MtlError(f"{at('labels')}: duplicate label(s) {dupes}")
         if not spec.labels:
-            raise MtlError(f"{at_key(where, 'labels', overrides)}: empty; leave it out to infer labels from train")
+            raise MtlError(f"{at('labels')}: empty; leave it out to infer labels from train")
     source = spec.source
     if source.format not in FORMATS:
-        raise MtlError(f"{at_key(where, 'source.format', overrides)}: {source.format!r} is unknown; known: {list(FORMATS)}")
+        raise MtlError(f"{at('source.format')}: {source.format!r} is unknown; known: {list(FORMATS)}")
     if source.format == "hub":
         if not source.hub:
-            raise MtlError(f"{at_key(where, 'source.hub', overrides)}: format 'hub' needs a dataset id")
+            raise MtlError(f"{at('source.hub')}: format 'hub' needs a dataset id")
     elif bool(source.files) == bool(source.splits):
-        raise MtlError(f"{at_key(where, 'source', overrides)}: give exactly one of 'files' (split by 'split') or 'splits'")
+        raise MtlError(f"{at('source')}: give exactly one of 'files' (split by 'split') or 'splits'")
     unknown_splits = sorted(set(source.splits) - set(SPLITS))
     if unknown_splits:
-        raise MtlError(f"{at_key(where, 'source.splits', overrides)}: unknown split(s) {unknown_splits}; known: {list(SPLITS)}")
+        raise MtlError(f"{at('source.splits')}: unknown split(s) {unknown_splits}; known: {list(SPLITS)}")
     if source.splits and "train" not in source.splits:
-        raise MtlError(f"{at_key(where, 'source.splits', overrides)}: a 'train' split is required")
+        raise MtlError(f"{at('source.splits')}: a 'train' split is required")
     fractions = [spec.split.train, spec.split.validation, spec.split.test]
     if any(f < 0 for f in fractions) or spec.split.train <= 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-9):
         raise MtlError(
-            f"{at_key(where, 'split', overrides)}: fractions train={spec.split.train}, validation={spec.split.validation}, "
+            f"{at('split')}: fractions train={spec.split.train}, validation={spec.split.validation}, "
             f"test={spec.split.test} must be non-negative, with train > 0, and sum to 1"
         )
     if spec.filters and source.format not in ("csv", "jsonl"):
-        raise MtlError(f"{at_key(where, 'filters', overrides)}: only csv and jsonl rows have columns to filter on")
+        raise MtlError(f"{at('filters')}: only csv and jsonl rows have columns to filter on")
     if spec.bio not in ("reject", "repair"):
-        raise MtlError(f"{at_key(where, 'bio', overrides)}: {spec.bio!r} must be 'reject' or 'repair'")
+        raise MtlError(f"{at('bio')}: {spec.bio!r} must be 'reject' or 'repair'")
     if spec.max_length < MIN_MAX_LENGTH:
-        raise MtlError(f"{at_key(where, 'max_length', overrides)}: {spec.max_length} is too small (at least {MIN_MAX_LENGTH})")
+        raise MtlError(f"{at('max_length')}: {spec.max_length} is too small (at least {MIN_MAX_LENGTH})")
     if head.label_kind == "multi" and source.format in ("csv",) and not spec.label_separator:
-        raise MtlError(f"{at_key(where, 'label_separator', overrides)}: a multi_label task read from csv needs one")
+        raise MtlError(f"{at('label_separator')}: a multi_label task read from csv needs one")
 
 
 # TaskSpec fields the loader fills in, not keys of the file.
@@ -190,7 +193,7 @@ def load_task(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) ->
         if getattr(spec, key):
             raise MtlError(f"{at_key(str(path), key, overrides)}: mtl sets it when it loads the spec; leave it out")
     spec.origin, spec.overrides = str(path.resolve()), list(overrides)
-    _validate(spec, str(path), overrides)
+    _validate(spec, str(path))
     return spec
 
 
