@@ -34,11 +34,12 @@ def _mtl(*args):
 
 
 def _losses(workdir):
-    """{step: {task/loss: value}} from metrics.jsonl; a re-logged step keeps its last record."""
+    """{step: {task/loss (and task/log_var, under uncertainty weighting): value}} from
+    metrics.jsonl; a re-logged step keeps its last record."""
     out = {}
     for record in read_metrics(workdir):
         if record["kind"] == "train":
-            out[record["step"]] = {k: v for k, v in record.items() if k.endswith("/loss")}
+            out[record["step"]] = {k: v for k, v in record.items() if k.endswith(("/loss", "/log_var"))}
     return out
 
 
@@ -68,8 +69,9 @@ def reference_run(tmp_path_factory, minilm_dir):
     return workdir
 
 
-def _kill_when(workdir: Path, predicate, timeout: float = 300, sig=signal.SIGKILL) -> subprocess.CompletedProcess:
-    command = _mtl("train", TINY, "--workdir", str(workdir))
+def _kill_when(workdir: Path, predicate, timeout: float = 300, sig=signal.SIGKILL,
+               overrides: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    command = _mtl("train", TINY, *overrides, "--workdir", str(workdir))
     if sig == signal.SIGINT:
         # A shell's background job (CI's pytest can be one) ignores SIGINT, and Python keeps an ignored
         # SIGINT ignored: the run takes Python's handler back, as a terminal's foreground job has it.
@@ -115,6 +117,30 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path, reference_run, when):
     reference, reference_step = _final_tree(reference_run)
     assert step == reference_step == 40
     _assert_same_tree(resumed, reference)
+
+
+# Checkpoints at steps 10, 20, 30 fall inside an accumulation of 3: optax.MultiSteps' summed
+# gradients and its mini-step counter must come back too, as must the learned log-variances.
+ACCUMULATING = ("optim.grad_accum=3", "train.loss_weighting=uncertainty", "train.sampling=temperature",
+                "optim.layer_decay=0.9", "optim.freeze_layers=1", "optim.schedule=cosine")
+
+
+@pytest.mark.slow
+def test_sigkill_inside_a_gradient_accumulation_then_rerun_resumes_exactly(tmp_path):
+    reference, workdir = tmp_path / "reference", tmp_path / "run"
+    proc = subprocess.run(_mtl("-q", "train", TINY, *ACCUMULATING, "--workdir", str(reference)), capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _kill_when(workdir, _past_step(15), overrides=ACCUMULATING)
+    resumes_from = _final_tree(workdir)[1]
+    assert resumes_from % 3 != 0  # mid-accumulation
+    proc = subprocess.run(_mtl("train", TINY, *ACCUMULATING, "--workdir", str(workdir)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed {workdir} at step {resumes_from}" in proc.stderr
+    logged = _losses(workdir)
+    assert len(logged) == 40 and "bbc_topic/log_var" in logged[40]
+    assert logged == _losses(reference)
+    _assert_same_tree(_final_tree(workdir)[0], _final_tree(reference)[0])
 
 
 @pytest.mark.slow
