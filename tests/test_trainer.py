@@ -342,20 +342,64 @@ def test_config_changes_name_dotted_keys_and_list_items():
     assert config_changes(before.replace("40", "80"), placed, ignore=("distributed",)) == ["train.steps: 80 -> 40"]
 
 
-def test_nonfinite_loss_stops_and_names_the_step(tmp_path, isolated_cache, minilm_dir):
-    trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "w")
-    _poison(trainer, "toy_csv", 5)  # the 6th step of this single-task run
-    with pytest.raises(NonFiniteLossError, match=r"step 6, task 'toy_csv': the loss or its gradient is not finite .* The last checkpoint \(4\) is intact"):
+# (log_every, checkpoint_every, poisoned step, the message's checkpoint part, latest checkpoint after)
+NONFINITE_CASES = [
+    (1, 4, 6, r"The last checkpoint \(4\) is intact", 4),
+    (4, 4, 6, r"The last checkpoint \(4\) is intact", 4),  # inside a log window: the step is read one late
+    (8, 2, 4, r"The last checkpoint \(2\) is intact", 2),  # at a checkpoint: its state is never saved
+    (8, 4, 1, r"No checkpoint was saved yet", None),
+]
+
+
+@pytest.mark.parametrize("log_every,checkpoint_every,poisoned,kept,latest", NONFINITE_CASES)
+def test_nonfinite_loss_stops_and_names_the_step(tmp_path, isolated_cache, minilm_dir, log_every, checkpoint_every,
+                                                poisoned, kept, latest):
+    trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, log_every=log_every, eval_every=8,
+                                                   checkpoint_every=checkpoint_every)), tmp_path / "w")
+    _poison(trainer, "toy_csv", poisoned - 1)  # a single-task run: batch p is step p + 1
+    with pytest.raises(NonFiniteLossError, match=rf"step {poisoned}, task 'toy_csv': the loss or its gradient is "
+                                                 rf"not finite .* {kept}\. Set train.nan_policy=skip"):
         trainer.run()
+    assert trainer.checkpointer.latest_step() == latest
 
 
-def test_nonfinite_loss_can_be_skipped(tmp_path, isolated_cache, minilm_dir):
-    trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, nan_policy="skip")), tmp_path / "w")
-    _poison(trainer, "toy_csv", 5)
+@pytest.mark.parametrize("log_every", [1, 4])
+def test_nonfinite_loss_can_be_skipped(tmp_path, isolated_cache, minilm_dir, log_every):
+    trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, nan_policy="skip", log_every=log_every)),
+                      tmp_path / "w")
+    _poison(trainer, "toy_csv", 5)  # step 6
     trainer.run()
-    last = [r for r in read_metrics(tmp_path / "w") if r["kind"] == "train"][-1]
-    assert last["skipped_steps"] == 1
+    skipped = {r["step"]: r["skipped_steps"] for r in read_metrics(tmp_path / "w") if r["kind"] == "train"}
+    assert skipped == {s: int(s >= 6) for s in range(log_every, 9, log_every)}
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trainer.state.params))
+
+
+def test_the_host_reads_a_step_after_queueing_the_next(tmp_path, isolated_cache, minilm_dir):
+    """Inside a log window the loop dispatches step s + 1 before it waits on step s's loss, so
+    the device is never idle while the host builds a batch; at every log, evaluation or
+    checkpoint (here each 4th step) all steps so far are read first."""
+    trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, log_every=4)), tmp_path / "w")
+    events = []
+
+    class Loss:
+        def __init__(self, value, step):
+            self.value, self.step = value, step
+
+        def __float__(self):
+            events.append(f"read {self.step}")
+            return float(self.value)
+
+    def recording(step_fn):
+        def step(state, batch):
+            state, metrics = step_fn(state, batch)
+            events.append(f"run {int(state.step)}")
+            return state, dict(metrics, loss=Loss(metrics["loss"], int(state.step)))
+        return step
+
+    trainer.train_steps = {name: recording(fn) for name, fn in trainer.train_steps.items()}
+    trainer.run()
+    assert events == ["run 1", "run 2", "read 1", "run 3", "read 2", "run 4", "read 3", "read 4",
+                      "run 5", "run 6", "read 5", "run 7", "read 6", "run 8", "read 7", "read 8"]
 
 
 def test_train_step_traces_once_per_bucket(tmp_path, isolated_cache, minilm_dir):

@@ -228,6 +228,22 @@ class TrainLoop:
 
     # -------------------------------------------------------------------------- loop
 
+    def _read_step(self, step: int, task: str, metrics: dict, window: dict[str, list[float]]) -> None:
+        """Bring step `step`'s loss to the host: into `window` (the losses to log) if finite;
+        else stop the run, or count the step as skipped (train.nan_policy)."""
+        loss = float(metrics["loss"])
+        if bool(metrics["finite"]):
+            window.setdefault(task, []).append(loss)
+        elif self.config.train.nan_policy == "stop":
+            last = self.checkpointer.latest_step()
+            kept = "No checkpoint was saved yet." if last is None else f"The last checkpoint ({last}) is intact."
+            raise NonFiniteLossError(
+                f"step {step + 1}, task {task!r}: the loss or its gradient is not finite (loss {loss}); stopped. "
+                f"{kept} Set train.nan_policy=skip to skip such steps instead."
+            )
+        else:
+            self.skipped_steps += 1
+
     def run(self) -> dict[str, float]:
         """Train to train.steps (or early stop) and return the last evaluation's results."""
         try:
@@ -258,24 +274,28 @@ class TrainLoop:
         interrupts = contextlib.ExitStack()  # a with-block, closed in the finally below
         try:
             stop_if_interrupted = interrupts.enter_context(interrupts_between_steps())
+            unread = None  # (step, task, metrics) of the step dispatched last, not yet read on the host
             for step in range(start, cfg.steps):
                 stop_if_interrupted()  # a Ctrl-C during the step before (a finished run ignores it)
                 name, batch = self.next_batch(step)
                 self.state, metrics = self.train_steps[name](self.state, batch)
-                loss = float(metrics["loss"])
-                if not bool(metrics["finite"]):
-                    if cfg.nan_policy == "stop":
-                        raise NonFiniteLossError(
-                            f"step {step + 1}, task {name!r}: the loss or its gradient is not finite "
-                            f"(loss {loss}); stopped. The last checkpoint ({self.checkpointer.latest_step()}) "
-                            "is intact. Set train.nan_policy=skip to skip such steps instead."
-                        )
-                    self.skipped_steps += 1
-                else:
-                    window.setdefault(name, []).append(loss)
+                # The step before is read only now that this one is queued behind it: while the
+                # host waits for its loss the device has work, and it builds the next batch while
+                # this step runs. Reading each step's own loss at once would idle the device
+                # for the host's share of every step (batch building and dispatch).
+                if unread is not None:
+                    self._read_step(*unread, window)
+                unread = (step, name, metrics)
                 done = step + 1
                 progress.step()
-                if done % cfg.log_every == 0 or done == cfg.steps:
+                logs = done % cfg.log_every == 0 or done == cfg.steps
+                evaluates = done % cfg.eval_every == 0 or done == cfg.steps
+                if logs or evaluates or done % cfg.checkpoint_every == 0:
+                    # Nothing is logged or saved before its steps are read: a non-finite step
+                    # stops the run before its state can reach a checkpoint.
+                    self._read_step(*unread, window)
+                    unread = None
+                if logs:
                     now = time.perf_counter()
                     losses = {t: float(np.mean(v)) for t, v in window.items()}
                     record = {f"{t}/loss": value for t, value in losses.items()}
@@ -288,7 +308,7 @@ class TrainLoop:
                     window, tick, tick_step = {}, now, done
                 stop = False
                 save_metrics = None
-                if done % cfg.eval_every == 0 or done == cfg.steps:
+                if evaluates:
                     results = self.evaluate(cfg.eval_split)
                     selection = self._selection(results)
                     if self.best is None or selection > self.best:
