@@ -9,6 +9,7 @@ to another machine predicts there.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from mtl.config import load_experiment
 from mtl.data.batching import bucket_lengths
 from mtl.data.pipeline import first_subtoken_words
 from mtl.errors import MtlError
-from mtl.models.heads import build_head, get_head
+from mtl.models.heads import build_head, get_head, head_option_defaults
 from mtl.models.model import MultiTaskModel
 from mtl.tasks import TaskHead, load_tasks
 from mtl.tokenizer import load_tokenizer
@@ -172,13 +173,14 @@ class Predictor:
         elif kind == "class":
             label = item[0] if isinstance(item, tuple) else item
             result["label"] = labels[label]
-            result["probs"] = {l: round(float(p), 4) for l, p in zip(labels, probs)}
+            result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs)}
             if isinstance(item, tuple):
                 result["score"] = round(item[1], 4)
         elif kind == "scalar":
             result["score"] = item
         else:
-            result["labels"] = [l for l, on in zip(labels, item) if on]
+            result["labels"] = [label for label, on in zip(labels, item) if on]
+            result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs)}
         return result
 
 
@@ -187,7 +189,8 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = "bes
 
     out/config.json + model.safetensors: the encoder, which `transformers.AutoModel` loads;
     out/tokenizer files; out/heads.safetensors: each head's parameters as "task.path.to.param";
-    out/tasks.json: every task's head type, options, max_length and labels in id order.
+    out/tasks.json: every task's head type, options (defaults filled in), max_length and labels
+    in id order. scripts/torch_predict.py reads all of it in PyTorch.
     """
     out = Path(out)
     # Checked first: save_pretrained would overwrite another model's config.json and weights.
@@ -206,6 +209,11 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = "bes
     predictor.tokenizer.save_pretrained(str(out))
     heads = flatten(nnx.to_pure_dict(nnx.state(predictor.model.heads, nnx.Param)))
     save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in heads.items()}, str(out / "heads.safetensors"))
-    tasks = {name: dict(dataclasses.asdict(task), labels=predictor.labels[name]) for name, task in predictor.tasks.items()}
-    (out / "tasks.json").write_text(json.dumps({"step": predictor.step, "tasks": tasks}, indent=2) + "\n")
+    tasks = {}
+    for name, task in predictor.tasks.items():
+        # Every option as the head ran, defaults included: a reader outside mtl need not know them.
+        defaults = {k: v for k, v in head_option_defaults(task.head).items() if v is not inspect.Parameter.empty}
+        tasks[name] = dict(dataclasses.asdict(task), head_options={**defaults, **task.head_options},
+                           labels=predictor.labels[name])
+    (out / "tasks.json").write_text(json.dumps({"step": predictor.step, "tasks": tasks}, indent=2, default=str) + "\n")
     return out

@@ -88,15 +88,19 @@ def get_head(name: str) -> type[Head]:
     raise MtlError(f"head {name!r} is unknown; known: {sorted(HEADS)} (or a dotted path 'module:Class')")
 
 
+def head_option_defaults(name: str) -> dict[str, Any]:
+    """The options a head's constructor takes (its keyword-only parameters), with their defaults."""
+    params = inspect.signature(get_head(name).__init__).parameters
+    return {p: v.default for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p != "rngs"}
+
+
 def build_head(name: str, hidden_size: int, labels: Sequence[str], options: Mapping[str, Any], *, rngs: nnx.Rngs) -> Head:
     """Instantiate a head; an option its constructor does not take is an error naming it."""
-    cls = get_head(name)
-    params = inspect.signature(cls.__init__).parameters
-    known = [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p != "rngs"]
+    known = list(head_option_defaults(name))
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise MtlError(f"head {name!r}: unknown head_options {unknown}; known: {known}")
-    return cls(hidden_size, list(labels), rngs=rngs, **options)
+    return get_head(name)(hidden_size, list(labels), rngs=rngs, **options)
 
 
 class Head(nnx.Module):

@@ -1,0 +1,121 @@
+"""scripts/torch_predict.py reads an `mtl export` in PyTorch alone and predicts what mtl predicts."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_SPEC, write_task
+
+from mtl.config import load_experiment
+from mtl.inference import Predictor, export
+from mtl.train.experiment import build_experiment
+from mtl.train.loop import Trainer
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "torch_predict.py"
+_spec = importlib.util.spec_from_file_location("torch_predict", SCRIPT)
+torch_predict = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(torch_predict)
+
+SPLIT = {"seed": 0, "train": 0.5, "validation": 0.25, "test": 0.25}
+TEXTS = ["good good film", "alpha film", "a long review " * 12, "beta", "alpha beta"]  # the third is cut at 16 tokens
+WORDS = ["John visited Paris", ["Mary", "lives", "in", "New", "York"], "", "Anne " * 20]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, minilm_dir):
+    """A model trained briefly on one task per shipped head (each pooling once), and its export."""
+    tmp = tmp_path_factory.mktemp("export")
+    rows = "review,stars\n" + "\n".join(f"{'good ' * (i % 7 + 1)}film {i},{'pos' if i % 2 else 'neg'}" for i in range(32))
+    tags = [[], ["a"], ["b"], ["a", "b"]]  # named by the words alpha and beta
+    lines = "\n".join(json.dumps({"text": " ".join(["alpha"] * ("a" in t) + ["beta"] * ("b" in t) + [f"film {i}"]),
+                                  "tags": t, "score": len(t)}) for i, t in enumerate(tags * 8))
+    jsonl = {"source": {"format": "jsonl", "files": ["d.jsonl"]}, "split": SPLIT, "max_length": 16}
+    specs = [
+        dict(CSV_SPEC, split=SPLIT, max_length=16),  # classification, pooler
+        dict(CSV_SPEC, name="toy_sentiment", head="sentiment", head_options={"pooling": "mean"}, split=SPLIT,
+             max_length=16),
+        dict(jsonl, name="toy_multi", head="multi_label", metric="micro_f1", labels=["a", "b"],
+             head_options={"pooling": "cls", "threshold": 0.45}, columns={"text": "text", "label": "tags"}),
+        dict(jsonl, name="toy_score", head="regression", metric="pearson", head_options={"pooling": "mean"},
+             columns={"text": "text", "label": "score"}),
+        dict(CONLL_SPEC, max_length=16),
+    ]
+    files = [{"data.csv": rows}, {"data.csv": rows}, {"d.jsonl": lines}, {"d.jsonl": lines},
+             {"train.txt": "\n".join([CONLL_TRAIN] * 8), "dev.txt": CONLL_DEV}]
+    tasks = [{"task": str(write_task(tmp / spec["name"], spec, data))} for spec, data in zip(specs, files)]
+    config = load_experiment(None, data={
+        "model": {"encoder": str(minilm_dir), "random_init": {"hidden_size": 16, "num_layers": 2, "num_heads": 2,
+                                                             "intermediate_size": 32}},
+        "tasks": tasks,
+        "optim": {"learning_rate": 1e-2, "head_lr_scale": 10},
+        "train": {"steps": 40, "batch_size": 8, "buckets": [16], "sampling": "round_robin", "eval_every": 40,
+                  "checkpoint_every": 40, "tensorboard": False},
+    })
+    Trainer(build_experiment(config), tmp / "w").run()
+    return Predictor.from_workdir(tmp / "w"), export(tmp / "w", tmp / "out")
+
+
+def _assert_same(ours: dict, theirs: dict):
+    """Equal results, up to float rounding: probabilities are printed to 4 places."""
+    assert ours.keys() == theirs.keys()
+    for key, value in ours.items():
+        if key == "probs":
+            assert value.keys() == theirs[key].keys()
+            assert theirs[key] == pytest.approx(value, abs=1.5e-4)
+        elif key == "score":
+            assert theirs[key] == pytest.approx(value, abs=1.5e-4)
+        else:
+            assert theirs[key] == value, key
+
+
+@pytest.mark.parametrize("task", ["toy_csv", "toy_sentiment", "toy_multi", "toy_score", "toy_ner"])
+def test_torch_reader_predicts_what_mtl_predicts(exported, task):
+    predictor, out = exported
+    texts = WORDS if task == "toy_ner" else TEXTS
+    ours = predictor.predict(task, texts)
+    theirs = torch_predict.ExportedModel(out).predict(task, texts, batch_size=3)
+    assert len(theirs) == len(texts)
+    for a, b in zip(ours, theirs):
+        _assert_same(a, b)
+    if task == "toy_ner":
+        assert theirs[2] == {"text": "", "tokens": [], "tags": [], "entities": []}
+        assert len(theirs[3]["tags"]) == 20  # words past max_length are tagged too ("O")
+
+
+def test_tasks_json_states_every_head_option(exported):
+    _, out = exported
+    tasks = json.loads((out / "tasks.json").read_text())["tasks"]
+    assert tasks["toy_csv"]["head_options"] == {"pooling": "pooler", "dropout": 0.1, "class_weights": None}
+    assert tasks["toy_multi"]["head_options"] == {"pooling": "cls", "dropout": 0.1, "threshold": 0.45}
+    assert tasks["toy_ner"]["head_options"] == {"dropout": 0.1}
+
+
+def test_torch_reader_runs_alone_on_stdin_and_names_bad_input(exported):
+    """As a script it imports neither mtl nor JAX; bad input is one line naming it."""
+    _, out = exported
+    check = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+             "assert not {'jax', 'mtl', 'flax'} & set(sys.modules), sorted({'jax', 'mtl', 'flax'} & set(sys.modules))")
+
+    def run(*args, stdin=""):
+        return subprocess.run([sys.executable, "-c", check, str(SCRIPT), str(out), *args], input=stdin,
+                              capture_output=True, text=True)
+
+    proc = run("--task", "toy_ner", stdin='{"tokens": ["Anne", "left"]}\n\n{"text": "John visited Paris"}\n')
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["tokens"] for line in proc.stdout.splitlines()] == [["Anne", "left"],
+                                                                                ["John", "visited", "Paris"]]
+    proc = run("--task", "nope", "x")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("torch_predict: task 'nope' is not in this export; tasks: ['toy_csv', 'toy_multi', "
+                                   "'toy_ner', 'toy_score', 'toy_sentiment']")
+    proc = run("--task", "toy_csv", stdin='{"text": "fine"}\n{"tokens": ["a"]}\n')
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip() == 'torch_predict: stdin:2: expected {"text": "..."}, got {"tokens": ["a"]}'
+    proc = run("--task", "toy_csv", stdin="not json\n")
+    assert proc.stderr.strip() == "torch_predict: stdin:1: not a JSON line (Expecting value)"
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out.parent), "--task", "toy_csv", "x"],
+                          capture_output=True, text=True)
+    assert proc.stderr.strip() == f"torch_predict: {out.parent}: not an mtl export (no tasks.json); write one with mtl export"
