@@ -290,7 +290,8 @@ class TrainLoop:
                 progress.step()
                 logs = done % cfg.log_every == 0 or done == cfg.steps
                 evaluates = done % cfg.eval_every == 0 or done == cfg.steps
-                if logs or evaluates or done % cfg.checkpoint_every == 0:
+                saves = done % cfg.checkpoint_every == 0 or done == cfg.steps  # or an early stop, below
+                if logs or evaluates or saves:
                     # Nothing is logged or saved before its steps are read: a non-finite step
                     # stops the run before its state can reach a checkpoint.
                     self._read_step(*unread, window)
@@ -319,7 +320,7 @@ class TrainLoop:
                     progress.evaluated(done, cfg.eval_split, results)
                     save_metrics = {SELECTION: selection}
                     stop = patience is not None and self.evals_without_improvement >= patience
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
+                if saves or stop:
                     self.checkpointer.save(done, self.state, self.meta(), metrics=save_metrics)
                 if stop:
                     log.info("early stop at step %d: no improvement in %d evaluations", done, cfg.early_stopping_patience)
