@@ -13,6 +13,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+from mtl.assets import enable_compilation_cache
 from mtl.config import load_experiment
 from mtl.train.experiment import build_experiment
 from mtl.train.loop import Trainer
@@ -25,6 +26,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--workdir", default="workdirs/sweep")
     args = parser.parse_args()
+    # Each rate's Trainer jits its steps anew; from the cache, the rates after the first load the
+    # gradient programs (which the rate does not change) instead of compiling them again.
+    enable_compilation_cache()
 
     rows = []
     for rate in args.rates:
