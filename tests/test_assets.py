@@ -139,8 +139,8 @@ def test_a_second_run_loads_its_programs_from_the_cache_and_trains_the_same(mini
                JAX_LOG_COMPILES="1")  # JAX then logs each cache hit as a warning
     del env["JAX_ENABLE_COMPILATION_CACHE"]
 
-    def train(workdir: str, *flags: str) -> str:
-        command = [sys.executable, "-m", "mtl.cli", "-q", *flags, "train", str(ROOT / "configs" / "tiny.yaml"),
+    def train(workdir: str) -> str:
+        command = [sys.executable, "-m", "mtl.cli", "-q", "train", str(ROOT / "configs" / "tiny.yaml"),
                    f"model.encoder={minilm_dir}", "train.steps=3", "train.eval_every=3", "train.checkpoint_every=3",
                    "--workdir", str(tmp_path / workdir)]
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -157,7 +157,7 @@ def test_a_second_run_loads_its_programs_from_the_cache_and_trains_the_same(mini
     assert _train_losses(tmp_path / "second") == _train_losses(tmp_path / "first")  # bit for bit
 
 
-def test_no_compile_cache_flag(monkeypatch, minilm_dir, capsys):
+def test_no_compile_cache_flag(monkeypatch, minilm_dir):
     calls = []
     monkeypatch.setattr(cli, "enable_compilation_cache", lambda: calls.append(1))
     assert cli.main(["fetch", str(minilm_dir)]) == 0
