@@ -3,6 +3,7 @@
     python scripts/bench_train.py                  # MiniLM, batch 32, seq 128, 10 steps
     python scripts/bench_train.py --iters 5
     python scripts/bench_train.py --retain-memory  # glibc keeps freed memory, for all three sides
+    python scripts/bench_train.py --freeze-encoder # train the head alone (optim.freeze_encoder)
     python scripts/bench_train.py --random-init bert-base --dtype bfloat16 --batch 256   # on a GPU
 
 mtl: the Trainer's own step for a classification task (MultiTaskModel, cross-entropy, clipping
@@ -52,7 +53,7 @@ from mtl.models.heads import ClassificationHead
 from mtl.models.model import MultiTaskModel
 from mtl.sharding import Layout, make_mesh
 from mtl.train.multitask import make_train_steps
-from mtl.train.optim import build_optimizer
+from mtl.train.optim import build_optimizer, frozen_mask
 from mtl.train.state import TrainState
 
 
@@ -69,6 +70,8 @@ def main() -> None:
                         "parallel over all devices); MFU is then over all devices' peak")
     parser.add_argument("--scan-layers", action="store_true", help="mtl with model.scan_layers true")
     parser.add_argument("--no-dropout", action="store_true", help="both sides without dropout")
+    parser.add_argument("--freeze-encoder", action="store_true", help="train the head alone: mtl with "
+                        "optim.freeze_encoder, the peer with requires_grad off under .bert (no minimal JAX step)")
     parser.add_argument("--prng", choices=("threefry2x32", "rbg", "unsafe_rbg"),
                         help="JAX's random-number generator (jax_default_prng_impl); it draws the keys that dropout "
                              "hashes its masks from")
@@ -92,7 +95,7 @@ def main() -> None:
              "labels": labels, "weights": np.ones((args.batch,), np.float32)}
     name = f"random {args.random_init}" if args.random_init else args.model
     print(f"{name}: batch {args.batch}, seq {args.seq}, {args.dtype} compute, "
-          f"{'scanned' if args.scan_layers else 'looped'} layers, dropout {'off' if args.no_dropout else 'on'}, {'freed memory retained, ' if args.retain_memory else ''}prng {jax.config.jax_default_prng_impl}, jax {jax.__version__} on "
+          f"{'scanned' if args.scan_layers else 'looped'} layers, dropout {'off' if args.no_dropout else 'on'}, {'encoder frozen, ' if args.freeze_encoder else ''}{'freed memory retained, ' if args.retain_memory else ''}prng {jax.config.jax_default_prng_impl}, jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {torch_device}, {os.cpu_count()} cores")
 
     # The HF PyTorch peer first: it gives its GPU memory back before mtl starts.
@@ -111,13 +114,14 @@ def main() -> None:
     model = MultiTaskModel(encoder, {"task": head})
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     train_params = {"model": params, "log_vars": jnp.zeros((1,), jnp.float32)}
-    optim = OptimSection(learning_rate=2e-5, warmup_ratio=0.0)
+    optim = OptimSection(learning_rate=2e-5, warmup_ratio=0.0, freeze_encoder=args.freeze_encoder)
     tx = build_optimizer(optim, train_params, encoder.config, total_steps=1000)
     layout = Layout(make_mesh(parse_mesh(args.mesh)))
     layout.check_batch(args.batch, "--batch")
     state = layout.put(TrainState.create(train_params, tx, seed=0))
     step = make_train_steps(graphdef, rest, tx, ["task"], [1.0], weighting="static", skip_nonfinite=False,
-                            dropout=not args.no_dropout, shardings=layout.step_shardings(state))["task"]
+                            dropout=not args.no_dropout, shardings=layout.step_shardings(state),
+                            frozen=frozen_mask(train_params, encoder.config, optim))["task"]
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -138,7 +142,7 @@ def main() -> None:
     holder.clear()  # free mtl's state before the minimal peer allocates its own
     del state
     minimal_time = None
-    if not args.no_peer and layout.mesh.devices.size == 1 and args.dtype == "float32":
+    if not args.no_peer and layout.mesh.devices.size == 1 and args.dtype == "float32" and not args.freeze_encoder:
         cfg = encoder.config
         minimal_time = time_minimal(args, batch, vocab=cfg.vocab_size, hidden=cfg.hidden_size, layers=cfg.num_layers,
                                     heads=cfg.num_heads, intermediate=cfg.intermediate_size)
@@ -150,6 +154,8 @@ def main() -> None:
     cfg = encoder.config
     attention = 12 * cfg.num_layers * args.batch * args.seq**2 * cfg.hidden_size  # QK^T and PV, fwd+bwd
     flops = 6 * n_params * tokens + attention
+    if args.freeze_encoder:  # the encoder runs forward only: a third of it
+        flops //= 3
     peak, peak_source = device_peak(args.dtype)
     peak, peak_source = peak * layout.mesh.devices.size, f"{peak_source}, x {layout.mesh.devices.size} devices of mesh {dict(layout.mesh.shape)}"
     memory = f", device memory peak {mtl_memory:.1f} GB" if mtl_memory is not None else ""
@@ -201,6 +207,8 @@ def time_peer(args, batch: dict, device: str) -> float:
         for module in peer.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+    if args.freeze_encoder:
+        peer.bert.requires_grad_(False)  # no .grad: neither AdamW nor clip_grad_norm_ sees them
     peer.to(device).train()
     optimizer = torch.optim.AdamW(peer.parameters(), lr=2e-5, weight_decay=0.01)
     t_batch = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items() if k != "weights"}

@@ -29,7 +29,7 @@ from mtl.config import MeshSection, OptimSection  # noqa: E402
 from mtl.sharding import Layout, make_mesh, path_name  # noqa: E402
 from mtl.train.meta import HEAD, make_meta_step  # noqa: E402
 from mtl.train.multitask import make_train_steps  # noqa: E402
-from mtl.train.optim import build_optimizer  # noqa: E402
+from mtl.train.optim import build_optimizer, frozen_mask  # noqa: E402
 from mtl.train.state import TrainState  # noqa: E402
 from test_meta import _batch, _episodes, _learner, _model  # noqa: E402  (tests/ is sys.path[0])
 
@@ -37,7 +37,7 @@ RTOL = 1e-10
 
 
 def _mesh_section(args: list[str]) -> MeshSection:
-    return MeshSection(**{k: int(v) for k, v in (a.split("=") for a in args)})
+    return MeshSection(**{k: int(v) for k, v in (a.split("=") for a in args) if k in ("data", "fsdp", "tensor")})
 
 
 def _leaf(tree, suffix: str):
@@ -52,22 +52,25 @@ def _assert_trees_close(a, b, what: str) -> None:
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=1e-14, err_msg=f"{what} {path_name(path)}")
 
 
-def _train_setup():
+def _train_setup(freeze_layers: int = 0):
     model, config = _model(dtype="float64")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     train_params = {"model": params, "log_vars": np.zeros((1,))}
-    tx = build_optimizer(OptimSection(learning_rate=1e-2, warmup_ratio=0.0), train_params, config, total_steps=10)
-    return graphdef, rest, tx, TrainState.create(train_params, tx, seed=0)
+    optim = OptimSection(learning_rate=1e-2, warmup_ratio=0.0, freeze_layers=freeze_layers)
+    tx = build_optimizer(optim, train_params, config, total_steps=10)
+    return graphdef, rest, tx, TrainState.create(train_params, tx, seed=0), frozen_mask(train_params, config, optim)
 
 
 def check_train(mesh_args: list[str]) -> None:
     """Two multi-task steps (dropout on) on the mesh equal two single-device steps; params and
-    optimizer moments are laid out by the rules table."""
-    graphdef, rest, tx, state = _train_setup()
+    optimizer moments are laid out by the rules table. With `freeze_layers=N` among the
+    arguments, the steps take no gradient of the frozen embeddings (None on the mesh too)."""
+    freeze_layers = sum(int(a.split("=")[1]) for a in mesh_args if a.startswith("freeze_layers="))
+    graphdef, rest, tx, state, frozen = _train_setup(freeze_layers)
     layout = Layout(make_mesh(_mesh_section(mesh_args)))
     rng = np.random.default_rng(0)
     batches = [_batch(rng, 8, "class") for _ in range(2)]
-    kwargs = dict(weighting="static", skip_nonfinite=False, dropout=True)
+    kwargs = dict(weighting="static", skip_nonfinite=False, dropout=True, frozen=frozen)
     single = make_train_steps(graphdef, rest, tx, [HEAD], [1.0], **kwargs)[HEAD]
     sharded_state = layout.put(jax.tree.map(np.array, state))  # own buffers: the steps donate theirs
     sharded = make_train_steps(graphdef, rest, tx, [HEAD], [1.0], shardings=layout.step_shardings(sharded_state),
@@ -78,6 +81,9 @@ def check_train(mesh_args: list[str]) -> None:
         np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=RTOL)
     _assert_trees_close(sharded_state.params, state.params, "params")
     _assert_trees_close(sharded_state.opt_state, state.opt_state, "opt_state")
+    if freeze_layers:
+        grads, _ = sharded.gradients(sharded_state, batches[0])
+        assert jax.tree.leaves(grads["model"]["encoder"]["embeddings"]) == []
 
     mesh = layout.mesh
     query = _leaf(sharded_state.params, "layers/query/kernel")  # [layers, hidden, heads * head_dim]
@@ -109,7 +115,7 @@ def check_meta(mesh_args: list[str]) -> None:
 
 def check_checkpoint(_: list[str]) -> None:
     """Saved from a 4-device FSDP mesh, restored onto one device, and the reverse."""
-    *_, state = _train_setup()
+    *_, state, _ = _train_setup()
     devices = jax.devices()
     four = Layout(make_mesh(MeshSection(data=1, fsdp=4), devices[:4]))
     one = Layout(make_mesh(MeshSection(data=1), devices[:1]))

@@ -14,7 +14,8 @@ from mtl.config import OptimSection
 from mtl.models.heads import ClassificationHead
 from mtl.models.model import MultiTaskModel
 from mtl.train.multitask import TaskSampler, make_train_steps
-from mtl.train.optim import _names, build_optimizer, clip_by_global_norm, decay_mask, depth_factors, schedule
+from mtl.train.optim import (_names, build_optimizer, clip_by_global_norm, decay_mask, depth_factors, frozen_mask,
+                             schedule)
 from mtl.train.state import TrainState, make_update
 
 
@@ -145,6 +146,87 @@ def test_freeze_encoder_trains_only_heads():
         old = dict(nnx.to_flat_state(before["model"]))[path]
         same = np.array_equal(np.asarray(value[...]), np.asarray(old[...]))
         assert same == (path[0] == "encoder"), path
+
+
+def _frozen_step(scan_layers=True, **optim):
+    """A train step that takes no gradient of what `optim` freezes, as the Trainer builds it."""
+    graphdef, rest, tx, state, config = _setup(scan_layers, **optim)
+    frozen = frozen_mask(state.params, config, OptimSection(**optim))
+    step = make_train_steps(graphdef, rest, tx, ["t"], [1.0], weighting="static", skip_nonfinite=False,
+                            dropout=False, frozen=frozen)["t"]
+    return step, state, config
+
+
+def _flat(params):
+    return {path: np.asarray(value[...]) for path, value in nnx.to_flat_state(params["model"])}
+
+
+@pytest.mark.parametrize("optim", [dict(freeze_encoder=True), dict(freeze_layers=2)], ids=["encoder", "layers"])
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "looped"])
+def test_freezing_combines_with_head_lr_scale_and_layer_decay(optim, scan_layers):
+    """All four shipped configs set head_lr_scale; freezing on top of it (or of layer decay) used
+    to fail inside optax.partition with a pytree-structure traceback."""
+    for extra in (dict(head_lr_scale=10.0), dict(layer_decay=0.8)):
+        step, state, _ = _frozen_step(scan_layers, **optim, **extra)
+        before = _flat(state.params)
+        state, _ = step(state, BATCH)
+        after = _flat(state.params)
+        np.testing.assert_array_equal(after[("encoder", "embeddings", "word", "embedding")],
+                                      before[("encoder", "embeddings", "word", "embedding")])
+        assert not np.array_equal(after[("heads", "t", "out", "kernel")], before[("heads", "t", "out", "kernel")])
+    # head_lr_scale still scales the head's update exactly, frozen encoder or not.
+    deltas = {}
+    for scale in (1.0, 10.0):
+        step, state, _ = _frozen_step(scan_layers, **optim, head_lr_scale=scale)
+        before = _flat(state.params)[("heads", "t", "out", "kernel")]
+        state, _ = step(state, BATCH)
+        deltas[scale] = _flat(state.params)[("heads", "t", "out", "kernel")] - before
+    np.testing.assert_allclose(deltas[10.0], 10.0 * deltas[1.0], rtol=1e-5, atol=1e-9)
+
+
+def test_a_frozen_encoder_costs_its_forward_pass_and_carries_no_moments():
+    step, state, _ = _frozen_step(scan_layers=False, freeze_encoder=True)
+    grads, _ = step.gradients(state, BATCH)
+    assert jax.tree.leaves(grads["model"]["encoder"]) == []  # not even zeros: nothing computed
+    assert jax.tree.leaves(grads["model"]["heads"])
+    full_step, full_state, _ = _frozen_step(scan_layers=False)
+
+    def flops(step, state):
+        return step.gradients.lower(state, BATCH).compile().cost_analysis()["flops"]
+
+    # Forward and backward through the encoder is about 3 forward passes; frozen, about 1.
+    assert flops(step, state) < 0.4 * flops(full_step, full_state)
+    moments = [_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]]
+    assert moments and not any("encoder" in names for names in moments), moments
+
+    step, state, _ = _frozen_step(scan_layers=False, freeze_layers=2)
+    moments = [_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]]
+    layers = {names[names.index("layers") + 1] if "layers" in names else None for names in moments}
+    assert layers == {None, "2"}, moments
+    assert not any("embeddings" in names for names in moments), moments
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "looped"])
+def test_frozen_gradients_do_not_count_in_the_clipping_norm(scan_layers):
+    """As in PyTorch, where a frozen parameter has no .grad for clip_grad_norm_ to see: the norm is
+    the trained parameters'. The optimizer ignores frozen gradients whether the step leaves them
+    out or hands them in (the meta trainer does); a scanned stack frozen in part (layers 0-1 of
+    3) has its frozen slices zeroed first."""
+    optim = dict(freeze_layers=2, clip_norm=1e-3)  # far below the gradient norm: clipping bites
+    frozen_step, state, config = _frozen_step(scan_layers, **optim)
+    full_step = make_train_steps(*_setup(scan_layers, **optim)[:3], ["t"], [1.0], weighting="static",
+                                 skip_nonfinite=False, dropout=False)["t"]
+    full_grads, _ = full_step.gradients(state, BATCH)
+    mask = frozen_mask(state.params, config, OptimSection(**optim))
+    trained = jax.tree.map(lambda m, g: np.where(m, 0.0, g), mask, full_grads)
+    state_copy = jax.tree.map(np.array, state)  # both steps donate their state
+    after_frozen, metrics = frozen_step(state, BATCH)
+    after_full, _ = full_step(state_copy, BATCH)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(optax.tree.norm(trained)), rel=1e-6)
+    assert float(optax.tree.norm(full_grads)) > 1.05 * float(optax.tree.norm(trained))  # the frozen part is not small
+    a, b = _flat(after_frozen.params), _flat(after_full.params)
+    for path in a:
+        np.testing.assert_allclose(a[path], b[path], rtol=1e-6, atol=1e-9, err_msg=str(path))
 
 
 def test_grad_accumulation_updates_every_k_steps():

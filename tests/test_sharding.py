@@ -29,8 +29,9 @@ def _run_cases(*args: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("mesh", [["data=8"], ["data=1", "fsdp=8"], ["data=2", "fsdp=2", "tensor=2"]],
-                         ids=["data", "fsdp", "data-fsdp-tensor"])
+@pytest.mark.parametrize("mesh", [["data=8"], ["data=1", "fsdp=8"], ["data=2", "fsdp=2", "tensor=2"],
+                                  ["data=2", "fsdp=4", "freeze_layers=1"]],
+                         ids=["data", "fsdp", "data-fsdp-tensor", "data-fsdp-frozen"])
 def test_sharded_train_steps_equal_the_single_device_step(mesh):
     assert "ok" in _run_cases("train", *mesh)
 

@@ -569,6 +569,26 @@ def test_freezing_more_layers_than_the_encoder_has_is_refused(tmp_path, isolated
         Trainer(build_experiment(config), tmp_path / "w")
 
 
+def test_a_frozen_encoder_run_with_fast_heads_trains_the_head_alone(tmp_path, isolated_cache, minilm_dir):
+    """Linear probing from the shipped configs (they all set head_lr_scale): the run trains, the
+    encoder stays bit for bit, and the Trainer's step takes no encoder gradient at all."""
+    config = _toy_config(tmp_path, minilm_dir, steps=4)
+    config = dataclasses_replace(config, optim=dataclasses_replace(config.optim, freeze_encoder=True, head_lr_scale=10.0))
+    trainer = Trainer(build_experiment(config), tmp_path / "w")
+    before = jax.tree.map(np.array, trainer.state.params["model"])
+    batch = trainer.next_batch(0)[1]
+    grads, _ = trainer.train_steps["toy_csv"].gradients(trainer.state, batch)
+    assert jax.tree.leaves(grads["model"]["encoder"]) == [] and jax.tree.leaves(grads["model"]["heads"])
+    trainer.positions["toy_csv"] = 0
+    trainer.run()
+    after = trainer.state.params["model"]
+    for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(before["encoder"])[0],
+                                jax.tree.leaves(after["encoder"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(new), old, err_msg=str(path))
+    assert not np.array_equal(np.asarray(after["heads"]["toy_csv"]["out"]["kernel"][...]),
+                              np.asarray(before["heads"]["toy_csv"]["out"]["kernel"][...]))
+
+
 def test_unknown_best_metric_is_refused_before_training(tmp_path, isolated_cache, minilm_dir):
     config = _toy_config(tmp_path, minilm_dir, best_metric="toy_csv/f1")
     with pytest.raises(MtlError, match=r"^key 'train.best_metric': 'toy_csv/f1' is not one of \['aggregate', "

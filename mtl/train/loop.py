@@ -39,7 +39,7 @@ from mtl.tasks import TaskHead
 from mtl.tracking import MetricsWriter, Progress, read_metrics
 from mtl.train.experiment import Experiment
 from mtl.train.multitask import TaskSampler, make_predict_steps, make_train_steps
-from mtl.train.optim import build_optimizer, learning_rate_at
+from mtl.train.optim import build_optimizer, frozen_mask, learning_rate_at
 from mtl.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -381,6 +381,7 @@ class Trainer(TrainLoop):
             self.graphdef, self.rest, self.tx, self.tasks, [t.weight for t in cfg.tasks],
             weighting=cfg.train.loss_weighting, skip_nonfinite=cfg.train.nan_policy == "skip",
             dropout=cfg.train.dropout, shardings=shardings,
+            frozen=frozen_mask(train_params, experiment.model.encoder.config, cfg.optim),
         )
         self.predict_steps = make_predict_steps(self.graphdef, self.rest, self.tasks, shardings)
         self.positions = {name: 0 for name in self.tasks}

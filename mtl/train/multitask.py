@@ -60,6 +60,7 @@ def make_train_steps(
     skip_nonfinite: bool,
     dropout: bool,
     shardings: StepShardings | None = None,
+    frozen: Any | None = None,
 ) -> dict[str, Any]:
     """{task: train step}, each a pure `(state, batch) -> (state, metrics)`.
 
@@ -69,13 +70,19 @@ def make_train_steps(
     non-trainable state (constants). With `shardings` (mtl.sharding.Layout.step_shardings),
     both are jitted with explicit in/out shardings: batch rows split over the data axes,
     params and gradients laid out by the rules table.
+
+    `frozen` (mtl.train.optim.frozen_mask) names the parameters the optimizer leaves alone. The
+    gradient program takes no gradient for a wholly frozen one (it returns None there), so a
+    frozen encoder costs its forward pass only; a scanned stack frozen in part gets exact zeros
+    on its frozen slices.
     """
     weights = jnp.asarray(weights, jnp.float32)
 
     def gradients(state: TrainState, batch: Mapping[str, jax.Array], *, task: str, index: int):
         rng = state.step_key() if dropout else None
 
-        def loss_fn(params):
+        def loss_fn(trained):
+            params = trained if frozen is None else jax.tree.map(_with_frozen, frozen, trained, state.params)
             model = nnx.merge(graphdef, params["model"], rest)
             task_loss, _ = model.loss(task, batch, dropout_rng=rng)
             if weighting == "uncertainty":
@@ -84,7 +91,9 @@ def make_train_steps(
                 return 0.5 * jnp.exp(-s) * task_loss + 0.5 * s, task_loss
             return weights[index] * task_loss, task_loss
 
-        (total, task_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        trained = state.params if frozen is None else jax.tree.map(
+            lambda m, p: None if m is True else p, frozen, state.params)
+        (total, task_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
         return grads, {"loss": task_loss, "total_loss": total}
 
     update = make_update(tx, skip_nonfinite=skip_nonfinite, shardings=shardings)
@@ -101,6 +110,17 @@ def make_train_steps(
         return step
 
     return {task: make(task, i) for i, task in enumerate(tasks)}
+
+
+def _with_frozen(frozen: Any, trained: jax.Array | None, param: jax.Array) -> jax.Array:
+    """One parameter as the loss reads it: a wholly frozen one from the state, as a constant of
+    the differentiation; a scanned stack frozen in part with its frozen slices cut off the
+    gradient."""
+    if frozen is True:
+        return param
+    if frozen is False:
+        return trained
+    return jnp.where(frozen, jax.lax.stop_gradient(trained), trained)
 
 
 def make_predict_steps(graphdef: nnx.GraphDef, rest: nnx.State, tasks: Sequence[str],

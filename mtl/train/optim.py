@@ -1,16 +1,21 @@
 """The optax chain an experiment trains with, built from its `optim` section.
 
-    clip_by_global_norm -> adamw(schedule, decay mask) or sgd -> layer-wise scale -> (partition) -> MultiSteps
+    partition(frozen: set_to_zero,
+              trained: (zero frozen slices) -> clip_by_global_norm -> adamw(schedule, decay mask) or sgd
+                       -> layer-wise scale) -> MultiSteps
 
 - schedule: linear warmup over warmup_ratio of the updates, then linear or cosine decay to 0,
   or constant.
 - weight decay, as in HF's recipes, applies to kernels and embeddings, not to biases or
   LayerNorm scales.
-- layer-wise learning-rate decay (LLRD) and freezing the lowest N layers are one static
-  factor per parameter: depth d of D gets layer_decay ** (D - d), and frozen depths get 0. With
-  scanned layers the factor is an array along the layer axis.
-- freeze_encoder uses optax.partition with set_to_zero, so a frozen encoder also carries no
-  Adam moments.
+- layer-wise learning-rate decay (LLRD) is one static factor per parameter: depth d of D gets
+  layer_decay ** (D - d). With scanned layers the factor is an array along the layer axis.
+- freezing (freeze_encoder, freeze_layers; `frozen_mask` says what) puts every wholly frozen
+  parameter in optax.partition's set_to_zero part: it carries no Adam moments, and its gradient
+  neither counts in the clipping norm nor needs computing (the train step takes none;
+  mtl.train.multitask). A scanned layer stack frozen only in part is one array: its frozen
+  slices get a zero gradient before clipping and a zero factor after AdamW, so weight decay
+  does not move them either.
 - grad_accum > 1 wraps everything in optax.MultiSteps.
 - clipping multiplies by one factor rather than dividing each element as optax does, so XLA
   keeps no clipped copy of the gradients (see clip_by_global_norm).
@@ -64,38 +69,71 @@ def decay_mask(params: Any) -> Any:
         lambda p, _: _names(p)[0] == "model" and _names(p)[-1] in ("kernel", "embedding"), params)
 
 
+def _depth(names: tuple[str, ...], leaf: Any, encoder: EncoderConfig) -> np.ndarray:
+    """A parameter's depth: 0 for the embeddings, i+1 for encoder layer i, L+1 for everything
+    above (pooler, heads, loss weights). A scanned layer stack gets an array, [L, 1, ...] along
+    its layer axis."""
+    top = encoder.num_layers + 1
+    if "encoder" not in names:
+        return np.array(top)
+    if "embeddings" in names:
+        return np.array(0)
+    if "layers" in names:
+        after = names[names.index("layers") + 1]
+        if after.isdigit():  # looped layers: one depth each
+            return np.array(int(after) + 1)
+        return np.arange(1, top).reshape((-1,) + (1,) * (np.ndim(leaf) - 1))
+    return np.array(top)  # pooler
+
+
+def frozen_mask(params: Any, encoder: EncoderConfig, cfg: OptimSection) -> Any | None:
+    """What the config freezes, per parameter: True (all of it) or False, or for a scanned layer
+    stack frozen only in part, a bool array along its layer axis. None when nothing is frozen.
+
+    freeze_encoder freezes everything under the encoder, its pooler included; freeze_layers=N
+    the embeddings and the lowest N layers.
+    """
+    if not cfg.freeze_encoder and cfg.freeze_layers == 0:
+        return None
+
+    def frozen(path, leaf):
+        names = _names(path)
+        if cfg.freeze_encoder and "encoder" in names:
+            return True
+        depth = _depth(names, leaf, encoder)
+        below = depth <= cfg.freeze_layers if cfg.freeze_layers else np.zeros_like(depth, bool)
+        return bool(below.all()) if below.all() or not below.any() else below
+
+    return jax.tree_util.tree_map_with_path(frozen, params)
+
+
 def depth_factors(params: Any, encoder: EncoderConfig, layer_decay: float | None, freeze_layers: int,
                   head_lr_scale: float = 1.0) -> Any | None:
     """Per-parameter update scale for LLRD, frozen lower layers and a faster top, or None when
     none applies.
 
-    Depth 0 is the embeddings, depth i+1 encoder layer i, depth L+1 everything above (pooler,
-    heads, loss weights), which gets head_lr_scale. Frozen depths (0..freeze_layers) get 0.
+    Depth d of D = L+1 gets layer_decay ** (D - d); the top (pooler, heads, loss weights) gets
+    head_lr_scale. Frozen depths (0..freeze_layers) get 0, which matters only for the frozen
+    slices of a scanned stack: wholly frozen parameters never reach this factor.
     """
     if layer_decay in (None, 1.0) and freeze_layers == 0 and head_lr_scale == 1.0:
         return None
     top = encoder.num_layers + 1
     decay = 1.0 if layer_decay is None else layer_decay
 
-    def factor_at(depth: np.ndarray) -> np.ndarray:
-        scale = np.where(depth == top, head_lr_scale, decay ** (top - depth))
-        return np.where(depth <= freeze_layers if freeze_layers else False, 0.0, scale).astype(np.float32)
-
     def factor(path, leaf):
-        names = _names(path)
-        if "encoder" not in names:
-            return jnp.float32(factor_at(np.array(top)))
-        if "embeddings" in names:
-            return jnp.float32(factor_at(np.array(0)))
-        if "layers" in names:
-            after = names[names.index("layers") + 1]
-            if after.isdigit():  # looped layers: one scalar each
-                return jnp.float32(factor_at(np.array(int(after) + 1)))
-            per_layer = factor_at(np.arange(1, encoder.num_layers + 1))  # scanned: [L] along axis 0
-            return jnp.asarray(per_layer.reshape((-1,) + (1,) * (leaf.ndim - 1)))
-        return jnp.float32(factor_at(np.array(top)))  # pooler
+        depth = _depth(_names(path), leaf, encoder)
+        scale = np.where(depth == top, head_lr_scale, decay ** (top - depth))
+        frozen = depth <= freeze_layers if freeze_layers else False
+        return jnp.asarray(np.where(frozen, 0.0, scale).astype(np.float32))
 
     return jax.tree_util.tree_map_with_path(factor, params)
+
+
+def _map_trained(fn, mask_like: Any, updates: Any) -> Any:
+    """fn(mask_leaf, update) over the updates optax.partition hands its trained part; the
+    frozen leaves there are MaskedNodes, which stay as they are."""
+    return jax.tree.map(lambda m, u: u if isinstance(u, optax.MaskedNode) else fn(m, u), mask_like, updates)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
@@ -123,7 +161,14 @@ def build_optimizer(cfg: OptimSection, params: Any, encoder: EncoderConfig, tota
         raise MtlError(f"key 'optim.freeze_layers': {cfg.freeze_layers} is more than the encoder's "
                        f"{encoder.num_layers} layers")
     total_updates = max(total_steps // cfg.grad_accum, 1)
+    frozen = frozen_mask(params, encoder, cfg)
     parts = []
+    if frozen is not None and any(isinstance(m, np.ndarray) for m in jax.tree.leaves(frozen)):
+        # A scanned stack frozen in part: its frozen slices' gradients must not count in the norm.
+        def zero_slices(m, g):
+            return jnp.where(m, jnp.zeros_like(g), g) if isinstance(m, np.ndarray) else g
+
+        parts.append(optax.stateless(lambda updates, _: _map_trained(zero_slices, frozen, updates)))
     if cfg.clip_norm is not None:
         parts.append(clip_by_global_norm(cfg.clip_norm))
     if cfg.optimizer == "sgd":
@@ -135,10 +180,10 @@ def build_optimizer(cfg: OptimSection, params: Any, encoder: EncoderConfig, tota
                                  weight_decay=cfg.weight_decay, mask=decay_mask))
     factors = depth_factors(params, encoder, cfg.layer_decay, cfg.freeze_layers, cfg.head_lr_scale)
     if factors is not None:
-        parts.append(optax.stateless(lambda updates, _: jax.tree.map(jnp.multiply, updates, factors)))
+        parts.append(optax.stateless(lambda updates, _: _map_trained(jnp.multiply, factors, updates)))
     tx = optax.chain(*parts)
-    if cfg.freeze_encoder:
-        labels = jax.tree_util.tree_map_with_path(lambda p, _: "frozen" if "encoder" in _names(p) else "train", params)
+    if frozen is not None:
+        labels = jax.tree.map(lambda m: "frozen" if m is True else "train", frozen)
         tx = optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
     if cfg.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)

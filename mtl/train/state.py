@@ -46,18 +46,24 @@ def make_update(tx: optax.GradientTransformation, *, skip_nonfinite: bool, shard
     """The jitted `(state, grads, metrics) -> (state, metrics)` that applies one optimizer update.
 
     Both trainers share it. It depends on neither the task nor the batch shape, so a run
-    compiles it once. `metrics["total_loss"]` is the loss the gradients came from; a non-finite
-    loss or gradient norm sets `finite` False, and with `skip_nonfinite` keeps the old params
-    and moments (the host counts the skip). The state is donated. With `shardings`, the state
-    and gradients keep their layout on the mesh and the metrics come back replicated.
+    compiles it once. `grads` may hold None for a frozen parameter (make_train_steps' `frozen`);
+    grad_norm is then the norm of the trained ones. `metrics["total_loss"]` is the loss the
+    gradients came from; a non-finite loss or gradient norm sets `finite` False, and with
+    `skip_nonfinite` keeps the old params and moments (the host counts the skip). The state is
+    donated. With `shardings`, the state and gradients keep their layout on the mesh and the
+    metrics come back replicated.
     """
     layout = shardings.update() if shardings is not None else {}
 
     @functools.partial(jax.jit, donate_argnums=(0,), **layout)
     def update(state: TrainState, grads: Any, metrics: dict[str, jax.Array]):
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        # A frozen parameter has no gradient (None): optax sees zeros, which its partition's
+        # set_to_zero never reads, and the parameter's buffer passes through untouched.
+        full = jax.tree.map(lambda p, g: jnp.zeros_like(p) if g is None else g, state.params, grads)
+        updates, opt_state = tx.update(full, state.opt_state, state.params)
+        params = jax.tree.map(lambda p, g, u: p if g is None else optax.apply_updates(p, u),
+                              state.params, grads, updates)
         finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
         if skip_nonfinite:
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
