@@ -65,7 +65,7 @@ def check_train(mesh_args: list[str]) -> None:
     """Two multi-task steps (dropout on) on the mesh equal two single-device steps; params and
     optimizer moments are laid out by the rules table. With `freeze_layers=N` among the
     arguments, the steps take no gradient of the frozen embeddings (None on the mesh too)."""
-    freeze_layers = sum(int(a.split("=")[1]) for a in mesh_args if a.startswith("freeze_layers="))
+    freeze_layers = int(dict(a.split("=") for a in mesh_args).get("freeze_layers", 0))
     graphdef, rest, tx, state, frozen = _train_setup(freeze_layers)
     layout = Layout(make_mesh(_mesh_section(mesh_args)))
     rng = np.random.default_rng(0)

@@ -86,6 +86,11 @@ def _depth(names: tuple[str, ...], leaf: Any, encoder: EncoderConfig) -> np.ndar
     return np.array(top)  # pooler
 
 
+def _frozen_depths(depth: np.ndarray, freeze_layers: int) -> np.ndarray:
+    """True at the depths freeze_layers=N freezes: the embeddings and the lowest N layers."""
+    return depth <= freeze_layers if freeze_layers else np.zeros_like(depth, bool)
+
+
 def frozen_mask(params: Any, encoder: EncoderConfig, cfg: OptimSection) -> Any | None:
     """What the config freezes, per parameter: True (all of it) or False, or for a scanned layer
     stack frozen only in part, a bool array along its layer axis. None when nothing is frozen.
@@ -100,8 +105,7 @@ def frozen_mask(params: Any, encoder: EncoderConfig, cfg: OptimSection) -> Any |
         names = _names(path)
         if cfg.freeze_encoder and "encoder" in names:
             return True
-        depth = _depth(names, leaf, encoder)
-        below = depth <= cfg.freeze_layers if cfg.freeze_layers else np.zeros_like(depth, bool)
+        below = _frozen_depths(_depth(names, leaf, encoder), cfg.freeze_layers)
         return bool(below.all()) if below.all() or not below.any() else below
 
     return jax.tree_util.tree_map_with_path(frozen, params)
@@ -124,8 +128,7 @@ def depth_factors(params: Any, encoder: EncoderConfig, layer_decay: float | None
     def factor(path, leaf):
         depth = _depth(_names(path), leaf, encoder)
         scale = np.where(depth == top, head_lr_scale, decay ** (top - depth))
-        frozen = depth <= freeze_layers if freeze_layers else False
-        return jnp.asarray(np.where(frozen, 0.0, scale).astype(np.float32))
+        return jnp.asarray(np.where(_frozen_depths(depth, freeze_layers), 0.0, scale).astype(np.float32))
 
     return jax.tree_util.tree_map_with_path(factor, params)
 
