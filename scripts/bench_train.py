@@ -4,6 +4,7 @@
     python scripts/bench_train.py --iters 5
     python scripts/bench_train.py --retain-memory  # glibc keeps freed memory, for all three sides
     python scripts/bench_train.py --freeze-encoder # train the head alone (optim.freeze_encoder)
+    python scripts/bench_train.py --scan-layers --freeze-layers 3   # the embeddings and layers 0-2 frozen
     python scripts/bench_train.py --random-init bert-base --dtype bfloat16 --batch 256   # on a GPU
 
 mtl: the Trainer's own step for a classification task (MultiTaskModel, cross-entropy, clipping
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--no-dropout", action="store_true", help="both sides without dropout")
     parser.add_argument("--freeze-encoder", action="store_true", help="train the head alone: mtl with "
                         "optim.freeze_encoder, the peer with requires_grad off under .bert (no minimal JAX step)")
+    parser.add_argument("--freeze-layers", type=int, default=0, metavar="N", help="mtl with optim.freeze_layers=N, "
+                        "the peer with requires_grad off on the embeddings and layers 0..N-1 (no minimal JAX step)")
     parser.add_argument("--prng", choices=("threefry2x32", "rbg", "unsafe_rbg"),
                         help="JAX's random-number generator (jax_default_prng_impl); it draws the keys that dropout "
                              "hashes its masks from")
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--retain-memory", action="store_true", help="the process (mtl and both peers) keeps the "
                         "memory it frees for reuse (mtl.hostmem): no page faults for fresh temporaries")
     args = parser.parse_args()
+    frozen = args.freeze_encoder or args.freeze_layers > 0
     if args.retain_memory and not retain_freed_memory():  # before torch's and XLA's threads allocate
         parser.error("--retain-memory needs glibc's malloc")
     if args.prng:
@@ -95,7 +99,7 @@ def main() -> None:
              "labels": labels, "weights": np.ones((args.batch,), np.float32)}
     name = f"random {args.random_init}" if args.random_init else args.model
     print(f"{name}: batch {args.batch}, seq {args.seq}, {args.dtype} compute, "
-          f"{'scanned' if args.scan_layers else 'looped'} layers, dropout {'off' if args.no_dropout else 'on'}, {'encoder frozen, ' if args.freeze_encoder else ''}{'freed memory retained, ' if args.retain_memory else ''}prng {jax.config.jax_default_prng_impl}, jax {jax.__version__} on "
+          f"{'scanned' if args.scan_layers else 'looped'} layers, dropout {'off' if args.no_dropout else 'on'}, {'encoder frozen, ' if args.freeze_encoder else ''}{f'embeddings and {args.freeze_layers} layers frozen, ' if args.freeze_layers else ''}{'freed memory retained, ' if args.retain_memory else ''}prng {jax.config.jax_default_prng_impl}, jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {torch_device}, {os.cpu_count()} cores")
 
     # The HF PyTorch peer first: it gives its GPU memory back before mtl starts.
@@ -114,7 +118,8 @@ def main() -> None:
     model = MultiTaskModel(encoder, {"task": head})
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     train_params = {"model": params, "log_vars": jnp.zeros((1,), jnp.float32)}
-    optim = OptimSection(learning_rate=2e-5, warmup_ratio=0.0, freeze_encoder=args.freeze_encoder)
+    optim = OptimSection(learning_rate=2e-5, warmup_ratio=0.0, freeze_encoder=args.freeze_encoder,
+                         freeze_layers=args.freeze_layers)
     tx = build_optimizer(optim, train_params, encoder.config, total_steps=1000)
     layout = Layout(make_mesh(parse_mesh(args.mesh)))
     layout.check_batch(args.batch, "--batch")
@@ -142,7 +147,7 @@ def main() -> None:
     holder.clear()  # free mtl's state before the minimal peer allocates its own
     del state
     minimal_time = None
-    if not args.no_peer and layout.mesh.devices.size == 1 and args.dtype == "float32" and not args.freeze_encoder:
+    if not args.no_peer and layout.mesh.devices.size == 1 and args.dtype == "float32" and not frozen:
         cfg = encoder.config
         minimal_time = time_minimal(args, batch, vocab=cfg.vocab_size, hidden=cfg.hidden_size, layers=cfg.num_layers,
                                     heads=cfg.num_heads, intermediate=cfg.intermediate_size)
@@ -154,8 +159,9 @@ def main() -> None:
     cfg = encoder.config
     attention = 12 * cfg.num_layers * args.batch * args.seq**2 * cfg.hidden_size  # QK^T and PV, fwd+bwd
     flops = 6 * n_params * tokens + attention
-    if args.freeze_encoder:  # the encoder runs forward only: a third of it
-        flops //= 3
+    if frozen:  # a frozen layer runs forward only: a third of its FLOPs
+        trained = 0.0 if args.freeze_encoder else (cfg.num_layers - args.freeze_layers) / cfg.num_layers
+        flops = int(flops * (1 + 2 * trained) / 3)
     peak, peak_source = device_peak(args.dtype)
     peak, peak_source = peak * layout.mesh.devices.size, f"{peak_source}, x {layout.mesh.devices.size} devices of mesh {dict(layout.mesh.shape)}"
     memory = f", device memory peak {mtl_memory:.1f} GB" if mtl_memory is not None else ""
@@ -209,6 +215,10 @@ def time_peer(args, batch: dict, device: str) -> float:
                 module.p = 0.0
     if args.freeze_encoder:
         peer.bert.requires_grad_(False)  # no .grad: neither AdamW nor clip_grad_norm_ sees them
+    elif args.freeze_layers:
+        peer.bert.embeddings.requires_grad_(False)
+        for layer in peer.bert.encoder.layer[:args.freeze_layers]:
+            layer.requires_grad_(False)
     peer.to(device).train()
     optimizer = torch.optim.AdamW(peer.parameters(), lr=2e-5, weight_decay=0.01)
     t_batch = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items() if k != "weights"}

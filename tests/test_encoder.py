@@ -1,5 +1,6 @@
 """Encoder behaviour beyond forward parity: tracing, dropout, remat, bf16, gradients."""
 
+import functools
 import itertools
 import math
 import re
@@ -159,6 +160,40 @@ def test_layers_in_two_ranges_equal_the_whole_encoder(tiny_hf, batch, scan_layer
     assert encoder.run_layers(top, mask, 2, 2)[0] is top
     with pytest.raises(MtlError, match="layer range 1..3 is outside the encoder's 0..2"):
         encoder.run_layers(top, mask, 1, 3)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "looped"])
+def test_frozen_below_stops_the_gradient_and_changes_nothing_else(tiny_hf, batch, scan_layers):
+    """frozen_below=1 (of 2): the same outputs, dropout included; exactly zero gradient for the
+    embeddings and layer 0, even through the hidden states they output; layer 1 and the pooler
+    get the gradient the whole encoder gives them."""
+    encoder = Encoder.from_pretrained(tiny_hf["bert"][1], scan_layers=scan_layers)
+    graphdef, params = nnx.split(encoder, nnx.Param)
+    ids, mask, types = batch
+    target = jax.random.normal(jax.random.key(0), (3, 11, 32))
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def run(params, frozen_below):
+        def loss(params):
+            out = nnx.merge(graphdef, params)(ids, mask, types, dropout_rng=jax.random.key(4),
+                                              output_hidden_states=True, frozen_below=frozen_below)
+            return jnp.sum(out.last_hidden_state * target) + jnp.sum(out.pooler_output) + jnp.sum(out.hidden_states), out
+
+        return jax.grad(loss, has_aux=True)(params)
+
+    (whole_grads, whole), (grads, frozen) = run(params, 0), run(params, 1)
+    whole_grads, grads = (encoder_to_hf_tensors(nnx.merge(graphdef, g)) for g in (whole_grads, grads))
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    assert grads.keys() == whole_grads.keys()
+    for key in grads:
+        if key.startswith(("embeddings.", "encoder.layer.0.")):
+            assert not np.any(grads[key]), key
+            assert np.any(whole_grads[key]), key  # the whole encoder's is not zero
+        else:
+            _assert_gradients_close(grads[key], whole_grads[key], key)
+    with pytest.raises(MtlError, match="frozen_below=3 is outside the encoder's 0..2 layers"):
+        encoder(ids, mask, types, frozen_below=3)
 
 
 @pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])

@@ -443,6 +443,7 @@ class Encoder(nnx.Module):
         *,
         dropout_rng: jax.Array | None = None,
         output_hidden_states: bool = False,
+        frozen_below: int = 0,
     ) -> EncoderOutput:
         """Encode a batch.
 
@@ -452,17 +453,34 @@ class Encoder(nnx.Module):
           token_type_ids: [batch, seq] segment ids; None means all 0. Ignored by DistilBERT.
           dropout_rng: a PRNG key to apply dropout with; None runs deterministically (eval).
           output_hidden_states: also return every layer's output (a static choice).
+          frozen_below: N > 0 makes the embeddings and layers 0..N-1 constants of any
+            differentiation (static). The output is the same, but the backward pass stops at
+            layer N's input. Looped layers would prune that backward anyway. A scanned stack
+            cannot stop mid-scan, so it runs as two scans, and the lower one has no backward.
         """
         cfg = self.config
+        if not 0 <= frozen_below <= cfg.num_layers:
+            raise MtlError(f"frozen_below={frozen_below} is outside the encoder's 0..{cfg.num_layers} layers")
         if dropout_rng is not None:
             embed_rng, layers_rng = jax.random.split(dropout_rng)
             layer_rngs = jax.random.split(layers_rng, cfg.num_layers)
         else:
             embed_rng = layer_rngs = None
         embedded = self.embeddings(input_ids, token_type_ids, embed_rng)
-        x, per_layer = self.run_layers(embedded, attention_mask, layer_rngs=layer_rngs,
-                                       output_hidden_states=output_hidden_states)
-        hidden_states = jnp.concatenate([embedded[None], per_layer], axis=0) if output_hidden_states else None
+
+        def rngs(start, stop):
+            return None if layer_rngs is None else layer_rngs[start:stop]
+
+        x, per_layer = embedded, []
+        if frozen_below:
+            x, states = self.run_layers(x, attention_mask, 0, frozen_below, layer_rngs=rngs(0, frozen_below),
+                                        output_hidden_states=output_hidden_states)
+            embedded, x, states = jax.lax.stop_gradient((embedded, x, states))
+            per_layer.append(states)
+        x, states = self.run_layers(x, attention_mask, frozen_below, layer_rngs=rngs(frozen_below, cfg.num_layers),
+                                    output_hidden_states=output_hidden_states)
+        per_layer.append(states)
+        hidden_states = jnp.concatenate([embedded[None], *per_layer], axis=0) if output_hidden_states else None
         return EncoderOutput(x, self.pool(x), hidden_states)
 
     def embed(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None, *,

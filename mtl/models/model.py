@@ -28,18 +28,23 @@ class MultiTaskModel(nnx.Module):
             raise MtlError(f"task {task!r} has no head in this model; tasks: {sorted(self.heads)}")
         return self.heads[task]
 
-    def __call__(self, task: str, batch: Batch, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-        """The task head's logits for a batch (see mtl.data for the batch's arrays)."""
+    def __call__(self, task: str, batch: Batch, *, dropout_rng: jax.Array | None = None,
+                 frozen_below: int = 0) -> jax.Array:
+        """The task head's logits for a batch (see mtl.data for the batch's arrays).
+
+        `frozen_below`: the encoder's (its embeddings and lowest N layers take no gradient)."""
         head = self.head(task)
         encoder_rng = head_rng = None
         if dropout_rng is not None:
             encoder_rng, head_rng = jax.random.split(dropout_rng)
         encoded = self.encoder(
-            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), dropout_rng=encoder_rng
+            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), dropout_rng=encoder_rng,
+            frozen_below=frozen_below,
         )
         return head(encoded, batch, dropout_rng=head_rng)
 
-    def loss(self, task: str, batch: Batch, *, dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def loss(self, task: str, batch: Batch, *, dropout_rng: jax.Array | None = None,
+             frozen_below: int = 0) -> tuple[jax.Array, jax.Array]:
         """(scalar loss, logits) for a batch of `task`."""
-        logits = self(task, batch, dropout_rng=dropout_rng)
+        logits = self(task, batch, dropout_rng=dropout_rng, frozen_below=frozen_below)
         return self.head(task).loss(logits, batch), logits

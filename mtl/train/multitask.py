@@ -73,10 +73,12 @@ def make_train_steps(
 
     `frozen` (mtl.train.optim.frozen_mask) names the parameters the optimizer leaves alone. The
     gradient program takes no gradient for a wholly frozen one (it returns None there), so a
-    frozen encoder costs its forward pass only; a scanned stack frozen in part gets exact zeros
-    on its frozen slices.
+    frozen encoder costs its forward pass only. A scanned stack frozen in part gets exact zeros
+    on its frozen slices: the encoder runs its frozen layers as a scan of their own, with no
+    backward pass (the encoder's `frozen_below`).
     """
     weights = jnp.asarray(weights, jnp.float32)
+    frozen_below = _frozen_layers(frozen)
 
     def gradients(state: TrainState, batch: Mapping[str, jax.Array], *, task: str, index: int):
         rng = state.step_key() if dropout else None
@@ -84,7 +86,7 @@ def make_train_steps(
         def loss_fn(trained):
             params = trained if frozen is None else jax.tree.map(_with_frozen, frozen, trained, state.params)
             model = nnx.merge(graphdef, params["model"], rest)
-            task_loss, _ = model.loss(task, batch, dropout_rng=rng)
+            task_loss, _ = model.loss(task, batch, dropout_rng=rng, frozen_below=frozen_below)
             if weighting == "uncertainty":
                 # Kendall et al. 2018: L / (2 sigma^2) + log sigma, with s = log sigma^2 learned.
                 s = params["log_vars"][index]
@@ -114,13 +116,17 @@ def make_train_steps(
 
 def _with_frozen(frozen: Any, trained: jax.Array | None, param: jax.Array) -> jax.Array:
     """One parameter as the loss reads it: a wholly frozen one from the state, as a constant of
-    the differentiation; a scanned stack frozen in part with its frozen slices cut off the
-    gradient."""
-    if frozen is True:
-        return param
-    if frozen is False:
-        return trained
-    return jnp.where(frozen, jax.lax.stop_gradient(trained), trained)
+    the differentiation. A scanned stack frozen in part is differentiated whole; the encoder
+    reads its frozen slices as constants (`frozen_below`)."""
+    return param if frozen is True else trained
+
+
+def _frozen_layers(frozen: Any | None) -> int:
+    """How many lower layers a scanned stack frozen in part holds still; 0 when none is."""
+    for mask in jax.tree.leaves(frozen):
+        if isinstance(mask, np.ndarray):  # [L, 1, ...] along the layer axis
+            return int(mask.reshape(len(mask), -1)[:, 0].sum())
+    return 0
 
 
 def make_predict_steps(graphdef: nnx.GraphDef, rest: nnx.State, tasks: Sequence[str],
