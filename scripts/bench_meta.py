@@ -4,10 +4,13 @@
     python scripts/bench_meta.py --iters 1 --only mtl-maml torch-maml
     python scripts/bench_meta.py --only torch-maml mtl-maml --retain-memory   # glibc keeps freed memory, both sides
     python scripts/bench_meta.py --random-init minilm --iters 10     # on a GPU: no download
+    python scripts/bench_meta.py --freeze-encoder --only mtl-maml mtl-anil torch-maml   # meta-learn the head alone
 
 Setup (the issue's): all-MiniLM-L6-v2 with a mean-pooled 5-way linear head; a meta-batch of 4
 episodes of 25 support + 25 query sequences of 64 random tokens; one inner SGD step over all
-parameters; an AdamW outer update. No dropout in either.
+parameters; an AdamW outer update. No dropout in either. With --freeze-encoder the outer update
+trains the head alone (optim.freeze_encoder; the peer differentiates the query loss with respect
+to the head's parameters only); the inner step still adapts every parameter it adapts.
 
   mtl-maml        second-order MAML: mtl's MetaLearner + make_meta_step, as mtl meta-train runs it
                   (looped layers, the encoder's default)
@@ -63,7 +66,8 @@ def episodes():
     return {"support": part(SHOTS), "query": part(QUERIES)}
 
 
-def run_mtl(variant: str, directory: str | None, shape: str | None, iters: int, mesh: str | None = None) -> dict:
+def run_mtl(variant: str, directory: str | None, shape: str | None, iters: int, mesh: str | None = None,
+            freeze_encoder: bool = False) -> dict:
     import jax
     from flax import nnx
     from timing import SHAPES, VOCAB, device_memory_peak_gb, device_peak, median_time, parse_mesh  # scripts/timing.py
@@ -74,7 +78,7 @@ def run_mtl(variant: str, directory: str | None, shape: str | None, iters: int, 
     from mtl.models.model import MultiTaskModel
     from mtl.sharding import Layout, make_mesh
     from mtl.train.meta import HEAD, MetaLearner, make_meta_step
-    from mtl.train.optim import build_optimizer
+    from mtl.train.optim import build_optimizer, frozen_mask
     from mtl.train.state import TrainState
 
     remat = variant == "mtl-maml-remat"
@@ -89,12 +93,13 @@ def run_mtl(variant: str, directory: str | None, shape: str | None, iters: int, 
     algorithm = {"mtl-fomaml": "fomaml", "mtl-anil": "anil"}.get(variant, "maml")
     learner = MetaLearner(graphdef, rest, encoder.config, algorithm=algorithm, inner_lr=INNER_LR, remat=remat)
     meta_params = learner.init_params(params)
-    tx = build_optimizer(OptimSection(learning_rate=1e-5, warmup_ratio=0.0, clip_norm=None), meta_params,
-                         encoder.config, total_steps=1000)
+    optim = OptimSection(learning_rate=1e-5, warmup_ratio=0.0, clip_norm=None, freeze_encoder=freeze_encoder)
+    tx = build_optimizer(optim, meta_params, encoder.config, total_steps=1000)
     layout = Layout(make_mesh(parse_mesh(mesh)))  # the meta-batch's episodes split over its data axes
     layout.check_batch(META_BATCH, "the meta-batch")
     holder = {"state": layout.put(TrainState.create(meta_params, tx, seed=0))}
-    step = make_meta_step(learner, tx, skip_nonfinite=False, shardings=layout.step_shardings(holder["state"]))
+    step = make_meta_step(learner, tx, skip_nonfinite=False, shardings=layout.step_shardings(holder["state"]),
+                          frozen=frozen_mask(meta_params, encoder.config, optim))
     batch = episodes()
 
     def one():
@@ -119,7 +124,7 @@ def compiled_flops(jitted, *args) -> float:
     return float(analysis["flops"])
 
 
-def run_torch(directory: str | None, shape: str | None, iters: int) -> dict:
+def run_torch(directory: str | None, shape: str | None, iters: int, freeze_encoder: bool = False) -> dict:
     import torch
     import transformers
     from torch.func import functional_call, grad, vmap
@@ -139,7 +144,9 @@ def run_torch(directory: str | None, shape: str | None, iters: int) -> dict:
     body = body.to(device).eval()
     head = torch.nn.Linear(body.config.hidden_size, WAYS).to(device)
     params = {**{f"body.{k}": v for k, v in body.named_parameters()}, **{f"head.{k}": v for k, v in head.named_parameters()}}
-    optimizer = torch.optim.AdamW(params.values(), lr=1e-5)
+    # With a frozen encoder the meta-gradient is taken with respect to the head alone.
+    trained = {k: v for k, v in params.items() if k.startswith("head.") or not freeze_encoder}
+    optimizer = torch.optim.AdamW(trained.values(), lr=1e-5)
     batch = {part: {k: torch.as_tensor(v, device=device).long() if k != "weights" else torch.as_tensor(v, device=device)
                     for k, v in d.items()}
              for part, d in episodes().items()}
@@ -160,7 +167,8 @@ def run_torch(directory: str | None, shape: str | None, iters: int) -> dict:
         adapted = {k: v - INNER_LR * g[k] for k, v in p.items()}
         return loss_fn(adapted, q_ids, q_mask, q_y)
 
-    def meta_loss(p):
+    def meta_loss(trained_params):
+        p = {**{k: v.detach() for k, v in params.items()}, **trained_params}
         s, q = batch["support"], batch["query"]
         losses = vmap(task_loss, in_dims=(None, 0, 0, 0, 0, 0, 0))(
             p, s["input_ids"], s["attention_mask"], s["labels"], q["input_ids"], q["attention_mask"], q["labels"])
@@ -168,8 +176,8 @@ def run_torch(directory: str | None, shape: str | None, iters: int) -> dict:
 
     def one():
         optimizer.zero_grad(set_to_none=True)
-        grads = grad(meta_loss)({k: v.detach() for k, v in params.items()})
-        for k, v in params.items():
+        grads = grad(meta_loss)({k: v.detach() for k, v in trained.items()})
+        for k, v in trained.items():
             v.grad = grads[k]
         optimizer.step()
         if device == "cuda":
@@ -179,9 +187,10 @@ def run_torch(directory: str | None, shape: str | None, iters: int) -> dict:
     return {"seconds": seconds, "device_peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
 
 
-def worker(variant: str, directory: str | None, shape: str | None, iters: int, mesh: str | None) -> None:
+def worker(variant: str, directory: str | None, shape: str | None, iters: int, mesh: str | None,
+           freeze_encoder: bool) -> None:
     run = run_torch if variant == "torch-maml" else functools.partial(run_mtl, variant, mesh=mesh)
-    result = run(directory, shape, iters)
+    result = run(directory, shape, iters, freeze_encoder=freeze_encoder)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print("RESULT " + json.dumps(result))
 
@@ -196,6 +205,8 @@ def main() -> None:
                         "over all devices)")
     parser.add_argument("--retain-memory", action="store_true", help="every variant's process keeps the memory "
                         "it frees for reuse (mtl.hostmem), the peer's too: no page faults for fresh temporaries")
+    parser.add_argument("--freeze-encoder", action="store_true", help="the outer update trains the head alone "
+                        "(optim.freeze_encoder; the peer's meta-gradient is the head's only)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,7 +216,7 @@ def main() -> None:
 
             if not retain_freed_memory():
                 sys.exit("--retain-memory needs glibc's malloc")
-        worker(args.worker, args.directory, args.random_init, args.iters, args.mesh)
+        worker(args.worker, args.directory, args.random_init, args.iters, args.mesh, args.freeze_encoder)
         return
     from mtl import resolve_model
 
@@ -213,13 +224,14 @@ def main() -> None:
     name = f"random {args.random_init}" if args.random_init else args.model
     print(f"{name}: {WAYS}-way {SHOTS}-shot {QUERIES}-query, meta-batch {META_BATCH}, seq {SEQ}, "
           f"1 inner step over all params, {os.cpu_count()} cores"
-          f"{', freed memory retained (both sides)' if args.retain_memory else ''}")
+          f"{', freed memory retained (both sides)' if args.retain_memory else ''}"
+          f"{', encoder frozen in the outer update' if args.freeze_encoder else ''}")
     results = {}
     for variant in args.only:
         source = ["--random-init", args.random_init] if args.random_init else ["--directory", directory]
         mesh = ["--mesh", args.mesh] if args.mesh else []
-        retain = ["--retain-memory"] if args.retain_memory else []
-        proc = subprocess.run([sys.executable, __file__, "--worker", variant, *source, *mesh, *retain, "--iters", str(args.iters)],
+        flags = [*(["--retain-memory"] if args.retain_memory else []), *(["--freeze-encoder"] if args.freeze_encoder else [])]
+        proc = subprocess.run([sys.executable, __file__, "--worker", variant, *source, *mesh, *flags, "--iters", str(args.iters)],
                               capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:

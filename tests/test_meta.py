@@ -12,7 +12,7 @@ from mtl.errors import MtlError
 from mtl.models.heads import ClassificationHead, TokenClassificationHead
 from mtl.models.model import MultiTaskModel
 from mtl.train.meta import HEAD, MetaLearner, make_meta_step
-from mtl.train.optim import build_optimizer
+from mtl.train.optim import build_optimizer, frozen_mask
 from mtl.train.state import TrainState
 
 WAYS, SHOTS, QUERIES, LENGTH = 2, 2, 3, 8
@@ -239,6 +239,35 @@ def test_all_parameter_maml_equals_maml_over_the_whole_word_table(x64, algorithm
     assert np.abs(table(grads["model"])).max() > 0 and not table(grads["model"])[0].any()  # the padding row
     if algorithm == "meta_sgd":
         assert np.abs(table(grads["inner_lr"])).max() > 0
+
+
+@pytest.mark.parametrize("algorithm, options, flops_below", [
+    ("anil", {}, 0.35),  # the encoder runs outside the inner loop: forward only once frozen (measured 0.27)
+    ("maml", {}, 0.7),  # the inner loop still adapts the encoder: no weight gradients of the outer pass (0.61)
+    ("maml", {"adapt": "top"}, 0.55),  # (0.46)
+], ids=["anil", "maml", "maml-top"])
+def test_a_frozen_encoder_takes_no_meta_gradient(x64, algorithm, options, flops_below):
+    """optim.freeze_encoder holds the encoder's initialisation still, so its meta-gradient is not
+    computed at all; the head's is the one the whole model's meta-gradient gives it."""
+    learner, meta_params = _learner(algorithm, dtype="float64", scan_layers=False, **options)
+    cfg = OptimSection(learning_rate=1e-3, warmup_ratio=0.0, freeze_encoder=True)
+    frozen = frozen_mask(meta_params, learner.encoder, cfg)
+    episodes = _episodes(2)
+    whole, part = (jax.jit(lambda p, e, f=f: learner.meta_gradients(p, e, f)).lower(meta_params, episodes).compile()
+                   for f in (None, frozen))
+    (whole_grads, _), (grads, _) = whole(meta_params, episodes), part(meta_params, episodes)
+    assert jax.tree.leaves(grads["model"]["encoder"]) == []
+    for a, b in zip(jax.tree.leaves(grads["model"]["heads"]), jax.tree.leaves(whole_grads["model"]["heads"]), strict=True):
+        assert np.abs(b).max() > 0
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-15)
+    flops = part.cost_analysis()["flops"], whole.cost_analysis()["flops"]
+    assert flops[0] < flops_below * flops[1], flops
+    # The optimizer leaves the encoder where it was.
+    tx = build_optimizer(cfg, meta_params, learner.encoder, total_steps=10)
+    step = make_meta_step(learner, tx, skip_nonfinite=False, frozen=frozen)
+    state, _ = step(TrainState.create(jax.tree.map(jnp.copy, meta_params), tx, seed=0), episodes)  # it donates
+    for a, b in zip(jax.tree.leaves(state.params["model"]["encoder"]), jax.tree.leaves(meta_params["model"]["encoder"])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_meta_sgd_learning_rates_get_gradients():

@@ -33,6 +33,10 @@ def _final(workdir):
         checkpointer.close()
 
 
+def _flat(tree):
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
 def _losses(workdir):
     return [(r["step"], r["meta/loss"]) for r in read_metrics(workdir) if r.get("split") == "train" and "meta/loss" in r]
 
@@ -86,6 +90,20 @@ def test_meta_cli(meta_run, capsys):
     # Too many shots for the tested split is an error about that split, not a meta-train source.
     assert main(["meta-test", "--workdir", str(reference), "--shots", "5000"]) == 2
     assert capsys.readouterr().err.startswith("mtl: error: bbc_topic/test: ")
+
+
+def test_a_frozen_encoder_meta_trains_the_head_alone(tmp_path, minilm_dir):
+    config = load_experiment(META_TINY, ["optim.freeze_encoder=true", "train.steps=2", "train.eval_every=2",
+                                         "train.checkpoint_every=2"])
+    trainer = meta_trainer.MetaTrainer(meta_trainer.build_meta_experiment(config), tmp_path / "w")
+    before = jax.tree.map(np.array, trainer.state.params["model"])
+    grads, _ = trainer.train_steps["meta"].gradients(trainer.state, trainer.next_batch(0)[1])
+    assert jax.tree.leaves(grads["model"]["encoder"]) == [] and jax.tree.leaves(grads["model"]["heads"])
+    trainer.run()
+    after = _final(tmp_path / "w")["params"]["model"]
+    for a, b in zip(jax.tree.leaves(after["encoder"]), jax.tree.leaves(before["encoder"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(_flat(after["heads"]), _flat(before["heads"]))
 
 
 def test_protonet_meta_tests_more_ways_than_its_meta_train_task_has_classes(tmp_path, minilm_dir):

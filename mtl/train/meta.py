@@ -39,7 +39,7 @@ from mtl.errors import MtlError
 from mtl.models.encoder import EncoderConfig, EncoderOutput, at_least_float32
 from mtl.models.heads import IGNORE, pool
 from mtl.sharding import StepShardings
-from mtl.train.optim import _names
+from mtl.train.optim import _names, trained_part, with_frozen
 from mtl.train.state import TrainState, make_update
 
 ALGORITHMS, ADAPT = META_ALGORITHMS, META_ADAPT
@@ -313,19 +313,25 @@ class MetaLearner:
         grads = {"model": delta, "inner_lr": jax.tree.map(jnp.zeros_like, meta_params["inner_lr"])}
         return grads, loss, {"accuracy": self.query_accuracy(logits, episode["query"]), "support_loss": support_losses[0]}
 
-    def meta_gradients(self, meta_params: dict, episodes: Mapping[str, Batch]) -> tuple[dict, dict]:
+    def meta_gradients(self, meta_params: dict, episodes: Mapping[str, Batch],
+                       frozen: Any | None = None) -> tuple[dict, dict]:
         """Gradients of the mean query loss over a meta-batch (episodes stacked on axis 0), and
-        its metrics. Reptile returns the mean of theta - adapted instead."""
+        its metrics. Reptile returns the mean of theta - adapted instead.
+
+        `frozen` (mtl.train.optim.frozen_mask of the meta-parameters): the meta-gradient of a
+        wholly frozen parameter is not computed (None). The inner loop still adapts it if it is
+        fast: freezing holds the initialisation still, not the adaptation."""
         if self.algorithm == "reptile":
             grads, losses, aux = jax.vmap(self.reptile_direction, in_axes=(None, 0))(meta_params, episodes)
             grads = jax.tree.map(lambda g: g.mean(0), grads)
             loss = losses.mean()
         else:
-            def mean_loss(p):
+            def mean_loss(trained):
+                p = with_frozen(frozen, trained, meta_params)
                 losses, aux = jax.vmap(self.task_loss, in_axes=(None, 0))(p, episodes)
                 return losses.mean(), aux
 
-            (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(meta_params)
+            (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(trained_part(frozen, meta_params))
         metrics = {k: v.mean() for k, v in aux.items()}
         return grads, dict(metrics, loss=loss, total_loss=loss)
 
@@ -337,13 +343,14 @@ def episode_vocabulary(episode: Mapping[str, Batch]) -> jax.Array:
 
 
 def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, *, skip_nonfinite: bool,
-                   shardings: StepShardings | None = None):
+                   shardings: StepShardings | None = None, frozen: Any | None = None):
     """The jitted meta step `(state, episodes) -> (state, metrics)`: the meta-gradient program
     (exposed as `step.gradients`, compiled once: every meta-batch has the same shapes) and the
     optimizer update both trainers share. With `shardings`, the meta-batch's episodes are split
-    over the data axes (each device adapts its own tasks) and params follow the rules table."""
+    over the data axes (each device adapts its own tasks) and params follow the rules table.
+    `frozen`: see MetaLearner.meta_gradients."""
     layout = shardings.gradients() if shardings is not None else {}
-    grad_fn = jax.jit(lambda state, episodes: learner.meta_gradients(state.params, episodes), **layout)
+    grad_fn = jax.jit(lambda state, episodes: learner.meta_gradients(state.params, episodes, frozen), **layout)
     update = make_update(tx, skip_nonfinite=skip_nonfinite, shardings=shardings)
 
     def step(state: TrainState, episodes):

@@ -36,7 +36,7 @@ from mtl.tracking import MetricsWriter
 from mtl.train.experiment import build_encoder, load_experiment_data, transfer
 from mtl.train.loop import TrainLoop
 from mtl.train.meta import HEAD, MetaLearner, make_adapt_predict, make_meta_step
-from mtl.train.optim import build_optimizer
+from mtl.train.optim import build_optimizer, frozen_mask
 from mtl.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -172,8 +172,9 @@ class MetaTrainer(TrainLoop):
         self.layout.check_batch(cfg.meta.meta_batch, "meta.meta_batch")
         self.state = self.layout.put(TrainState.create(meta_params, self.tx, cfg.train.seed))
         shardings = self.layout.step_shardings(self.state)
+        frozen = frozen_mask(meta_params, experiment.model.encoder.config, cfg.optim)
         self.train_steps = {"meta": make_meta_step(self.learner, self.tx, skip_nonfinite=cfg.train.nan_policy == "skip",
-                                                   shardings=shardings)}
+                                                   shardings=shardings, frozen=frozen)}
         self.metric = "accuracy" if self.kind == "class" else "entity_f1"
         # One jitted adapt-and-predict: every evaluation and meta-test row reuses its compilation.
         self.predict = make_adapt_predict(self.learner, cfg.meta.test_inner_steps or cfg.meta.inner_steps, shardings)

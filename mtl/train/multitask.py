@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from mtl.sharding import StepShardings
+from mtl.train.optim import frozen_below, trained_part, with_frozen
 from mtl.train.state import TrainState, make_update
 
 
@@ -78,24 +79,22 @@ def make_train_steps(
     backward pass (the encoder's `frozen_below`).
     """
     weights = jnp.asarray(weights, jnp.float32)
-    frozen_below = _frozen_layers(frozen)
+    below = frozen_below(frozen)
 
     def gradients(state: TrainState, batch: Mapping[str, jax.Array], *, task: str, index: int):
         rng = state.step_key() if dropout else None
 
         def loss_fn(trained):
-            params = trained if frozen is None else jax.tree.map(_with_frozen, frozen, trained, state.params)
+            params = with_frozen(frozen, trained, state.params)
             model = nnx.merge(graphdef, params["model"], rest)
-            task_loss, _ = model.loss(task, batch, dropout_rng=rng, frozen_below=frozen_below)
+            task_loss, _ = model.loss(task, batch, dropout_rng=rng, frozen_below=below)
             if weighting == "uncertainty":
                 # Kendall et al. 2018: L / (2 sigma^2) + log sigma, with s = log sigma^2 learned.
                 s = params["log_vars"][index]
                 return 0.5 * jnp.exp(-s) * task_loss + 0.5 * s, task_loss
             return weights[index] * task_loss, task_loss
 
-        trained = state.params if frozen is None else jax.tree.map(
-            lambda m, p: None if m is True else p, frozen, state.params)
-        (total, task_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+        (total, task_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained_part(frozen, state.params))
         return grads, {"loss": task_loss, "total_loss": total}
 
     update = make_update(tx, skip_nonfinite=skip_nonfinite, shardings=shardings)
@@ -112,21 +111,6 @@ def make_train_steps(
         return step
 
     return {task: make(task, i) for i, task in enumerate(tasks)}
-
-
-def _with_frozen(frozen: Any, trained: jax.Array | None, param: jax.Array) -> jax.Array:
-    """One parameter as the loss reads it: a wholly frozen one from the state, as a constant of
-    the differentiation. A scanned stack frozen in part is differentiated whole; the encoder
-    reads its frozen slices as constants (`frozen_below`)."""
-    return param if frozen is True else trained
-
-
-def _frozen_layers(frozen: Any | None) -> int:
-    """How many lower layers a scanned stack frozen in part holds still; 0 when none is."""
-    for mask in jax.tree.leaves(frozen):
-        if isinstance(mask, np.ndarray):  # [L, 1, ...] along the layer axis
-            return int(mask.reshape(len(mask), -1)[:, 0].sum())
-    return 0
 
 
 def make_predict_steps(graphdef: nnx.GraphDef, rest: nnx.State, tasks: Sequence[str],

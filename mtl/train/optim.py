@@ -12,10 +12,10 @@
   layer_decay ** (D - d). With scanned layers the factor is an array along the layer axis.
 - freezing (freeze_encoder, freeze_layers; `frozen_mask` says what) puts every wholly frozen
   parameter in optax.partition's set_to_zero part: it carries no Adam moments, and its gradient
-  neither counts in the clipping norm nor needs computing (the train step takes none;
-  mtl.train.multitask). A scanned layer stack frozen only in part is one array: its frozen
-  slices get a zero gradient before clipping and a zero factor after AdamW, so weight decay
-  does not move them either.
+  neither counts in the clipping norm nor needs computing: the multi-task and meta steps
+  differentiate `trained_part` only. A scanned layer stack frozen only in part is one array:
+  its frozen slices get a zero gradient before clipping and a zero factor after AdamW, so
+  weight decay does not move them either; the encoder skips their backward (`frozen_below`).
 - grad_accum > 1 wraps everything in optax.MultiSteps.
 - clipping multiplies by one factor rather than dividing each element as optax does, so XLA
   keeps no clipped copy of the gradients (see clip_by_global_norm).
@@ -109,6 +109,31 @@ def frozen_mask(params: Any, encoder: EncoderConfig, cfg: OptimSection) -> Any |
         return bool(below.all()) if below.all() or not below.any() else below
 
     return jax.tree_util.tree_map_with_path(frozen, params)
+
+
+def frozen_below(frozen: Any | None) -> int:
+    """How many lower layers a scanned stack frozen in part holds still, 0 when none is: the
+    encoder's `frozen_below`, which runs them with no backward pass."""
+    for mask in jax.tree.leaves(frozen):
+        if isinstance(mask, np.ndarray):  # [L, 1, ...] along the layer axis
+            return int(mask.reshape(len(mask), -1)[:, 0].sum())
+    return 0
+
+
+def trained_part(frozen: Any | None, params: Any) -> Any:
+    """`params` with None for every wholly frozen parameter (`frozen`: frozen_mask's): what a
+    train step differentiates. A frozen parameter then costs no gradient computation at all."""
+    if frozen is None:
+        return params
+    return jax.tree.map(lambda m, p: None if m is True else p, frozen, params)
+
+
+def with_frozen(frozen: Any | None, trained: Any, params: Any) -> Any:
+    """The parameters a loss reads: `trained` (from trained_part), with each wholly frozen one
+    taken from `params` as a constant of the differentiation."""
+    if frozen is None:
+        return trained
+    return jax.tree.map(lambda m, t, p: p if m is True else t, frozen, trained, params)
 
 
 def depth_factors(params: Any, encoder: EncoderConfig, layer_decay: float | None, freeze_layers: int,
