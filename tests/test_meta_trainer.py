@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from data_helpers import write_task
+from test_meta import _flat  # tests/ is sys.path[0]
 from mtl.checkpoint import Checkpointer
 from mtl.cli import main
 from mtl.config import load_experiment
@@ -31,10 +32,6 @@ def _final(workdir):
         return checkpointer.restore_tree(checkpointer.latest_step())
     finally:
         checkpointer.close()
-
-
-def _flat(tree):
-    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
 def _losses(workdir):

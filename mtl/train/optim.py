@@ -191,7 +191,7 @@ def build_optimizer(cfg: OptimSection, params: Any, encoder: EncoderConfig, tota
     total_updates = max(total_steps // cfg.grad_accum, 1)
     frozen = frozen_mask(params, encoder, cfg)
     parts = []
-    if frozen is not None and any(isinstance(m, np.ndarray) for m in jax.tree.leaves(frozen)):
+    if frozen_below(frozen):
         # A scanned stack frozen in part: its frozen slices' gradients must not count in the norm.
         def zero_slices(m, g):
             return jnp.where(m, jnp.zeros_like(g), g) if isinstance(m, np.ndarray) else g
