@@ -11,7 +11,7 @@ from mtl.config import OptimSection
 from mtl.errors import MtlError
 from mtl.models.heads import ClassificationHead, TokenClassificationHead
 from mtl.models.model import MultiTaskModel
-from mtl.train.meta import HEAD, MetaLearner, make_meta_step
+from mtl.train.meta import HEAD, MetaLearner, make_adapt_predict, make_meta_step
 from mtl.train.optim import build_optimizer, frozen_mask
 from mtl.train.state import TrainState
 
@@ -321,6 +321,22 @@ def test_proto_maml_head_starts_at_the_prototypes():
     distance, _, _ = proto.adapted_query_logits(meta_params, episode)
     # W = 2c, b = -|c|^2: logits = distance logits + |q|^2, a per-row constant (same softmax).
     np.testing.assert_allclose(jax.nn.softmax(logits), jax.nn.softmax(distance), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "looped"])
+@pytest.mark.parametrize("algorithm, options", [
+    ("maml", {}), ("maml", {"adapt": "top"}), ("anil", {}), ("protonet", {}), ("fomaml", {"proto_init": True}),
+], ids=["maml", "maml-top", "anil", "protonet", "proto-maml"])
+def test_adapt_predict_predicts_each_episode_as_adapted(algorithm, options, scan_layers):
+    """make_adapt_predict (meta-test and evaluation) gives, for each episode of a stacked batch,
+    the argmax of its query logits after first-order adaptation. ProtoNet on a scanned encoder
+    once failed here, at its first evaluation, where training had run."""
+    learner, meta_params = _learner(algorithm, scan_layers=scan_layers, inner_lr=0.2, inner_steps=2, **options)
+    episodes = _episodes(2)
+    predicted = make_adapt_predict(learner, steps=2)(meta_params, episodes)
+    for i in range(2):
+        logits, _, _ = learner.adapted_query_logits(meta_params, _one(episodes, i), steps=2, first_order=True)
+        np.testing.assert_array_equal(predicted[i], np.argmax(logits, -1))
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "meta_sgd", "protonet"])

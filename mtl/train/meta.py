@@ -368,11 +368,13 @@ def make_adapt_predict(learner: MetaLearner, steps: int, shardings: StepSharding
 
     @functools.partial(jax.jit, **layout)
     def predict(meta_params, episodes):
-        def one(episode):
-            logits, _, _ = learner.adapted_query_logits(meta_params, episode, steps=steps, first_order=True)
+        def one(params, episode):
+            logits, _, _ = learner.adapted_query_logits(params, episode, steps=steps, first_order=True)
             return jnp.argmax(logits, -1)
 
-        return jax.vmap(one)(episodes)
+        # The parameters go in as vmap's argument, not a closure: a scanned encoder's nnx.scan
+        # refuses Variables from an outer trace level (ProtoNet hands them straight to it).
+        return jax.vmap(one, in_axes=(None, 0))(meta_params, episodes)
 
     return predict
 
