@@ -5,12 +5,15 @@
     python scripts/bench_meta.py --only torch-maml mtl-maml --retain-memory   # glibc keeps freed memory, both sides
     python scripts/bench_meta.py --random-init minilm --iters 10     # on a GPU: no download
     python scripts/bench_meta.py --freeze-encoder --only mtl-maml mtl-anil torch-maml   # meta-learn the head alone
+    python scripts/bench_meta.py --freeze-layers 3 --only mtl-anil mtl-anil-scan   # hold the lower 3 layers still
 
 Setup (the issue's): all-MiniLM-L6-v2 with a mean-pooled 5-way linear head; a meta-batch of 4
 episodes of 25 support + 25 query sequences of 64 random tokens; one inner SGD step over all
 parameters; an AdamW outer update. No dropout in either. With --freeze-encoder the outer update
 trains the head alone (optim.freeze_encoder; the peer differentiates the query loss with respect
-to the head's parameters only); the inner step still adapts every parameter it adapts.
+to the head's parameters only); the inner step still adapts every parameter it adapts. With
+--freeze-layers N the outer update holds the embeddings and the lowest N layers still
+(optim.freeze_layers; the peer leaves them out of its meta-gradient).
 
   mtl-maml        second-order MAML: mtl's MetaLearner + make_meta_step, as mtl meta-train runs it
                   (looped layers, the encoder's default)
@@ -18,6 +21,7 @@ to the head's parameters only); the inner step still adapts every parameter it a
   mtl-maml-remat  looped layers with meta.remat (each inner step recomputed in the backward pass)
                   and the encoder's remat_policy nothing_saveable
   mtl-fomaml, mtl-anil   first-order MAML; ANIL (head-only inner loop, encoder run once)
+  mtl-anil-scan   ANIL with scanned layers
   torch-maml      the peer: torch.func.functional_call + grad + vmap over the episodes on
                   transformers' BertModel with eager attention (its default SDPA attention has no
                   double backward on CPU) and torch.optim.AdamW
@@ -32,8 +36,8 @@ pass), so the FLOPs are the ones XLA counts in the compiled meta-gradient progra
 mtl-fomaml or mtl-anil (the optimizer update adds a few FLOPs per parameter, well under 0.1%),
 over the device peak (scripts/timing.py: data sheet, or a measured matmul on a CPU), summed
 over the mesh's devices. mtl-maml-scan and mtl-maml-remat compute the same model FLOPs as
-mtl-maml and take its count: XLA counts a scanned loop's body once, and remat's recomputation
-is extra work, not model FLOPs.
+mtl-maml and take its count, as mtl-anil-scan takes mtl-anil's: XLA counts a scanned loop's body
+once, and remat's recomputation is extra work, not model FLOPs.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ import sys
 import time
 
 WAYS, SHOTS, QUERIES, META_BATCH, SEQ, INNER_LR = 5, 5, 5, 4, 64, 0.01
-VARIANTS = ("mtl-maml", "mtl-maml-scan", "mtl-maml-remat", "mtl-fomaml", "mtl-anil", "torch-maml")
+VARIANTS = ("mtl-maml", "mtl-maml-scan", "mtl-maml-remat", "mtl-fomaml", "mtl-anil", "mtl-anil-scan", "torch-maml")
+# Variants that compute the model FLOPs of another (see the docstring's MFU paragraph).
+SAME_FLOPS_AS = {"mtl-maml-scan": "mtl-maml", "mtl-maml-remat": "mtl-maml", "mtl-anil-scan": "mtl-anil"}
 
 
 def episodes():
@@ -67,7 +73,7 @@ def episodes():
 
 
 def run_mtl(variant: str, directory: str | None, shape: str | None, iters: int, mesh: str | None = None,
-            freeze_encoder: bool = False) -> dict:
+            freeze_encoder: bool = False, freeze_layers: int = 0) -> dict:
     import jax
     from flax import nnx
     from timing import SHAPES, VOCAB, device_memory_peak_gb, device_peak, median_time, parse_mesh  # scripts/timing.py
@@ -82,7 +88,7 @@ def run_mtl(variant: str, directory: str | None, shape: str | None, iters: int, 
     from mtl.train.state import TrainState
 
     remat = variant == "mtl-maml-remat"
-    options = dict(remat_policy="nothing_saveable" if remat else None, scan_layers=variant == "mtl-maml-scan")
+    options = dict(remat_policy="nothing_saveable" if remat else None, scan_layers=variant.endswith("-scan"))
     if shape:
         encoder = Encoder(EncoderConfig(vocab_size=VOCAB, **SHAPES[shape], **options), rngs=nnx.Rngs(0))
     else:
@@ -90,10 +96,11 @@ def run_mtl(variant: str, directory: str | None, shape: str | None, iters: int, 
     head = ClassificationHead(encoder.config.hidden_size, [str(i) for i in range(WAYS)], rngs=nnx.Rngs(0),
                               pooling="mean", dropout=0.0)
     graphdef, params, rest = nnx.split(MultiTaskModel(encoder, {HEAD: head}), nnx.Param, ...)
-    algorithm = {"mtl-fomaml": "fomaml", "mtl-anil": "anil"}.get(variant, "maml")
+    algorithm = {"mtl-fomaml": "fomaml", "mtl-anil": "anil", "mtl-anil-scan": "anil"}.get(variant, "maml")
     learner = MetaLearner(graphdef, rest, encoder.config, algorithm=algorithm, inner_lr=INNER_LR, remat=remat)
     meta_params = learner.init_params(params)
-    optim = OptimSection(learning_rate=1e-5, warmup_ratio=0.0, clip_norm=None, freeze_encoder=freeze_encoder)
+    optim = OptimSection(learning_rate=1e-5, warmup_ratio=0.0, clip_norm=None, freeze_encoder=freeze_encoder,
+                         freeze_layers=freeze_layers)
     tx = build_optimizer(optim, meta_params, encoder.config, total_steps=1000)
     layout = Layout(make_mesh(parse_mesh(mesh)))  # the meta-batch's episodes split over its data axes
     layout.check_batch(META_BATCH, "the meta-batch")
@@ -124,7 +131,8 @@ def compiled_flops(jitted, *args) -> float:
     return float(analysis["flops"])
 
 
-def run_torch(directory: str | None, shape: str | None, iters: int, freeze_encoder: bool = False) -> dict:
+def run_torch(directory: str | None, shape: str | None, iters: int, freeze_encoder: bool = False,
+              freeze_layers: int = 0) -> dict:
     import torch
     import transformers
     from torch.func import functional_call, grad, vmap
@@ -144,8 +152,12 @@ def run_torch(directory: str | None, shape: str | None, iters: int, freeze_encod
     body = body.to(device).eval()
     head = torch.nn.Linear(body.config.hidden_size, WAYS).to(device)
     params = {**{f"body.{k}": v for k, v in body.named_parameters()}, **{f"head.{k}": v for k, v in head.named_parameters()}}
-    # With a frozen encoder the meta-gradient is taken with respect to the head alone.
-    trained = {k: v for k, v in params.items() if k.startswith("head.") or not freeze_encoder}
+    # With a frozen encoder the meta-gradient is taken with respect to the head alone; with frozen
+    # layers, with respect to everything but the embeddings and those layers.
+    frozen = ("body.",) if freeze_encoder else ()
+    if freeze_layers:
+        frozen = ("body.embeddings.", *(f"body.encoder.layer.{i}." for i in range(freeze_layers)))
+    trained = {k: v for k, v in params.items() if not k.startswith(frozen)}
     optimizer = torch.optim.AdamW(trained.values(), lr=1e-5)
     batch = {part: {k: torch.as_tensor(v, device=device).long() if k != "weights" else torch.as_tensor(v, device=device)
                     for k, v in d.items()}
@@ -188,9 +200,9 @@ def run_torch(directory: str | None, shape: str | None, iters: int, freeze_encod
 
 
 def worker(variant: str, directory: str | None, shape: str | None, iters: int, mesh: str | None,
-           freeze_encoder: bool) -> None:
+           freeze_encoder: bool, freeze_layers: int) -> None:
     run = run_torch if variant == "torch-maml" else functools.partial(run_mtl, variant, mesh=mesh)
-    result = run(directory, shape, iters, freeze_encoder=freeze_encoder)
+    result = run(directory, shape, iters, freeze_encoder=freeze_encoder, freeze_layers=freeze_layers)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print("RESULT " + json.dumps(result))
 
@@ -207,6 +219,8 @@ def main() -> None:
                         "it frees for reuse (mtl.hostmem), the peer's too: no page faults for fresh temporaries")
     parser.add_argument("--freeze-encoder", action="store_true", help="the outer update trains the head alone "
                         "(optim.freeze_encoder; the peer's meta-gradient is the head's only)")
+    parser.add_argument("--freeze-layers", type=int, default=0, metavar="N", help="the outer update holds the "
+                        "embeddings and the lowest N layers still (optim.freeze_layers; the peer leaves them out)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -216,7 +230,8 @@ def main() -> None:
 
             if not retain_freed_memory():
                 sys.exit("--retain-memory needs glibc's malloc")
-        worker(args.worker, args.directory, args.random_init, args.iters, args.mesh, args.freeze_encoder)
+        worker(args.worker, args.directory, args.random_init, args.iters, args.mesh, args.freeze_encoder,
+               args.freeze_layers)
         return
     from mtl import resolve_model
 
@@ -225,12 +240,14 @@ def main() -> None:
     print(f"{name}: {WAYS}-way {SHOTS}-shot {QUERIES}-query, meta-batch {META_BATCH}, seq {SEQ}, "
           f"1 inner step over all params, {os.cpu_count()} cores"
           f"{', freed memory retained (both sides)' if args.retain_memory else ''}"
-          f"{', encoder frozen in the outer update' if args.freeze_encoder else ''}")
+          f"{', encoder frozen in the outer update' if args.freeze_encoder else ''}"
+          f"{f', embeddings and layers 0-{args.freeze_layers - 1} frozen in the outer update' if args.freeze_layers else ''}")
     results = {}
     for variant in args.only:
         source = ["--random-init", args.random_init] if args.random_init else ["--directory", directory]
         mesh = ["--mesh", args.mesh] if args.mesh else []
-        flags = [*(["--retain-memory"] if args.retain_memory else []), *(["--freeze-encoder"] if args.freeze_encoder else [])]
+        flags = [*(["--retain-memory"] if args.retain_memory else []), *(["--freeze-encoder"] if args.freeze_encoder else []),
+                 "--freeze-layers", str(args.freeze_layers)]
         proc = subprocess.run([sys.executable, __file__, "--worker", variant, *source, *mesh, *flags, "--iters", str(args.iters)],
                               capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -238,8 +255,9 @@ def main() -> None:
             print(f"{variant:16s} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
             continue
         results[variant] = r = json.loads(line[len("RESULT "):])
-        if variant in ("mtl-maml-scan", "mtl-maml-remat"):  # model FLOPs: the plain MAML program's
-            r["flops"] = results["mtl-maml"]["flops"] if "mtl-maml" in results else None
+        plain = SAME_FLOPS_AS.get(variant)
+        if plain:  # model FLOPs: the looped program's
+            r["flops"] = results[plain]["flops"] if plain in results else None
         # A GPU's own allocator peak where there is one; resident host memory on a CPU.
         r["peak_gb"] = r["device_peak_gb"] if r.get("device_peak_gb") is not None else r["peak_rss_gb"]
         extra = f"   compile {r['compile_seconds']:.1f} s" if "compile_seconds" in r else ""

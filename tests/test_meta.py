@@ -1,5 +1,7 @@
 """Meta-learning algorithms on a tiny encoder: each one computes what its paper defines."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,8 +20,8 @@ from mtl.train.state import TrainState
 WAYS, SHOTS, QUERIES, LENGTH = 2, 2, 3, 8
 
 
-def _model(kind="class", dtype="float32", seed=0, scan_layers=True):
-    config = EncoderConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+def _model(kind="class", dtype="float32", seed=0, scan_layers=True, num_layers=2):
+    config = EncoderConfig(vocab_size=50, hidden_size=16, num_layers=num_layers, num_heads=2, intermediate_size=32,
                            max_position_embeddings=32, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
     rngs = nnx.Rngs(seed)
     if kind == "class":
@@ -33,7 +35,8 @@ def _model(kind="class", dtype="float32", seed=0, scan_layers=True):
 
 
 def _learner(algorithm, kind="class", **options):
-    model, config = _model(kind, dtype=options.pop("dtype", "float32"), scan_layers=options.pop("scan_layers", True))
+    model, config = _model(kind, dtype=options.pop("dtype", "float32"), scan_layers=options.pop("scan_layers", True),
+                           num_layers=options.pop("num_layers", 2))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     learner = MetaLearner(graphdef, rest, config, algorithm=algorithm, kind=kind, **options)
     return learner, learner.init_params(params)
@@ -268,6 +271,49 @@ def test_a_frozen_encoder_takes_no_meta_gradient(x64, algorithm, options, flops_
     state, _ = step(TrainState.create(jax.tree.map(jnp.copy, meta_params), tx, seed=0), episodes)  # it donates
     for a, b in zip(jax.tree.leaves(state.params["model"]["encoder"]), jax.tree.leaves(meta_params["model"]["encoder"])):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("algorithm, options, whole_loops, frozen_loops", [
+    # The encoder runs on the meta-parameters, once for the support set and once for the query
+    # set: forward and backward, a scan over all 3 layers each; frozen, over the upper 2 (the
+    # frozen layer runs alone, where XLA unrolls a 1-step scan).
+    ("anil", {}, [3, 3, 3, 3], [2, 2, 2, 2]),
+    ("protonet", {}, [3, 3, 3, 3], [2, 2, 2, 2]),
+    # The 2 layers below the adapted top one: then the frozen one and the trained one, each alone.
+    ("maml", {"adapt": "top", "adapt_layers": 1}, [2, 2, 2, 2], []),
+    # The inner loop adapts the frozen layer, and the meta-gradient of the layers above passes
+    # through that adaptation: nothing may be cut (the optimizer zeroes the frozen rows).
+    ("maml", {}, None, None),
+], ids=["anil", "protonet", "maml-top", "maml"])
+def test_a_scanned_stack_frozen_in_part_takes_no_meta_gradient_through_its_frozen_layers(
+        x64, algorithm, options, whole_loops, frozen_loops):
+    """optim.freeze_layers=1 of a scanned 3-layer stack: where the encoder runs on the
+    meta-parameters, the frozen layer runs as a scan of its own, with no backward pass. The
+    meta-gradient is the whole model's, with exact zeros in the frozen layer's rows."""
+    learner, meta_params = _learner(algorithm, dtype="float64", num_layers=3, **options)
+    frozen = frozen_mask(meta_params, learner.encoder, OptimSection(freeze_layers=1))
+    episodes = _episodes(2)
+    whole, part = (jax.jit(lambda p, e, f=f: learner.meta_gradients(p, e, f)).lower(meta_params, episodes).compile()
+                   for f in (None, frozen))
+    (whole_grads, _), (grads, _) = whole(meta_params, episodes), part(meta_params, episodes)
+    assert jax.tree.leaves(grads["model"]["encoder"]["embeddings"]) == []  # wholly frozen: not computed
+    stacks = zip(jax.tree.leaves(grads["model"]["encoder"]["layers"]),
+                 jax.tree.leaves(whole_grads["model"]["encoder"]["layers"]), strict=True)
+    for a, b in stacks:
+        assert np.abs(b[1:]).max() > 0
+        np.testing.assert_allclose(a[1:], b[1:], rtol=1e-10, atol=1e-15)
+        if whole_loops is None:
+            np.testing.assert_allclose(a[0], b[0], rtol=1e-10, atol=1e-15)
+        else:
+            assert not a[0].any()
+    for a, b in zip(jax.tree.leaves(grads["model"]["heads"]), jax.tree.leaves(whole_grads["model"]["heads"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-15)
+
+    def loops(compiled):
+        return sorted(int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', compiled.as_text()))
+
+    if whole_loops is not None:
+        assert (loops(whole), loops(part)) == (whole_loops, frozen_loops)
 
 
 def test_meta_sgd_learning_rates_get_gradients():

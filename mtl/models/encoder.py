@@ -459,28 +459,19 @@ class Encoder(nnx.Module):
             cannot stop mid-scan, so it runs as two scans, and the lower one has no backward.
         """
         cfg = self.config
-        if not 0 <= frozen_below <= cfg.num_layers:
-            raise MtlError(f"frozen_below={frozen_below} is outside the encoder's 0..{cfg.num_layers} layers")
         if dropout_rng is not None:
             embed_rng, layers_rng = jax.random.split(dropout_rng)
             layer_rngs = jax.random.split(layers_rng, cfg.num_layers)
         else:
             embed_rng = layer_rngs = None
         embedded = self.embeddings(input_ids, token_type_ids, embed_rng)
-
-        def rngs(start, stop):
-            return None if layer_rngs is None else layer_rngs[start:stop]
-
-        x, per_layer = embedded, []
-        if frozen_below:
-            x, states = self.run_layers(x, attention_mask, 0, frozen_below, layer_rngs=rngs(0, frozen_below),
-                                        output_hidden_states=output_hidden_states)
-            embedded, x, states = jax.lax.stop_gradient((embedded, x, states))
-            per_layer.append(states)
-        x, states = self.run_layers(x, attention_mask, frozen_below, layer_rngs=rngs(frozen_below, cfg.num_layers),
-                                    output_hidden_states=output_hidden_states)
-        per_layer.append(states)
-        hidden_states = jnp.concatenate([embedded[None], *per_layer], axis=0) if output_hidden_states else None
+        x, states = self.run_layers(embedded, attention_mask, layer_rngs=layer_rngs,
+                                    output_hidden_states=output_hidden_states, frozen_below=frozen_below)
+        if output_hidden_states:
+            embedded = jax.lax.stop_gradient(embedded) if frozen_below else embedded
+            hidden_states = jnp.concatenate([embedded[None], states], axis=0)
+        else:
+            hidden_states = None
         return EncoderOutput(x, self.pool(x), hidden_states)
 
     def embed(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None, *,
@@ -497,18 +488,38 @@ class Encoder(nnx.Module):
         return jnp.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
 
     def run_layers(self, x: jax.Array, attention_mask: jax.Array | None, start: int = 0, stop: int | None = None,
-                   *, layer_rngs: jax.Array | None = None, output_hidden_states: bool = False):
+                   *, layer_rngs: jax.Array | None = None, output_hidden_states: bool = False,
+                   frozen_below: int = 0):
         """Run layers start..stop-1 on hidden states x; returns (output, [stop - start, ...] per-layer
         outputs or None).
 
         Meta-learning that adapts only the top layers runs the frozen lower layers once and the
         top ones in its inner loop; `__call__` is this over all layers. `layer_rngs` holds one
-        dropout key per layer in the range, or None for deterministic.
+        dropout key per layer in the range, or None for deterministic. `frozen_below`: as
+        `__call__`'s; when it is above `start`, x and the layers below it are constants of
+        differentiation.
         """
         cfg = self.config
         stop = cfg.num_layers if stop is None else stop
+        if not 0 <= frozen_below <= cfg.num_layers:
+            raise MtlError(f"frozen_below={frozen_below} is outside the encoder's 0..{cfg.num_layers} layers")
         if not 0 <= start <= stop <= cfg.num_layers:
             raise MtlError(f"layer range {start}..{stop} is outside the encoder's 0..{cfg.num_layers}")
+        split = min(max(frozen_below, start), stop)
+        if split == start:
+            return self._run_range(x, attention_mask, start, stop, layer_rngs, output_hidden_states)
+        # Two runs (two scans, for a scanned stack, which cannot stop its backward mid-scan);
+        # each takes its own slice of the dropout keys, so the output is the same as one run's.
+        low_rngs, high_rngs = (None, None) if layer_rngs is None else (layer_rngs[:split - start],
+                                                                       layer_rngs[split - start:])
+        x, low = jax.lax.stop_gradient(
+            self._run_range(x, attention_mask, start, split, low_rngs, output_hidden_states))
+        x, high = self._run_range(x, attention_mask, split, stop, high_rngs, output_hidden_states)
+        return x, (jnp.concatenate([low, high], axis=0) if output_hidden_states else None)
+
+    def _run_range(self, x: jax.Array, attention_mask: jax.Array | None, start: int, stop: int,
+                   layer_rngs: jax.Array | None, output_hidden_states: bool):
+        cfg = self.config
         if start == stop:
             return x, (jnp.zeros((0,) + x.shape, x.dtype) if output_hidden_states else None)
         if attention_mask is None:

@@ -39,7 +39,7 @@ from mtl.errors import MtlError
 from mtl.models.encoder import EncoderConfig, EncoderOutput, at_least_float32
 from mtl.models.heads import IGNORE, pool
 from mtl.sharding import StepShardings
-from mtl.train.optim import _names, trained_part, with_frozen
+from mtl.train.optim import _names, frozen_below, trained_part, with_frozen
 from mtl.train.state import TrainState, make_update
 
 ALGORITHMS, ADAPT = META_ALGORITHMS, META_ADAPT
@@ -134,20 +134,23 @@ class MetaLearner:
     def _model(self, params: nnx.State):
         return nnx.merge(self.graphdef, params, self.rest)
 
-    def encode(self, params: nnx.State, batch: Batch, vocab: jax.Array | None = None) -> EncoderOutput:
-        """The encoder's output on `batch`; with `vocab`, `params` hold only those tokens' word rows."""
+    def encode(self, params: nnx.State, batch: Batch, vocab: jax.Array | None = None,
+               frozen_below: int = 0) -> EncoderOutput:
+        """The encoder's output on `batch`; with `vocab`, `params` hold only those tokens' word rows.
+        `frozen_below`: the encoder's (no gradient reaches the embeddings and the lowest N layers)."""
         encoder = self._model(params).encoder
         return self._upper_layers(params, encoder.embed(batch["input_ids"], batch.get("token_type_ids"), vocab=vocab),
-                                  batch, 0)
+                                  batch, 0, frozen_below)
 
-    def _lower_layers(self, params: nnx.State, batch: Batch, stop: int) -> jax.Array:
+    def _lower_layers(self, params: nnx.State, batch: Batch, stop: int, frozen_below: int = 0) -> jax.Array:
         encoder = self._model(params).encoder
         return encoder.run_layers(encoder.embed(batch["input_ids"], batch.get("token_type_ids")),
-                                  batch["attention_mask"], 0, stop)[0]
+                                  batch["attention_mask"], 0, stop, frozen_below=frozen_below)[0]
 
-    def _upper_layers(self, params: nnx.State, hidden: jax.Array, batch: Batch, start: int) -> EncoderOutput:
+    def _upper_layers(self, params: nnx.State, hidden: jax.Array, batch: Batch, start: int,
+                      frozen_below: int = 0) -> EncoderOutput:
         encoder = self._model(params).encoder
-        last, _ = encoder.run_layers(hidden, batch["attention_mask"], start)
+        last, _ = encoder.run_layers(hidden, batch["attention_mask"], start, frozen_below=frozen_below)
         return EncoderOutput(last, encoder.pool(last))
 
     def features(self, encoded, batch: Batch) -> jax.Array:
@@ -227,16 +230,24 @@ class MetaLearner:
         return adapted, jnp.concatenate([first_loss[None], losses])
 
     def adapted_query_logits(self, meta_params: dict, episode: Mapping[str, Batch], *, steps: int | None = None,
-                             first_order: bool | None = None) -> tuple[jax.Array, jax.Array, nnx.State]:
-        """(query logits after adaptation, support losses per inner step, adapted fast params)."""
+                             first_order: bool | None = None,
+                             frozen_below: int = 0) -> tuple[jax.Array, jax.Array, nnx.State]:
+        """(query logits after adaptation, support losses per inner step, adapted fast params).
+
+        `frozen_below=N`: the embeddings and the lowest N layers are frozen meta-parameters, so
+        no meta-gradient needs to pass back through them where the encoder runs on the
+        meta-parameters themselves: protonet, adapt: head, and the layers below adapt: top's.
+        Where the inner loop adapts them (adapt: all), the meta-gradient of the layers above
+        passes through that adaptation, so nothing is cut there."""
         params = meta_params["model"]
         support, query = episode["support"], episode["query"]
         steps = self.inner_steps if steps is None else steps
         first_order = self.first_order if first_order is None else first_order
         if self.algorithm == "protonet":
-            protos = self.prototypes(self.features(self.encode(params, support), support), support["labels"],
-                                     self._weights_of(support), self.num_classes(params))
-            logits = self.distance_logits(self.features(self.encode(params, query), query), protos)
+            protos = self.prototypes(self.features(self.encode(params, support, frozen_below=frozen_below), support),
+                                     support["labels"], self._weights_of(support), self.num_classes(params))
+            logits = self.distance_logits(self.features(self.encode(params, query, frozen_below=frozen_below), query),
+                                          protos)
             return logits, jnp.zeros((0,)), None
         fast, slow = self.split(params)
         inner_lr = meta_params["inner_lr"]
@@ -260,13 +271,14 @@ class MetaLearner:
         if self.adapt == "top":
             # The lower layers hold only slow params: run them once per episode, outside the loop.
             start = self.encoder.num_layers - self.adapt_layers
-            below = {part: self._lower_layers(params, episode[part], start) for part in ("support", "query")}
+            below = {part: self._lower_layers(params, episode[part], start, frozen_below)
+                     for part in ("support", "query")}
 
             def encode_part(p, part):
                 return self._upper_layers(p, below[part], episode[part], start)
         else:
-            def encode_part(p, part):
-                return self.encode(p, episode[part], vocab)
+            def encode_part(p, part):  # adapt: head runs the encoder on the meta-parameters
+                return self.encode(p, episode[part], vocab, frozen_below if self.adapt == "head" else 0)
         encoded_support = encode_part(merged(fast), "support") if self.adapt == "head" or self.proto_init else None
         if self.proto_init:
             protos = self.prototypes(self.features(encoded_support, support), support["labels"],
@@ -297,9 +309,10 @@ class MetaLearner:
         valid = (labels != IGNORE) & (jnp.broadcast_to(self._weights_of(query), labels.shape) > 0)
         return jnp.sum((jnp.argmax(logits, -1) == labels) * valid) / jnp.maximum(valid.sum(), 1)
 
-    def task_loss(self, meta_params: dict, episode: Mapping[str, Batch]) -> tuple[jax.Array, dict]:
+    def task_loss(self, meta_params: dict, episode: Mapping[str, Batch],
+                  frozen_below: int = 0) -> tuple[jax.Array, dict]:
         """The query loss after adapting on the support set, and {accuracy, support_loss}."""
-        logits, support_losses, _ = self.adapted_query_logits(meta_params, episode)
+        logits, support_losses, _ = self.adapted_query_logits(meta_params, episode, frozen_below=frozen_below)
         loss = self._head_loss(meta_params["model"], logits, episode["query"])
         first_support = support_losses[0] if support_losses.shape[0] else loss
         return loss, {"accuracy": self.query_accuracy(logits, episode["query"]), "support_loss": first_support}
@@ -319,16 +332,20 @@ class MetaLearner:
         its metrics. Reptile returns the mean of theta - adapted instead.
 
         `frozen` (mtl.train.optim.frozen_mask of the meta-parameters): the meta-gradient of a
-        wholly frozen parameter is not computed (None). The inner loop still adapts it if it is
-        fast: freezing holds the initialisation still, not the adaptation."""
+        wholly frozen parameter is not computed (None); nor, where adapted_query_logits can cut
+        it, that of a scanned stack's frozen layers. The inner loop still adapts what is frozen
+        if it is fast: freezing holds the initialisation still, not the adaptation."""
         if self.algorithm == "reptile":
             grads, losses, aux = jax.vmap(self.reptile_direction, in_axes=(None, 0))(meta_params, episodes)
             grads = jax.tree.map(lambda g: g.mean(0), grads)
             loss = losses.mean()
         else:
+            below = frozen_below(frozen)
+
             def mean_loss(trained):
                 p = with_frozen(frozen, trained, meta_params)
-                losses, aux = jax.vmap(self.task_loss, in_axes=(None, 0))(p, episodes)
+                losses, aux = jax.vmap(functools.partial(self.task_loss, frozen_below=below), in_axes=(None, 0))(
+                    p, episodes)
                 return losses.mean(), aux
 
             (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(trained_part(frozen, meta_params))
