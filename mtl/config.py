@@ -91,21 +91,34 @@ def load_structured(
     with _named_errors(where):
         merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(dict(data)))
     for override in overrides:
-        with _named_errors(where, [override]):  # this override, not a later one of the same key
+        with _named_errors(where, [override], applying=override):  # this override, not a later one of the same key
             merged = _apply_override(merged, override, where=where)
     with _named_errors(where, overrides):
         return OmegaConf.to_object(merged)
 
 
 @contextlib.contextmanager
-def _named_errors(where: str, overrides: Sequence[str] = ()) -> Iterator[None]:
-    """An OmegaConf error inside becomes one MtlError line naming the file, key and override."""
+def _named_errors(where: str, overrides: Sequence[str] = (), applying: str | None = None) -> Iterator[None]:
+    """An OmegaConf error inside becomes one MtlError line naming the file, key and override.
+
+    `applying`: the override being applied, named whatever key OmegaConf reports: the error is
+    its value's (a mapping inside a list value is reported without the list's key).
+    """
     try:
         yield
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         message = str(e).splitlines()[0]
-        raise MtlError(f"{at_key(where, key, overrides)}: {message}" if key else f"{where}: {message}") from None
+        last = getattr(e, "key", None)  # the offending key itself, not its path
+        if isinstance(last, str) and re.fullmatch(r"[A-Za-z_][\w-]*:\S.*", last):
+            name, value = last.split(":", 1)
+            message += f" (YAML reads {last!r} as one key; write '{name}: {value}', with a space after the colon)"
+        if not key:
+            raise MtlError(f"{where}: {message}") from None
+        named = at_key(where, key, overrides)
+        if applying is not None and " with override " not in named:
+            named = f"{where} with override {applying!r}: key {key!r}"
+        raise MtlError(f"{named}: {message}") from None
 
 
 def at_key(where: str, key: str, overrides: Sequence[str] = ()) -> str:

@@ -174,6 +174,9 @@ def test_unknown_spec_key_and_wrong_type(tmp_path):
         load_task(write_task(tmp_path / "b", dict(CSV_SPEC, source={"format": "csv", "fils": ["x"]}), {}))
     with pytest.raises(MtlError, match=r"key 'max_length': Value 'long' of type 'str' could not be converted to Integer"):
         load_task(write_task(tmp_path / "c", dict(CSV_SPEC, max_length="long"), {}))
+    with pytest.raises(MtlError, match=r"key 'columns.text:text': Key 'text:text' not in 'ColumnSpec'.* \(YAML reads "
+                                        r"'text:text' as one key; write 'text: text', with a space after the colon\)$"):
+        load_task(write_task(tmp_path / "d", dict(CSV_SPEC, columns={"text:text": None, "label": "label"}), {}))
 
 
 def test_a_bad_spec_override_is_named(tmp_path):

@@ -477,6 +477,20 @@ def test_bad_experiment_configs(tmp_path):
     config = load_experiment(TINY, ["tasks=[{task: tweets}]"])
     with pytest.raises(MtlError, match=r"task 'tweets' is neither a file nor a shipped task"):
         build_experiment(config)
+    # YAML reads {task:x} as a mapping with the one key "task:x". OmegaConf reports the key of a
+    # mapping inside a list without the list's: the override is named all the same.
+    with pytest.raises(MtlError) as error:
+        load_experiment(TINY, ["tasks=[{task:x}]"])
+    assert str(error.value) == (f"{TINY} with override 'tasks=[{{task:x}}]': key 'task:x': Key 'task:x' not in "
+                                "'TaskEntry'. Did you mean: 'task'? (YAML reads 'task:x' as one key; write 'task: x', "
+                                "with a space after the colon)")
+    path = tmp_path / "colon.yaml"
+    path.write_text(Path(TINY).read_text().replace("{hidden_size: 32,", "{hidden_size:32,"))
+    with pytest.raises(MtlError) as error:
+        load_experiment(path)
+    assert str(error.value) == (f"{path}: key 'model.random_init.hidden_size:32': Key 'hidden_size:32' not in "
+                                "'RandomEncoder'. Did you mean: 'hidden_size'? (YAML reads 'hidden_size:32' as one key; "
+                                "write 'hidden_size: 32', with a space after the colon)")
 
 
 def test_a_bad_key_in_the_file_does_not_blame_an_override(tmp_path):
