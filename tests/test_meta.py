@@ -244,6 +244,14 @@ def test_all_parameter_maml_equals_maml_over_the_whole_word_table(x64, algorithm
         assert np.abs(table(grads["inner_lr"])).max() > 0
 
 
+def _whole_and_frozen_meta_gradients(learner, meta_params, frozen, episodes):
+    """The compiled meta-gradient programs of the whole model and of the model under `frozen`,
+    and their gradients."""
+    programs = tuple(jax.jit(lambda p, e, f=f: learner.meta_gradients(p, e, f)).lower(meta_params, episodes).compile()
+                     for f in (None, frozen))
+    return programs, tuple(program(meta_params, episodes)[0] for program in programs)
+
+
 @pytest.mark.parametrize("algorithm, options, flops_below", [
     ("anil", {}, 0.35),  # the encoder runs outside the inner loop: forward only once frozen (measured 0.27)
     ("maml", {}, 0.7),  # the inner loop still adapts the encoder: no weight gradients of the outer pass (0.61)
@@ -256,9 +264,7 @@ def test_a_frozen_encoder_takes_no_meta_gradient(x64, algorithm, options, flops_
     cfg = OptimSection(learning_rate=1e-3, warmup_ratio=0.0, freeze_encoder=True)
     frozen = frozen_mask(meta_params, learner.encoder, cfg)
     episodes = _episodes(2)
-    whole, part = (jax.jit(lambda p, e, f=f: learner.meta_gradients(p, e, f)).lower(meta_params, episodes).compile()
-                   for f in (None, frozen))
-    (whole_grads, _), (grads, _) = whole(meta_params, episodes), part(meta_params, episodes)
+    (whole, part), (whole_grads, grads) = _whole_and_frozen_meta_gradients(learner, meta_params, frozen, episodes)
     assert jax.tree.leaves(grads["model"]["encoder"]) == []
     for a, b in zip(jax.tree.leaves(grads["model"]["heads"]), jax.tree.leaves(whole_grads["model"]["heads"]), strict=True):
         assert np.abs(b).max() > 0
@@ -293,9 +299,7 @@ def test_a_scanned_stack_frozen_in_part_takes_no_meta_gradient_through_its_froze
     learner, meta_params = _learner(algorithm, dtype="float64", num_layers=3, **options)
     frozen = frozen_mask(meta_params, learner.encoder, OptimSection(freeze_layers=1))
     episodes = _episodes(2)
-    whole, part = (jax.jit(lambda p, e, f=f: learner.meta_gradients(p, e, f)).lower(meta_params, episodes).compile()
-                   for f in (None, frozen))
-    (whole_grads, _), (grads, _) = whole(meta_params, episodes), part(meta_params, episodes)
+    (whole, part), (whole_grads, grads) = _whole_and_frozen_meta_gradients(learner, meta_params, frozen, episodes)
     assert jax.tree.leaves(grads["model"]["encoder"]["embeddings"]) == []  # wholly frozen: not computed
     stacks = zip(jax.tree.leaves(grads["model"]["encoder"]["layers"]),
                  jax.tree.leaves(whole_grads["model"]["encoder"]["layers"]), strict=True)
