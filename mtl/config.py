@@ -91,7 +91,7 @@ def load_structured(
     with _named_errors(where):
         merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(dict(data)))
     for override in overrides:
-        with _named_errors(where, [override], applying=override):  # this override, not a later one of the same key
+        with _named_errors(where, applying=override):  # this override, not a later one of the same key
             merged = _apply_override(merged, override, where=where)
     with _named_errors(where, overrides):
         return OmegaConf.to_object(merged)
@@ -102,7 +102,8 @@ def _named_errors(where: str, overrides: Sequence[str] = (), applying: str | Non
     """An OmegaConf error inside becomes one MtlError line naming the file, key and override.
 
     `applying`: the override being applied, named whatever key OmegaConf reports: the error is
-    its value's (a mapping inside a list value is reported without the list's key).
+    its value's (a mapping inside a list value is reported without the list's key). Otherwise
+    the last of `overrides` that set the key is named, if one did.
     """
     try:
         yield
@@ -115,9 +116,7 @@ def _named_errors(where: str, overrides: Sequence[str] = (), applying: str | Non
             message += f" (YAML reads {last!r} as one key; write '{name}: {value}', with a space after the colon)"
         if not key:
             raise MtlError(f"{where}: {message}") from None
-        named = at_key(where, key, overrides)
-        if applying is not None and " with override " not in named:
-            named = f"{where} with override {applying!r}: key {key!r}"
+        named = f"{where} with override {applying!r}: key {key!r}" if applying else at_key(where, key, overrides)
         raise MtlError(f"{named}: {message}") from None
 
 
