@@ -102,8 +102,9 @@ def _named_errors(where: str, overrides: Sequence[str] = (), applying: str | Non
     """An OmegaConf error inside becomes one MtlError line naming the file, key and override.
 
     `applying`: the override being applied, named whatever key OmegaConf reports: the error is
-    its value's (a mapping inside a list value is reported without the list's key). Otherwise
-    the last of `overrides` that set the key is named, if one did.
+    its value's (a mapping inside a list value is reported without the list's key, and a
+    section replaced whole with no key at all). Otherwise the last of `overrides` that set the
+    key is named, if one did.
     """
     try:
         yield
@@ -114,9 +115,12 @@ def _named_errors(where: str, overrides: Sequence[str] = (), applying: str | Non
         if isinstance(last, str) and re.fullmatch(r"[A-Za-z_][\w-]*:\S.*", last):
             name, value = last.split(":", 1)
             message += f" (YAML reads {last!r} as one key; write '{name}: {value}', with a space after the colon)"
+        if applying:  # OmegaConf names no key when a whole section is replaced: the override's is it
+            key = key or applying.split("=", 1)[0].strip()
+            raise MtlError(f"{where} with override {applying!r}: key {key!r}: {message}") from None
         if not key:
             raise MtlError(f"{where}: {message}") from None
-        named = f"{where} with override {applying!r}: key {key!r}" if applying else at_key(where, key, overrides)
+        named = at_key(where, key, overrides)
         raise MtlError(f"{named}: {message}") from None
 
 

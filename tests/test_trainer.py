@@ -510,6 +510,10 @@ def test_a_bad_key_in_the_file_does_not_blame_an_override(tmp_path):
     with pytest.raises(MtlError) as error:
         load_experiment(TINY, ["tasks.7.weight=2", "tasks.7.weight=3"])
     assert str(error.value) == f"{TINY} with override 'tasks.7.weight=2': key 'tasks.7.weight': 'tasks' is a list; it has items 0 to 2"
+    # Replacing a whole section with a scalar: OmegaConf names no key, the override does.
+    with pytest.raises(MtlError) as error:
+        load_experiment(TINY, ["model=3"])
+    assert str(error.value) == f"{TINY} with override 'model=3': key 'model': Merge error: int is not a subclass of ModelSection. value: 3"
 
 
 def test_an_override_value_that_is_not_yaml_is_one_line():
