@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random HF models (2 layers, hidden 32) and the real MiniLM."""
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -55,6 +56,12 @@ def padded_batch(pad_token_id: int, seed: int = 0):
     token_types = np.zeros_like(ids)
     token_types[0, 5:] = 1
     return ids, mask, token_types
+
+
+def loop_trip_counts(compiled) -> list[int]:
+    """The trip count of every loop XLA knows one for in a compiled program, ascending: how many
+    layers each scan over a layer stack runs, forward and backward."""
+    return sorted(int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', compiled.as_text()))
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,12 @@
 """Meta-learning algorithms on a tiny encoder: each one computes what its paper defines."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import loop_trip_counts
 from mtl import Encoder, EncoderConfig
 from mtl.config import OptimSection
 from mtl.errors import MtlError
@@ -313,11 +312,8 @@ def test_a_scanned_stack_frozen_in_part_takes_no_meta_gradient_through_its_froze
     for a, b in zip(jax.tree.leaves(grads["model"]["heads"]), jax.tree.leaves(whole_grads["model"]["heads"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-15)
 
-    def loops(compiled):
-        return sorted(int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', compiled.as_text()))
-
     if whole_loops is not None:
-        assert (loops(whole), loops(part)) == (whole_loops, frozen_loops)
+        assert (loop_trip_counts(whole), loop_trip_counts(part)) == (whole_loops, frozen_loops)
 
 
 def test_meta_sgd_learning_rates_get_gradients():
