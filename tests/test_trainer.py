@@ -796,7 +796,7 @@ def test_transfer_between_scanned_and_looped_layers(tmp_path, isolated_cache, mi
         np.testing.assert_array_equal(np.asarray(other[name]), np.asarray(same[name]), err_msg=name)
     deeper = _with(config, scan_layers=True,
                    random_init=dataclasses_replace(config.model.random_init, num_layers=3))
-    with pytest.raises(MtlError, match=r"encoder parameter 'encoder.layers.2.attention_norm.bias' is nothing in the checkpoint"):
+    with pytest.raises(MtlError, match=r"this model has encoder parameter 'encoder.layers.2.attention_norm.bias' \(16,\), which the checkpoint lacks"):
         build_experiment(deeper)
     shallower = _with(config, scan_layers=False,
                       random_init=dataclasses_replace(config.model.random_init, num_layers=1))

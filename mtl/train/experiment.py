@@ -135,9 +135,11 @@ def transfer(model: MultiTaskModel, workdir: str, labels: dict[str, list[str]], 
     for name, value in target.items():
         if not name.startswith("encoder."):
             continue
-        if name not in source or np.shape(source[name]) != np.shape(value):
-            found = np.shape(source[name]) if name in source else "nothing"
-            raise MtlError(f"{where}: encoder parameter {name!r} is {found} in the checkpoint, "
+        if name not in source:
+            raise MtlError(f"{where}: this model has encoder parameter {name!r} {tuple(np.shape(value))}, "
+                           "which the checkpoint lacks: not the same architecture")
+        if np.shape(source[name]) != np.shape(value):
+            raise MtlError(f"{where}: encoder parameter {name!r} is {np.shape(source[name])} in the checkpoint, "
                            f"{tuple(np.shape(value))} in this model: not the same architecture")
     extra = next((n for n in source if n.startswith("encoder.") and n not in target), None)
     if extra is not None:
