@@ -9,6 +9,8 @@ Saves are asynchronous, and orbax writes to a temporary directory that it rename
 complete, so a process killed mid-save leaves the previous checkpoint as the latest. The
 manager keeps the latest `keep` checkpoints plus the best one by the metric the loop saves
 with each evaluated checkpoint (SELECTION); "best" means the same when a workdir is reopened.
+A reader (evaluate, predict, a transfer) may open a workdir whose run goes on saving, and so
+removing old checkpoints: `read_chosen` then chooses again.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -31,6 +33,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 from mtl.errors import MtlError
 
 
+T = TypeVar("T")
 SELECTION = "selection"  # the metric a checkpoint is ranked by (higher is better)
 
 
@@ -46,6 +49,14 @@ class _NoUnscoredWarning(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_NoUnscoredWarning())
+
+
+READ_ATTEMPTS = 5  # reads of a workdir that a run goes on training in; see Checkpointer.read_chosen
+
+
+class CheckpointRemoved(MtlError):
+    """A checkpoint was removed while it was read: the run training in the workdir saved a newer
+    one and let this one go (mtl evaluate, predict or a transfer while it trains)."""
 
 
 class Checkpointer:
@@ -67,7 +78,7 @@ class Checkpointer:
         )
         # Handlers named up front, so that a checkpoint's metadata reads before any save or restore.
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.manager = _listing(lambda: ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers))
         self.closed = False
         self.failed = False  # a save failed (and was reported)
         _quiet_abandoned_io()  # a save fails in the background: its noise comes before _writing sees it
@@ -77,6 +88,28 @@ class Checkpointer:
 
     def best_step(self) -> int | None:
         return self.manager.best_step()
+
+    def read_chosen(self, which: str, read: Callable[[int], T]) -> tuple[int, T]:
+        """(step, read(step)) for the best checkpoint (which="best"; the latest if none is scored)
+        or the latest one ("latest").
+
+        A run training in the same workdir may remove that checkpoint while it is read (it keeps
+        only its latest and best): then the checkpoints are listed again and the newer one read.
+        """
+        for attempt in range(READ_ATTEMPTS):
+            step = self.best_step() if which == "best" else None
+            step = step if step is not None else self.latest_step()
+            if step is None:
+                raise MtlError(f"{self.directory.parent}: has no finished checkpoint yet")
+            try:
+                return step, read(step)
+            except CheckpointRemoved as e:
+                if attempt == READ_ATTEMPTS - 1:
+                    raise MtlError(f"{e}, as were the {READ_ATTEMPTS - 1} chosen before it: the run training in "
+                                   f"{self.directory.parent} replaces its checkpoints faster than they can be "
+                                   "read; read it when the run ends") from None
+                _listing(self.manager.reload)
+        raise AssertionError("unreachable")
 
     def save(self, step: int, state: Any, meta: dict, metrics: dict[str, float] | None = None) -> None:
         """Start an asynchronous save; `metrics` rank it for the best-checkpoint policy.
@@ -129,6 +162,8 @@ class Checkpointer:
             raise
         except Exception as e:  # orbax and tensorstore raise bare Exceptions, wrapping the cause
             _drop_unawaited_coroutine_warnings()
+            if not (self.directory / str(step)).exists():
+                raise CheckpointRemoved(f"{self.directory}/{step}: removed while it was read") from None
             earlier = [s for s in self.manager.all_steps() if s < step]
             advice = (f"move it out of {self.directory} to use checkpoint {max(earlier)}" if earlier else
                       "no earlier checkpoint is kept")
@@ -177,6 +212,15 @@ class Checkpointer:
             self.manager.wait_until_finished()
         if not self.failed:  # after a failure the manager's threads still hold its error: leave them be
             self.manager.close()
+
+
+def _listing(list_checkpoints: Callable[[], T]) -> T:
+    """list_checkpoints(), an orbax call that lists the step directories and then reads each
+    one's time, listed again if a run training in the directory removes one in between."""
+    for _ in range(READ_ATTEMPTS - 1):
+        with contextlib.suppress(FileNotFoundError):
+            return list_checkpoints()
+    return list_checkpoints()
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -268,12 +312,11 @@ def load_trained(workdir: str | os.PathLike, which: str = "best") -> tuple[Any, 
         raise MtlError(f"{workdir}: no checkpoints/ directory; is it a training workdir?")
     checkpointer = Checkpointer(directory)
     try:
-        step = checkpointer.best_step() if which == "best" else None
-        step = step if step is not None else checkpointer.latest_step()
-        if step is None:
-            raise MtlError(f"{workdir}: has no finished checkpoint")
-        params = _unwrap_variables(checkpointer.restore_tree(step)["params"])
-        return params, checkpointer.restore_meta(step), step
+        def read(step: int) -> tuple[Any, dict]:
+            return _unwrap_variables(checkpointer.restore_tree(step)["params"]), checkpointer.restore_meta(step)
+
+        step, (params, meta) = checkpointer.read_chosen(which, read)
+        return params, meta, step
     finally:
         checkpointer.close()
 

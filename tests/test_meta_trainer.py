@@ -109,7 +109,7 @@ def test_protonet_meta_tests_more_ways_than_its_meta_train_task_has_classes(tmp_
     workdir = tmp_path / "proto"
     meta_train(load_experiment(META_TINY, ["meta.algorithm=protonet", "train.steps=2", "train.eval_every=2"]), workdir)
     report = meta_test(workdir, episodes=2, ways=5)
-    assert report["ways"] == 5 and all(0 <= row["accuracy"] <= 1 for row in report["results"].values())
+    assert report["ways"] == 5 and report["step"] == 2 and all(0 <= row["accuracy"] <= 1 for row in report["results"].values())
     with pytest.raises(MtlError, match=r"^bbc_topic/validation: 6-way episodes need 6 classes, it has 5 \['business', "):
         meta_test(workdir, episodes=2, ways=6, split="validation")
 

@@ -18,7 +18,7 @@ from flax import nnx
 
 from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_SPEC, write_task
 from mtl import MtlError
-from mtl.checkpoint import SELECTION, Checkpointer
+from mtl.checkpoint import READ_ATTEMPTS, SELECTION, Checkpointer, load_trained
 from mtl.params import flatten, unstack_layers
 from mtl.config import load_experiment, to_yaml
 from mtl.tracking import read_metrics
@@ -271,6 +271,75 @@ def test_best_checkpoint_is_the_best_selection_score_also_after_reopening(tmp_pa
         np.testing.assert_array_equal(reopened.restore_tree(2)["w"], np.full(3, 2, np.float32))
     finally:
         reopened.close()
+
+
+@pytest.mark.parametrize("removed_while", ["listed", "restored"])
+def test_a_checkpoint_the_run_removes_while_it_is_read_gives_way_to_the_newer_one(tmp_path, monkeypatch,
+                                                                                  removed_while):
+    """mtl evaluate, predict or a transfer on a workdir whose run goes on: the run saves a better
+    checkpoint and removes the one being read (it keeps the latest and the best). Found listing
+    the checkpoints (orbax reads each one's time) or reading the chosen one, the reader lists
+    them again and reads the newer one, instead of stopping with a FileNotFoundError traceback."""
+    writer = Checkpointer(tmp_path / "checkpoints", keep=1)
+
+    def save(step, score):  # as the training run does, in its own process
+        writer.save(step, {"params": {"w": np.full(3, step, np.float32)}}, {"step": step}, metrics={SELECTION: score})
+        writer.wait()
+
+    save(1, 0.5)
+    removed = []
+
+    def run_moves_on(step):
+        if step == 1 and not removed:
+            save(2, 0.9)
+            removed.append(not (tmp_path / "checkpoints" / "1").exists())
+
+    if removed_while == "listed":
+        from orbax.checkpoint._src.path import step as orbax_step
+        listed_time = orbax_step.Metadata.commit_timestamp_nsecs
+
+        def then_removed(metadata):  # orbax has found step 1's directory and reads its time
+            run_moves_on(metadata.step)
+            return listed_time.fget(metadata)
+
+        monkeypatch.setattr(orbax_step.Metadata, "commit_timestamp_nsecs", property(then_removed))
+    else:
+        restore_tree = Checkpointer.restore_tree
+
+        def then_removed(self, step):
+            run_moves_on(step)
+            return restore_tree(self, step)
+
+        monkeypatch.setattr(Checkpointer, "restore_tree", then_removed)
+    params, meta, step = load_trained(tmp_path)
+    assert removed == [True]
+    assert (step, meta) == (2, {"step": 2})
+    np.testing.assert_array_equal(params["w"], np.full(3, 2, np.float32))
+    writer.close()
+
+
+def test_a_workdir_whose_checkpoints_keep_going_is_one_error(tmp_path, monkeypatch):
+    """Removed at every attempt (a run saving faster than it can be read), the reader says so in one line."""
+    writer = Checkpointer(tmp_path / "checkpoints", keep=1)
+    steps = iter(range(1, 100))
+    writer.save(next(steps), {"params": {"w": np.zeros(3, np.float32)}}, {}, metrics={SELECTION: 0.0})
+    writer.wait()
+    restore_tree, reads = Checkpointer.restore_tree, []
+
+    def then_removed(self, step):
+        reads.append(step)
+        writer.save(next(steps), {"params": {"w": np.zeros(3, np.float32)}}, {}, metrics={SELECTION: float(step)})
+        writer.wait()
+        return restore_tree(self, step)
+
+    monkeypatch.setattr(Checkpointer, "restore_tree", then_removed)
+    with pytest.raises(MtlError) as error:
+        load_trained(tmp_path)
+    assert reads == list(range(1, READ_ATTEMPTS + 1))
+    assert str(error.value) == (f"{tmp_path / 'checkpoints'}/{READ_ATTEMPTS}: removed while it was read, as were the "
+                                f"{READ_ATTEMPTS - 1} chosen before it: the run training in {tmp_path} replaces its "
+                                "checkpoints faster than they can be read; read it when the run ends")
+    writer.close()
 
 
 def test_resume_under_a_changed_config_names_the_changes(tmp_path, isolated_cache, minilm_dir, caplog):

@@ -110,8 +110,9 @@ def assign_params(model: nnx.Module, flat: dict[str, Any], where: str = "the che
     nnx.update(model, state)
 
 
-def transfer(model: MultiTaskModel, workdir: str, labels: dict[str, list[str]], reinit: list[str]) -> dict[str, str]:
-    """Initialise `model` from a trained workdir's best checkpoint; returns {part: what happened}.
+def transfer(model: MultiTaskModel, workdir: str, labels: dict[str, list[str]], reinit: list[str]) -> int:
+    """Initialise `model` from a trained workdir's best checkpoint, logging what happened to each
+    part; returns the step of the checkpoint read.
 
     The encoder must match parameter for parameter (the first mismatch is an error naming it).
     A head of the same name loads if its label vocabulary is unchanged; a changed one is an
@@ -164,4 +165,4 @@ def transfer(model: MultiTaskModel, workdir: str, labels: dict[str, list[str]], 
     assign_params(model, stack_layers(loaded, "encoder.layers.") if model.encoder.config.scan_layers else loaded)
     for part, what in report.items():
         log.info("%s: %s", part, what)
-    return report
+    return step

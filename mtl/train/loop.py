@@ -214,12 +214,11 @@ class TrainLoop:
 
     def restore(self, which: str = "best") -> int:
         """Load the best (or latest) checkpoint's state, for evaluation; returns its step."""
-        step = self.checkpointer.best_step() if which == "best" else None
-        step = step if step is not None else self.checkpointer.latest_step()
-        if step is None:
-            raise MtlError(f"{self.workdir}: has no checkpoint yet")
-        self.restore_progress(self.checkpointer.restore_meta(step))  # the same tasks and labels as trained
-        self.state, _ = self.checkpointer.restore(step, self.state)
+        def read(step: int) -> TrainState:
+            self.restore_progress(self.checkpointer.restore_meta(step))  # the same tasks and labels as trained
+            return self.checkpointer.restore(step, self.state)[0]
+
+        step, self.state = self.checkpointer.read_chosen(which, read)
         return step
 
     def _selection(self, results: dict[str, float]) -> float:

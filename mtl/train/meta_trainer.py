@@ -258,8 +258,7 @@ def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None 
         labels = trainer.samplers[split].episode_labels
         if new_ways:  # the saved head has another shape: take the meta-trained encoder only
             model = nnx.merge(trainer.graphdef, experiment.initial_params, trainer.learner.rest)
-            transfer(model, str(workdir), {HEAD: labels}, [HEAD])
-            step = trainer.checkpointer.best_step() or trainer.checkpointer.latest_step()
+            step = transfer(model, str(workdir), {HEAD: labels}, [HEAD])
             trained_params = trainer.learner.init_params(nnx.state(model, nnx.Param))
         else:
             step = trainer.restore("best")
