@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import re
@@ -340,6 +341,29 @@ def test_a_workdir_whose_checkpoints_keep_going_is_one_error(tmp_path, monkeypat
                                 f"{READ_ATTEMPTS - 1} chosen before it: the run training in {tmp_path} replaces its "
                                 "checkpoints faster than they can be read; read it when the run ends")
     writer.close()
+
+
+def test_a_config_write_cut_short_keeps_the_previous_config(tmp_path, isolated_cache, minilm_dir, monkeypatch):
+    """config.yaml is what evaluate, predict and export read: a disk that fills up while a
+    restarted run writes it must leave the previous one whole, and say so in one line."""
+    Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, steps=4)), tmp_path / "w").run()
+    before = (tmp_path / "w" / "config.yaml").read_text()
+    write_text = Path.write_text
+
+    def full_disk(path, text, *args, **kwargs):
+        if "config.yaml" in path.name:
+            write_text(path, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    longer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, steps=8)), tmp_path / "w")
+    with pytest.raises(MtlError) as error:
+        longer.run()
+    assert str(error.value) == (f"{tmp_path / 'w' / 'config.yaml'}: cannot write the run's config (No space left on "
+                                "device); the previous one is kept. Once the cause is fixed, run the same command again")
+    assert (tmp_path / "w" / "config.yaml").read_text() == before
+    assert sorted(p.name for p in (tmp_path / "w").iterdir() if "config" in p.name) == ["config.yaml"]
 
 
 def test_resume_under_a_changed_config_names_the_changes(tmp_path, isolated_cache, minilm_dir, caplog):

@@ -251,11 +251,24 @@ class TrainLoop:
         finally:
             self.checkpointer.close()  # a no-op now, unless the workdir was refused
 
+    def _write_config(self) -> None:
+        """config.yaml, replaced whole: evaluate, predict and export read it, perhaps while this
+        run starts, and a write cut short (a full disk) must leave the previous one."""
+        path = self.workdir / "config.yaml"
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            partial.write_text(to_yaml(self.config))
+            os.replace(partial, path)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise MtlError(f"{path}: cannot write the run's config ({e.strerror}); the previous one is kept. "
+                           "Once the cause is fixed, run the same command again") from None
+
     def _run(self) -> dict[str, float]:
         cfg = self.config.train
         start = self.resume()
         if is_primary():  # after resume's checks: a refused run leaves the workdir's config as it was
-            (self.workdir / "config.yaml").write_text(to_yaml(self.config))
+            self._write_config()
         patience = cfg.early_stopping_patience
         stopped_early = patience is not None and self.evals_without_improvement >= patience
         if start >= cfg.steps or stopped_early:  # a finished run, rerun: say so, and give its last scores again
