@@ -261,8 +261,9 @@ class TrainLoop:
             os.replace(partial, path)
         except OSError as e:
             partial.unlink(missing_ok=True)
-            raise MtlError(f"{path}: cannot write the run's config ({e.strerror}); the previous one is kept. "
-                           "Once the cause is fixed, run the same command again") from None
+            kept = "; the previous one is kept" if path.is_file() else ""
+            raise MtlError(f"{path}: cannot write the run's config ({e.strerror}){kept}. Once the cause is fixed, "
+                           "run the same command again") from None
 
     def _run(self) -> dict[str, float]:
         cfg = self.config.train
