@@ -13,6 +13,9 @@ import inspect
 import json
 import logging
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from mtl.assets import resolve_model
@@ -184,6 +188,11 @@ class Predictor:
         return result
 
 
+# Where an export is written before it replaces OUT's files: inside OUT, so on its filesystem
+# (OUT may be a mount point) and never beside it, where the user may not be able to write.
+_STAGING_PREFIX = ".export-"
+
+
 def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = "best") -> Path:
     """Write a workdir's model for use without mtl.
 
@@ -191,29 +200,63 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = "bes
     out/tokenizer files; out/heads.safetensors: each head's parameters as "task.path.to.param";
     out/tasks.json: every task's head type, options (defaults filled in), max_length and labels
     in id order. scripts/torch_predict.py reads all of it in PyTorch.
+
+    Every file is written into a staging directory first and moved into OUT only once all of
+    them are written: an export that fails (a full disk, Ctrl-C) leaves an earlier export in OUT
+    as it was, and a new OUT is removed again.
     """
     out = Path(out)
     # Checked first: save_pretrained would overwrite another model's config.json and weights.
     if out.is_dir() and not (out / "tasks.json").is_file():
-        others = sorted(p.name for p in out.iterdir())
+        others = sorted(p.name for p in out.iterdir() if not p.name.startswith(_STAGING_PREFIX))
         if others:
             raise MtlError(f"{out}: holds files that are not an mtl export ({', '.join(others[:5])}"
                            f"{', ...' if len(others) > 5 else ''}); export into a new or empty directory, or one "
                            "an earlier mtl export wrote")
     predictor = Predictor.from_workdir(workdir, which)
+    created, earlier = not out.exists(), (out / "tasks.json").is_file()
     try:
         out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
     except OSError as e:
-        raise MtlError(f"{out}: cannot create the export directory ({e.strerror})") from None
-    predictor.model.encoder.save_pretrained(out)
-    predictor.tokenizer.save_pretrained(str(out))
+        raise MtlError(f"{out}: cannot write the export there ({e.strerror})") from None
+    done = False
+    try:
+        _write_export(predictor, staging)
+        # tasks.json last: the file that makes a directory an mtl export.
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == "tasks.json"):
+            os.replace(path, out / path.name)
+        done = True
+        for killed in out.glob(_STAGING_PREFIX + "*"):  # left by an export killed before it could clean up
+            shutil.rmtree(killed, ignore_errors=True)
+    except (OSError, SafetensorError) as e:
+        kept = "the earlier export in it is kept" if earlier else "nothing was left there"
+        raise MtlError(f"{out}: the export could not be written ({_io_cause(e)}); {kept}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not done:
+            shutil.rmtree(out, ignore_errors=True)
+    return out
+
+
+def _io_cause(e: Exception) -> str:
+    """The cause of a failed write in a few words: "No space left on device", say."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    # safetensors says "Error while serializing: I/O error: No space left on device (os error 28)".
+    return re.sub(r" \(os error \d+\)$", "", str(e).rpartition("I/O error: ")[2]) or type(e).__name__
+
+
+def _write_export(predictor: Predictor, directory: Path) -> None:
+    predictor.model.encoder.save_pretrained(directory)
+    predictor.tokenizer.save_pretrained(str(directory))
     heads = flatten(nnx.to_pure_dict(nnx.state(predictor.model.heads, nnx.Param)))
-    save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in heads.items()}, str(out / "heads.safetensors"))
+    save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in heads.items()}, str(directory / "heads.safetensors"))
     tasks = {}
     for name, task in predictor.tasks.items():
         # Every option as the head ran, defaults included: a reader outside mtl need not know them.
         defaults = {k: v for k, v in head_option_defaults(task.head).items() if v is not inspect.Parameter.empty}
         tasks[name] = dict(dataclasses.asdict(task), head_options={**defaults, **task.head_options},
                            labels=predictor.labels[name])
-    (out / "tasks.json").write_text(json.dumps({"step": predictor.step, "tasks": tasks}, indent=2, default=str) + "\n")
-    return out
+    (directory / "tasks.json").write_text(
+        json.dumps({"step": predictor.step, "tasks": tasks}, indent=2, default=str) + "\n")

@@ -940,6 +940,45 @@ def test_predict_and_export(tmp_path, isolated_cache, minilm_dir):
     assert trainer.tasks == ["toy_csv"]
 
 
+@pytest.mark.parametrize("failure", ["oserror", "safetensors"])
+def test_an_export_cut_short_keeps_the_earlier_export(tmp_path, isolated_cache, minilm_dir, monkeypatch, failure):
+    """A full disk while the heads are written: OUT keeps the earlier export, file for file,
+    and a new OUT is not left behind. safetensors reports the disk in an error of its own."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    import mtl.inference
+    from mtl.inference import export
+
+    _trained(tmp_path, minilm_dir)
+    out = export(tmp_path / "a", tmp_path / "exported")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_save_file = mtl.inference.save_file
+
+    def disk_full_halfway(tensors, filename, *args, **kwargs):
+        real_save_file(tensors, filename, *args, **kwargs)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:100])
+        if failure == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(mtl.inference, "save_file", disk_full_halfway)
+    with pytest.raises(MtlError, match=rf"^{out}: the export could not be written \(No space left on device\); "
+                                       "the earlier export in it is kept$"):
+        export(tmp_path / "a", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "no staging directory left, no file changed"
+    with pytest.raises(MtlError, match=r"could not be written \(No space left on device\); nothing was left there$"):
+        export(tmp_path / "a", tmp_path / "new" / "exported")
+    assert not (tmp_path / "new" / "exported").exists()
+    # An export killed outright leaves its staging directory: the next export clears it away.
+    monkeypatch.setattr(mtl.inference, "save_file", real_save_file)
+    (tmp_path / "new" / "exported" / ".export-killed").mkdir(parents=True)
+    (tmp_path / "new" / "exported" / ".export-killed" / "model.safetensors").write_bytes(b"half")
+    out = export(tmp_path / "a", tmp_path / "new" / "exported")
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+
+
 def test_predict_batches_texts_shortest_first_and_answers_in_their_order(tmp_path, isolated_cache, minilm_dir, caplog):
     from flax import nnx
 
