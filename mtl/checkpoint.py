@@ -86,6 +86,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def rerun_resumes(self) -> str:
+        """What rerunning the same command does, in words, for an error that stops the run."""
+        latest = self.manager.latest_step()
+        return f"resumes from checkpoint {latest}" if latest is not None else "starts over (no checkpoint is saved)"
+
     def best_step(self) -> int | None:
         return self.manager.best_step()
 
@@ -194,10 +199,8 @@ class Checkpointer:
         except Exception as e:
             self.failed = True
             _drop_unawaited_coroutine_warnings()
-            latest = self.manager.latest_step()
-            then = f"resumes from checkpoint {latest}" if latest is not None else "starts over (no checkpoint is saved)"
             raise MtlError(f"{self.directory}: cannot save a checkpoint ({_root_cause(e)}); once the cause is fixed, "
-                           f"the same command {then}") from None
+                           f"the same command {self.rerun_resumes()}") from None
 
     def wait(self) -> None:
         with self._writing():

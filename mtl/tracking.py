@@ -12,17 +12,22 @@ off before appending.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 from tqdm import tqdm
+
+from mtl.errors import MtlError
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +46,24 @@ def headline(results: dict[str, float]) -> dict[str, float]:
     return {key: value for key, value in results.items() if shown(key)}
 
 
+class RecordNotWritten(MtlError):
+    """metrics.jsonl could not take a record (a full disk, say)."""
+
+
 class MetricsWriter:
+    """Appends a run's records to metrics.jsonl, and to TensorBoard event files beside it when
+    tensorboardX is installed.
+
+    The events are written in the calling thread (tensorboardX's record format and protos), not
+    by its SummaryWriter's background thread: that thread died when the disk filled, its queue
+    filled up behind it, and the run hung at its next log. Here a failed event write turns TensorBoard
+    off with one warning, and metrics.jsonl, the record that counts, carries on; a failed append
+    to it stops the run with one line.
+    """
+
     def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
         self.path = Path(workdir) / "metrics.jsonl"
-        self._file = self._tb = None
+        self._file = self._events = None
         if jax.process_index() != 0:  # one writer per run
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,12 +71,7 @@ class MetricsWriter:
         # Unbuffered, so each record reaches the file in one write() however long its line is.
         self._file = open(self.path, "ab", buffering=0)
         if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                log.info("tensorboardX is not installed; writing metrics.jsonl only")
-            else:
-                self._tb = SummaryWriter(str(Path(workdir) / "events"))
+            self._events = _TensorBoardEvents.open(Path(workdir) / "events")
 
     def write(self, step: int, kind: str, values: dict[str, float]) -> None:
         if self._file is None:
@@ -65,29 +79,92 @@ class MetricsWriter:
         record = {"step": int(step), "kind": kind}
         record.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in values.items()})
         line = memoryview((json.dumps(record, allow_nan=True) + "\n").encode())
-        while line:  # a raw write may take less than it was given
-            line = line[self._file.write(line):]
-        if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+        try:
+            while line:  # a raw write may take less than it was given
+                line = line[self._file.write(line):]
+        except OSError as e:  # a cut line is dropped by the next writer (_drop_unfinished_line)
+            raise RecordNotWritten(f"{self.path}: cannot append the step {step} record ({e.strerror})") from None
+        if self._events is not None and not self._events.write(step, kind, values):
+            self._events = None
 
     def close(self) -> None:
         if self._file is None:
             return
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        if self._events is not None:
+            self._events.close()
+
+
+class _TensorBoardEvents:
+    """One TensorBoard event file of scalars, written and flushed in the caller's thread. After
+    a failed write it warns once and closes the file; `write` then returns False."""
+
+    FLUSH_SECONDS = 10.0  # how stale TensorBoard's view of a running run may get
+
+    def __init__(self, directory: Path, records: Any):
+        self.directory, self._records, self._flushed = directory, records, time.monotonic()
+
+    @classmethod
+    def open(cls, directory: Path) -> _TensorBoardEvents | None:
+        try:
+            from tensorboardX.record_writer import RecordWriter
+        except ImportError:
+            log.info("tensorboardX is not installed; writing metrics.jsonl only")
+            return None
+        from tensorboardX.proto.event_pb2 import Event
+
+        # The name TensorBoard looks for; a resumed run starts a file of its own, as TensorBoard expects.
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+        try:
+            directory.mkdir(exist_ok=True)
+            events = cls(directory, RecordWriter(str(directory / name)))
+        except OSError as e:
+            log.warning("%s: cannot write TensorBoard events (%s); writing metrics.jsonl only", directory, e.strerror)
+            return None
+        return events if events._append(Event(wall_time=time.time(), file_version="brain.Event:2")) else None
+
+    def write(self, step: int, kind: str, values: dict[str, float]) -> bool:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.summary import scalar
+
+        summary = Summary(value=[scalar(f"{kind}/{key}", value).value[0] for key, value in values.items()
+                                 if isinstance(value, (int, float)) and math.isfinite(value)])
+        return self._append(Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def close(self) -> None:
+        try:
+            self._records.close()  # flushes first
+        except OSError as e:
+            self._failed(e)
+
+    def _append(self, event: Any) -> bool:
+        try:
+            self._records.write(event.SerializeToString())
+            if time.monotonic() - self._flushed > self.FLUSH_SECONDS:
+                self._records.flush()
+                self._flushed = time.monotonic()
+        except OSError as e:
+            self._failed(e)
+            return False
+        return True
+
+    def _failed(self, e: OSError) -> None:
+        log.warning("%s: cannot write TensorBoard events (%s); TensorBoard stops here, metrics.jsonl goes on",
+                    self.directory, e.strerror)
+        with contextlib.suppress(OSError):
+            self._records.close()  # closes the file even where its last flush fails: nothing is left to retry
 
 
 def _drop_unfinished_line(path: Path) -> None:
-    """Cut a last line that has no newline: the record a killed run was writing."""
+    """Cut a last line that has no newline: the record a run was writing when it was killed or
+    its disk filled up."""
     if not path.exists():
         return
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         keep = data.rfind(b"\n") + 1
-        log.warning("%s: dropping an unfinished last record (%d bytes) left by a killed run", path,
+        log.warning("%s: dropping an unfinished last record (%d bytes) left by a run that stopped mid-write", path,
                     len(data) - keep)
         os.truncate(path, keep)
 

@@ -1,16 +1,20 @@
 """metrics.jsonl survives a reader beside the writer and a run killed in the middle of a record;
 what a run prints as it goes where stderr is a log file."""
 
+import errno
 import importlib.util
 import io
 import json
+import logging
+import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from mtl.tracking import MetricsWriter, Progress, read_metrics
+from mtl.tracking import MetricsWriter, Progress, RecordNotWritten, read_metrics
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot_metrics.py"
 
@@ -58,6 +62,87 @@ def test_plot_script_reports_a_corrupt_line_in_one_message(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"{tmp_path / 'metrics.jsonl'}, line 2: not a JSON record (Expecting value)"
+
+
+def _tensorboard_records(workdir) -> list:
+    """Every Event of the workdir's event files, each record's framing and checksums checked."""
+    from tensorboardX.crc32c import crc32c
+    from tensorboardX.proto.event_pb2 import Event
+
+    def masked(data):  # TFRecord's masked CRC-32C
+        crc = crc32c(data)
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    events = []
+    for path in sorted((workdir / "events").iterdir()):
+        assert path.name.startswith("events.out.tfevents."), path.name  # the name TensorBoard reads
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            header = data[pos:pos + 8]
+            (length,) = struct.unpack("<Q", header)
+            assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked(header)
+            body = data[pos + 12:pos + 12 + length]
+            assert struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] == masked(body)
+            events.append(Event.FromString(body))
+            pos += 16 + length
+    return events
+
+
+def test_tensorboard_events_hold_every_finite_value(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    writer.write(10, "train", {"a/loss": 0.5, "lr": 1e-3, "a/grad": float("nan")})
+    writer.write(20, "eval", {"a/accuracy": 0.75, "aggregate": 0.75})
+    writer.close()
+    first, *events = _tensorboard_records(tmp_path)
+    assert first.file_version == "brain.Event:2"
+    assert [(e.step, {v.tag: round(v.simple_value, 6) for v in e.summary.value}) for e in events] == [
+        (10, {"train/a/loss": 0.5, "train/lr": 1e-3}),
+        (20, {"eval/a/accuracy": 0.75, "eval/aggregate": 0.75}),
+    ]
+
+
+def test_events_a_full_disk_refuses_turn_tensorboard_off_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    """tensorboardX's SummaryWriter wrote from a thread of its own: a full disk killed that
+    thread, its queue filled up, and the run hung at its next log."""
+    from tensorboardX.record_writer import RecordWriter
+
+    write = RecordWriter.write
+    written = []
+
+    def fills_up_after_three(self, data):
+        if len(written) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(data)
+        return write(self, data)
+
+    monkeypatch.setattr(RecordWriter, "write", fills_up_after_three)
+    writer = MetricsWriter(tmp_path)
+    logging_thread = threading.Thread(
+        target=lambda: [writer.write(step, "train", {"a/loss": 1 / step}) for step in range(1, 51)], daemon=True)
+    with caplog.at_level(logging.WARNING, logger="mtl.tracking"):
+        logging_thread.start()
+        logging_thread.join(timeout=60)
+        assert not logging_thread.is_alive(), "writing the records hung"
+        writer.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 51))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'events'}: cannot write TensorBoard events (No space left on device); "
+        "TensorBoard stops here, metrics.jsonl goes on"]
+    assert [e.step for e in _tensorboard_records(tmp_path)] == [0, 1, 2]  # what was written is readable
+
+
+def test_a_record_metrics_jsonl_cannot_take_is_one_error(tmp_path, monkeypatch):
+    _write(tmp_path, (1, {"a/loss": 0.5}))
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+
+    def full_disk(data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer._file, "write", full_disk)
+    with pytest.raises(RecordNotWritten, match=rf"^{tmp_path / 'metrics.jsonl'}: cannot append the step 2 record "
+                                               r"\(No space left on device\)$"):
+        writer.write(2, "train", {"a/loss": 0.25})
+    writer.close()
 
 
 def test_plot_curves_keep_the_later_record_of_a_step_a_resumed_run_logged_again(tmp_path):

@@ -366,6 +366,38 @@ def test_a_config_write_cut_short_keeps_the_previous_config(tmp_path, isolated_c
     assert sorted(p.name for p in (tmp_path / "w").iterdir() if "config" in p.name) == ["config.yaml"]
 
 
+def test_a_full_disk_under_metrics_jsonl_stops_the_run_naming_the_checkpoint_to_resume(
+        tmp_path, isolated_cache, minilm_dir, monkeypatch):
+    import mtl.tracking
+
+    real_open = open
+
+    class FullAtStep6:
+        """metrics.jsonl on a disk that fills up halfway through the step 6 record."""
+
+        def __init__(self, *args, **kwargs):
+            self.file = real_open(*args, **kwargs)
+
+        def write(self, data):
+            if b'"step": 6,' in bytes(data):
+                self.file.write(bytes(data)[:20])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def close(self):
+            self.file.close()
+
+    monkeypatch.setattr(mtl.tracking, "open", FullAtStep6, raising=False)
+    config = _toy_config(tmp_path, minilm_dir, checkpoint_every=4)
+    with pytest.raises(MtlError) as error:
+        Trainer(build_experiment(config), tmp_path / "w").run()
+    assert str(error.value) == (f"{tmp_path / 'w' / 'metrics.jsonl'}: cannot append the step 6 record (No space left "
+                                "on device); once the cause is fixed, the same command resumes from checkpoint 4")
+    monkeypatch.undo()
+    Trainer(build_experiment(config), tmp_path / "w").run()
+    assert [r["step"] for r in read_metrics(tmp_path / "w") if r["kind"] == "train"] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+
+
 def test_resume_under_a_changed_config_names_the_changes(tmp_path, isolated_cache, minilm_dir, caplog):
     """Extending a run is a normal resume, but it is no longer the run it resumes: say what changed."""
     Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, steps=4)), tmp_path / "w").run()

@@ -36,7 +36,7 @@ from mtl.data.batching import Batcher, TrainStream, eval_batches
 from mtl.errors import MtlError
 from mtl.sharding import Layout, fit_mesh, initialize_distributed, is_primary, make_mesh, primary_first
 from mtl.tasks import TaskHead
-from mtl.tracking import MetricsWriter, Progress, read_metrics
+from mtl.tracking import MetricsWriter, Progress, RecordNotWritten, read_metrics
 from mtl.train.experiment import Experiment
 from mtl.train.multitask import TaskSampler, make_predict_steps, make_train_steps
 from mtl.train.optim import build_optimizer, frozen_mask, learning_rate_at
@@ -344,6 +344,9 @@ class TrainLoop:
             log.warning("%s: interrupted after step %d; the same command resumes from checkpoint %s", self.workdir,
                         done, self.checkpointer.latest_step())
             raise
+        except RecordNotWritten as e:
+            self.checkpointer.wait()  # as above; a save that fails too is the error said instead
+            raise MtlError(f"{e}; once the cause is fixed, the same command {self.checkpointer.rerun_resumes()}") from None
         finally:
             interrupts.close()
             progress.close()
