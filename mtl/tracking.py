@@ -66,10 +66,13 @@ class MetricsWriter:
         self._file = self._events = None
         if jax.process_index() != 0:  # one writer per run
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_unfinished_line(self.path)
-        # Unbuffered, so each record reaches the file in one write() however long its line is.
-        self._file = open(self.path, "ab", buffering=0)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_unfinished_line(self.path)
+            # Unbuffered, so each record reaches the file in one write() however long its line is.
+            self._file = open(self.path, "ab", buffering=0)
+        except OSError as e:
+            raise RecordNotWritten(f"{self.path}: cannot append to it ({e.strerror})") from None
         if tensorboard:
             self._events = _TensorBoardEvents.open(Path(workdir) / "events")
 
@@ -93,6 +96,20 @@ class MetricsWriter:
         self._file.close()
         if self._events is not None:
             self._events.close()
+
+
+def append_record(workdir: str | Path, step: int, kind: str, values: dict[str, float]) -> None:
+    """Append one record to workdir/metrics.jsonl from a command that is not a run (mtl evaluate,
+    meta-test). Its caller prints the scores too, so a workdir that cannot take the record
+    (read-only, a full disk) gets a warning instead of an error that would lose them."""
+    try:
+        writer = MetricsWriter(workdir, tensorboard=False)
+        try:
+            writer.write(step, kind, values)
+        finally:
+            writer.close()
+    except RecordNotWritten as e:
+        log.warning("%s; the scores are printed only", e)
 
 
 class _TensorBoardEvents:

@@ -1,5 +1,6 @@
 """Meta-training through the shared loop: exact resume, meta-test with baselines, the CLI."""
 
+import errno
 import json
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_a_frozen_encoder_meta_trains_the_head_alone(tmp_path, minilm_dir):
     assert not np.array_equal(_flat(after["heads"]), _flat(before["heads"]))
 
 
-def test_protonet_meta_tests_more_ways_than_its_meta_train_task_has_classes(tmp_path, minilm_dir):
+def test_protonet_meta_tests_more_ways_than_its_meta_train_task_has_classes(tmp_path, minilm_dir, monkeypatch, caplog):
     # Meta-trained 3-way on tweet sentiment (3 classes), tested 5-way on BBC topics (5 classes):
     # the train sampler keeps its trained shape, so tweets need not have 5 classes.
     workdir = tmp_path / "proto"
@@ -112,6 +113,22 @@ def test_protonet_meta_tests_more_ways_than_its_meta_train_task_has_classes(tmp_
     assert report["ways"] == 5 and report["step"] == 2 and all(0 <= row["accuracy"] <= 1 for row in report["results"].values())
     with pytest.raises(MtlError, match=r"^bbc_topic/validation: 6-way episodes need 6 classes, it has 5 \['business', "):
         meta_test(workdir, episodes=2, ways=6, split="validation")
+
+    # A read-only workdir (or a full disk) takes neither the report nor the record: the caller
+    # prints the report, so it comes back, with a warning for each.
+    import mtl.tracking
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(mtl.tracking, "open", read_only, raising=False)
+    with caplog.at_level("WARNING"):
+        again = meta_test(workdir, episodes=2, ways=5)
+    assert again["results"].keys() == report["results"].keys()
+    assert caplog.messages == [
+        f"{workdir / 'meta_test.json'}: cannot write it (Read-only file system); the results are printed only",
+        f"{workdir / 'metrics.jsonl'}: cannot append to it (Read-only file system); the scores are printed only"]
 
 
 def test_meta_configs_and_workdirs_are_not_mixed_up(meta_run, tmp_path, capsys):

@@ -367,7 +367,7 @@ def test_a_config_write_cut_short_keeps_the_previous_config(tmp_path, isolated_c
 
 
 def test_a_full_disk_under_metrics_jsonl_stops_the_run_naming_the_checkpoint_to_resume(
-        tmp_path, isolated_cache, minilm_dir, monkeypatch):
+        tmp_path, isolated_cache, minilm_dir, monkeypatch, caplog):
     import mtl.tracking
 
     real_open = open
@@ -396,6 +396,19 @@ def test_a_full_disk_under_metrics_jsonl_stops_the_run_naming_the_checkpoint_to_
     monkeypatch.undo()
     Trainer(build_experiment(config), tmp_path / "w").run()
     assert [r["step"] for r in read_metrics(tmp_path / "w") if r["kind"] == "train"] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+
+    # mtl evaluate prints its scores: a workdir that cannot take their record (read-only, full)
+    # warns, and the scores still come back.
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(mtl.tracking, "open", read_only, raising=False)
+    caplog.clear()  # the rerun's warning of the cut line
+    with caplog.at_level("WARNING", logger="mtl.tracking"):
+        results = evaluate(tmp_path / "w", "test")
+    assert results["checkpoint_step"] == 8 and 0 <= results["toy_csv/accuracy"] <= 1
+    assert caplog.messages == [f"{tmp_path / 'w' / 'metrics.jsonl'}: cannot append to it (Read-only file system); "
+                               "the scores are printed only"]
 
 
 def test_resume_under_a_changed_config_names_the_changes(tmp_path, isolated_cache, minilm_dir, caplog):

@@ -36,7 +36,7 @@ from mtl.data.batching import Batcher, TrainStream, eval_batches
 from mtl.errors import MtlError
 from mtl.sharding import Layout, fit_mesh, initialize_distributed, is_primary, make_mesh, primary_first
 from mtl.tasks import TaskHead
-from mtl.tracking import MetricsWriter, Progress, RecordNotWritten, read_metrics
+from mtl.tracking import MetricsWriter, Progress, RecordNotWritten, append_record, read_metrics
 from mtl.train.experiment import Experiment
 from mtl.train.multitask import TaskSampler, make_predict_steps, make_train_steps
 from mtl.train.optim import build_optimizer, frozen_mask, learning_rate_at
@@ -502,8 +502,6 @@ def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str = "
     trainer = Trainer(build_experiment(config), workdir)
     step = trainer.restore(checkpoint)
     results = trainer.evaluate(split)
-    writer = MetricsWriter(workdir, tensorboard=False)
-    writer.write(step, split, results)
-    writer.close()
     trainer.checkpointer.close()
+    append_record(workdir, step, split, results)
     return dict(results, checkpoint_step=step)
