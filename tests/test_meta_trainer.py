@@ -123,6 +123,7 @@ def test_protonet_meta_tests_more_ways_than_its_meta_train_task_has_classes(tmp_
 
     monkeypatch.setattr(Path, "write_text", read_only)
     monkeypatch.setattr(mtl.tracking, "open", read_only, raising=False)
+    caplog.clear()  # the notes of the runs above, where an earlier test set mtl's logging to INFO
     with caplog.at_level("WARNING"):
         again = meta_test(workdir, episodes=2, ways=5)
     assert again["results"].keys() == report["results"].keys()
