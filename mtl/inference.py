@@ -206,15 +206,15 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = "bes
     as it was, and a new OUT is removed again.
     """
     out = Path(out)
+    created, earlier = not out.exists(), (out / "tasks.json").is_file()
     # Checked first: save_pretrained would overwrite another model's config.json and weights.
-    if out.is_dir() and not (out / "tasks.json").is_file():
+    if out.is_dir() and not earlier:
         others = sorted(p.name for p in out.iterdir() if not p.name.startswith(_STAGING_PREFIX))
         if others:
             raise MtlError(f"{out}: holds files that are not an mtl export ({', '.join(others[:5])}"
                            f"{', ...' if len(others) > 5 else ''}); export into a new or empty directory, or one "
                            "an earlier mtl export wrote")
     predictor = Predictor.from_workdir(workdir, which)
-    created, earlier = not out.exists(), (out / "tasks.json").is_file()
     try:
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
