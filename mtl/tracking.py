@@ -112,6 +112,19 @@ def append_record(workdir: str | Path, step: int, kind: str, values: dict[str, f
         log.warning("%s; the scores are printed only", e)
 
 
+def replace_whole(path: Path, text: str) -> None:
+    """Write `path` as a new file, then swap it in: a reader sees the old file or the new one, and a
+    write cut short (a full disk, a kill) leaves the old one, never half of the new. Raises the
+    OSError, after removing the part written."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 class _TensorBoardEvents:
     """One TensorBoard event file of scalars, written and flushed in the caller's thread. After
     a failed write it warns once and closes the file; `write` then returns False."""

@@ -131,6 +131,21 @@ def test_protonet_meta_tests_more_ways_than_its_meta_train_task_has_classes(tmp_
         f"{workdir / 'meta_test.json'}: cannot write it (Read-only file system); the results are printed only",
         f"{workdir / 'metrics.jsonl'}: cannot append to it (Read-only file system); the scores are printed only"]
 
+    # A disk that fills while the report is written keeps the last whole report, not half of the new one.
+    monkeypatch.undo()
+    kept = (workdir / "meta_test.json").read_text()
+    write_text = Path.write_text
+
+    def full_disk(path, text, *args, **kwargs):
+        write_text(path, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with caplog.at_level("WARNING"):
+        meta_test(workdir, episodes=3, ways=4)
+    assert (workdir / "meta_test.json").read_text() == kept
+    assert sorted(p.name for p in workdir.iterdir() if "meta_test" in p.name) == ["meta_test.json"]
+
 
 def test_meta_configs_and_workdirs_are_not_mixed_up(meta_run, tmp_path, capsys):
     reference, _ = meta_run

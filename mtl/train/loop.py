@@ -36,7 +36,7 @@ from mtl.data.batching import Batcher, TrainStream, eval_batches
 from mtl.errors import MtlError
 from mtl.sharding import Layout, fit_mesh, initialize_distributed, is_primary, make_mesh, primary_first
 from mtl.tasks import TaskHead
-from mtl.tracking import MetricsWriter, Progress, RecordNotWritten, append_record, read_metrics
+from mtl.tracking import MetricsWriter, Progress, RecordNotWritten, append_record, read_metrics, replace_whole
 from mtl.train.experiment import Experiment
 from mtl.train.multitask import TaskSampler, make_predict_steps, make_train_steps
 from mtl.train.optim import build_optimizer, frozen_mask, learning_rate_at
@@ -255,12 +255,9 @@ class TrainLoop:
         """config.yaml, replaced whole: evaluate, predict and export read it, perhaps while this
         run starts, and a write cut short (a full disk) must leave the previous one."""
         path = self.workdir / "config.yaml"
-        partial = path.with_name(f".{path.name}.partial")
         try:
-            partial.write_text(to_yaml(self.config))
-            os.replace(partial, path)
+            replace_whole(path, to_yaml(self.config))
         except OSError as e:
-            partial.unlink(missing_ok=True)
             kept = "; the previous one is kept" if path.is_file() else ""
             raise MtlError(f"{path}: cannot write the run's config ({e.strerror}){kept}. Once the cause is fixed, "
                            "run the same command again") from None

@@ -32,7 +32,7 @@ from mtl.models.heads import IGNORE, build_head
 from mtl.models.model import MultiTaskModel
 from mtl.sharding import Layout, fit_mesh, initialize_distributed, make_mesh, primary_first
 from mtl.tokenizer import load_tokenizer
-from mtl.tracking import append_record
+from mtl.tracking import append_record, replace_whole
 from mtl.train.experiment import build_encoder, load_experiment_data, transfer
 from mtl.train.loop import TrainLoop
 from mtl.train.meta import HEAD, MetaLearner, make_adapt_predict, make_meta_step
@@ -280,7 +280,7 @@ def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None 
               "algorithm": meta.algorithm, "inner_steps": meta.test_inner_steps or meta.inner_steps,
               "baseline_from": baseline_from, "results": results}
     try:
-        (workdir / "meta_test.json").write_text(json.dumps(report, indent=2))
+        replace_whole(workdir / "meta_test.json", json.dumps(report, indent=2))  # a cut write keeps the last report
     except OSError as e:  # the caller prints the report: a read-only workdir or a full disk loses nothing
         log.warning("%s: cannot write it (%s); the results are printed only", workdir / "meta_test.json", e.strerror)
     append_record(workdir, step, f"meta_test/{split}", {f"{row}/{k}": v for row, r in results.items() for k, v in r.items()})
