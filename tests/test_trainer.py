@@ -343,6 +343,23 @@ def test_a_workdir_whose_checkpoints_keep_going_is_one_error(tmp_path, monkeypat
     writer.close()
 
 
+def test_an_interrupt_before_the_first_checkpoint_says_a_rerun_starts_over(tmp_path, isolated_cache, minilm_dir,
+                                                                          monkeypatch, caplog):
+    trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, steps=4)), tmp_path / "w")
+    next_batch = trainer.next_batch
+
+    def interrupted_at_step_2(step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return next_batch(step)
+
+    monkeypatch.setattr(trainer, "next_batch", interrupted_at_step_2)
+    with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert caplog.messages[-1] == (f"{tmp_path / 'w'}: interrupted after step 2; the same command starts over "
+                                   "(no checkpoint is saved)")
+
+
 def test_a_config_write_cut_short_keeps_the_previous_config(tmp_path, isolated_cache, minilm_dir, monkeypatch):
     """config.yaml is what evaluate, predict and export read: a disk that fills up while a
     restarted run writes it must leave the previous one whole, and say so in one line."""

@@ -338,8 +338,8 @@ class TrainLoop:
         except KeyboardInterrupt:
             progress.close()
             self.checkpointer.wait()  # a save in flight completes: it is where a rerun resumes
-            log.warning("%s: interrupted after step %d; the same command resumes from checkpoint %s", self.workdir,
-                        done, self.checkpointer.latest_step())
+            log.warning("%s: interrupted after step %d; the same command %s", self.workdir, done,
+                        self.checkpointer.rerun_resumes())
             raise
         except RecordNotWritten as e:
             self.checkpointer.wait()  # as above; a save that fails too is the error said instead
