@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 import datasets
 import numpy as np
 
+from mtl.data.pipeline import column
 from mtl.errors import MtlError
 from mtl.models.heads import IGNORE
 
@@ -49,18 +50,18 @@ class Batcher:
         self.pad_token_id = pad_token_id
         self.buckets = bucket_lengths(max_length, buckets)
         self.size = len(split)
-        self.lengths = np.asarray(split["length"], np.int64)
+        self.lengths = np.asarray(column(split, "length"), np.int64)
         self.token_task = "word_index" in split.column_names
         ragged = ["input_ids", "attention_mask", "token_type_ids"]
         if self.token_task:
             ragged += ["labels", "word_index"]
-            self._num_words = np.asarray(split["num_words"], np.int32)
+            self._num_words = np.asarray(column(split, "num_words"), np.int32)
         # Row r of a ragged column is values[offsets[r]:offsets[r + 1]]: read once from arrow,
         # so building a batch is numpy slicing, not a per-row arrow lookup.
         self._ragged = {c: _flat_column(split, c) for c in ragged}
         self._labels = None
         if not self.token_task:
-            labels = np.asarray(split["labels"])
+            labels = np.asarray(column(split, "labels"))
             self._labels = labels.astype(np.float32 if labels.dtype.kind == "f" else np.int32)
 
     def bucket_for(self, length: int) -> int:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mtl.data.batching import Batcher
-from mtl.data.pipeline import TaskData
+from mtl.data.pipeline import TaskData, column
 from mtl.errors import MtlError
 from mtl.models.heads import IGNORE
 
@@ -68,12 +68,12 @@ def make_source(task: TaskData, split: str, classes: Sequence[str] | None) -> Ep
         raise MtlError(f"task {name!r}: classes {unknown} are not among its {'entity types' if task.label_kind == 'tags' else 'labels'} {known}")
     ds = task.splits[split]
     if task.label_kind == "class":
-        labels = np.asarray(ds["labels"])
+        labels = np.asarray(column(ds, "labels"))
         rows = {c: np.flatnonzero(labels == task.labels.index(c)) for c in chosen}
     else:
         types = np.array([entity_type(t) or "" for t in task.labels])
         rows = {c: [] for c in chosen}
-        for row, tags in enumerate(ds["tags"]):
+        for row, tags in enumerate(column(ds, "tags")):
             for t in set(types[np.asarray(tags, np.int64)]) & set(chosen):
                 rows[t].append(row)
         rows = {c: np.asarray(r, np.int64) for c, r in rows.items()}
