@@ -153,3 +153,24 @@ def test_counts_below_one_are_a_usage_error(argv, capsys):
         parse_args(argv)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {argv[-2]}: must be at least 1, got {argv[-1]}")
+
+
+def test_help_and_usage_errors_import_neither_jax_nor_transformers():
+    """`import mtl` is lazy, so `mtl --help` and a bad command line answer in a moment."""
+    probe = ("import sys, mtl, mtl.cli\n"
+             "try:\n    mtl.cli.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('jax', 'transformers', 'torch', 'datasets') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"
+
+
+def test_the_public_names_load_on_first_use():
+    import mtl
+    from mtl.models.encoder import Encoder
+
+    assert mtl.Encoder is Encoder
+    assert all(getattr(mtl, name) is not None for name in mtl.__all__)
+    assert set(mtl.__all__) == set(mtl._PUBLIC) and set(mtl.__all__) <= set(dir(mtl))
+    with pytest.raises(AttributeError, match="no attribute 'Encodr'"):
+        mtl.Encodr  # noqa: B018
