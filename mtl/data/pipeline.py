@@ -302,7 +302,8 @@ def _file_order(origin: str) -> tuple[str, int]:
 
 
 def _check_tags(spec: TaskSpec, splits: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
-    problems = {name: [(origin, tags, iob2_problems(tags)) for origin, tags in zip(column(ds, "origin"), column(ds, "tags"))]
+    problems = {name: [(origin, tags, iob2_problems(tags))
+                       for origin, tags in zip(column(ds, "origin"), column(ds, "tags"))]
                 for name, ds in splits.items()}
     if spec.bio == "reject":
         bad = [(_line_of(origin, i), f"{tags[i]!r} after {tags[i - 1] if i else 'the sentence start'!r}")
@@ -338,8 +339,8 @@ def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Datase
     """The label vocabulary (declared or inferred from train), after checking every split."""
     counts = {name: Counter(x for _, vals in _label_values(kind, ds, spec) for x in vals) for name, ds in splits.items()}
     if kind == "scalar":
-        bad = [(origin, value) for ds in splits.values() for origin, value in zip(column(ds, "origin"), column(ds, "label"))
-               if not _is_number(value)]
+        bad = [(origin, value) for ds in splits.values()
+               for origin, value in zip(column(ds, "origin"), column(ds, "label")) if not _is_number(value)]
         if bad:
             raise MtlError(_first_bad_label(bad, f"is not a number (head {spec.head!r} needs one)"))
         return list(spec.labels or [spec.columns.label]), {}
