@@ -19,8 +19,10 @@ Second peer, in float32 on one device: scripts/minimal_jax.py, the same model an
 jitted JAX function over a dict of arrays. mtl / minimal is mtl's own overhead; torch / minimal
 is how XLA's kernels compare with PyTorch's on this machine.
 
-Prints steady-state step time for each, the ratio torch / mtl (above 1: mtl is faster), mtl's
-compile time, tokens/s, and model FLOPs utilisation: 6 * non-embedding params * tokens plus
+Prints steady-state step time for each, with the page faults and system CPU time a step costs
+(on CPU, memory freed and allocated afresh every step is faulted in again: see the README), the
+ratio torch / mtl (above 1: mtl is faster), mtl's compile time, tokens/s, and model FLOPs
+utilisation: 6 * non-embedding params * tokens plus
 attention FLOPs, over the device peak (the data sheet's for a known accelerator, a measured
 matmul for a CPU).
 """
@@ -45,7 +47,7 @@ from flax import nnx
 
 import minimal_jax  # scripts/minimal_jax.py
 
-from timing import SHAPES, VOCAB, device_memory_peak_gb, device_peak, median_time, parse_mesh  # scripts/timing.py
+from timing import SHAPES, VOCAB, StepCost, device_memory_peak_gb, device_peak, parse_mesh, step_cost  # scripts/timing.py
 
 from mtl import DEFAULT_MODEL, Encoder, EncoderConfig, resolve_model
 from mtl.config import OptimSection
@@ -103,7 +105,7 @@ def main() -> None:
           f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {torch_device}, {os.cpu_count()} cores")
 
     # The HF PyTorch peer first: it gives its GPU memory back before mtl starts.
-    torch_time = None if args.no_peer else time_peer(args, batch, torch_device)
+    torch_cost = None if args.no_peer else time_peer(args, batch, torch_device)
     if torch_device == "cuda":
         torch.cuda.empty_cache()  # hand the peer's cached blocks back to the GPU for XLA
 
@@ -137,7 +139,8 @@ def main() -> None:
         holder["state"], m = step(holder["state"], batch)
         jax.block_until_ready(m)
 
-    mtl_time = median_time(mtl_step, args.iters)
+    mtl_cost = step_cost(mtl_step, args.iters)
+    mtl_time = mtl_cost.seconds
     mtl_memory = device_memory_peak_gb()
     if args.profile:
         with jax.profiler.trace(args.profile):
@@ -146,10 +149,10 @@ def main() -> None:
         print(f"profile of 3 mtl steps written under {args.profile}")
     holder.clear()  # free mtl's state before the minimal peer allocates its own
     del state
-    minimal_time = None
+    minimal_cost = None
     if not args.no_peer and layout.mesh.devices.size == 1 and args.dtype == "float32" and not frozen:
         cfg = encoder.config
-        minimal_time = time_minimal(args, batch, vocab=cfg.vocab_size, hidden=cfg.hidden_size, layers=cfg.num_layers,
+        minimal_cost = time_minimal(args, batch, vocab=cfg.vocab_size, hidden=cfg.hidden_size, layers=cfg.num_layers,
                                     heads=cfg.num_heads, intermediate=cfg.intermediate_size)
 
     # Embedding tables are looked up, not multiplied: count the non-embedding parameters.
@@ -165,24 +168,27 @@ def main() -> None:
     peak, peak_source = device_peak(args.dtype)
     peak, peak_source = peak * layout.mesh.devices.size, f"{peak_source}, x {layout.mesh.devices.size} devices of mesh {dict(layout.mesh.shape)}"
     memory = f", device memory peak {mtl_memory:.1f} GB" if mtl_memory is not None else ""
-    print(f"\nmtl train step          {mtl_time * 1e3:8.1f} ms   {tokens / mtl_time:,.0f} tokens/s{memory}")
+    print(f"\nmtl train step          {mtl_time * 1e3:8.1f} ms   {tokens / mtl_time:,.0f} tokens/s{memory}; "
+          f"{mtl_cost.kernel()}")
     print(f"mtl compile (first step) {compile_seconds:7.1f} s")
     print(f"mtl MFU {flops / mtl_time / peak:.1%}: {flops / mtl_time / 1e12:.2f} TFLOP/s of {peak / 1e12:.1f} "
           f"({peak_source}); {flops / 1e12:.3f} TFLOP per step, {n_params / 1e6:.1f}M non-embedding params")
-    if torch_time is not None:
+    torch_time = torch_cost.seconds if torch_cost is not None else None
+    if torch_cost is not None:
         print(f"HF PyTorch train step   {torch_time * 1e3:8.1f} ms   {tokens / torch_time:,.0f} tokens/s   "
-              f"MFU {flops / torch_time / peak:.1%}")
+              f"MFU {flops / torch_time / peak:.1%}; {torch_cost.kernel()}")
         print(f"ratio torch/mtl {torch_time / mtl_time:.2f}x")
-    if minimal_time is not None:
+    if minimal_cost is not None:
+        minimal_time = minimal_cost.seconds
         print(f"minimal JAX train step  {minimal_time * 1e3:8.1f} ms   {tokens / minimal_time:,.0f} tokens/s   "
-              f"MFU {flops / minimal_time / peak:.1%}")
+              f"MFU {flops / minimal_time / peak:.1%}; {minimal_cost.kernel()}")
         print(f"mtl overhead: mtl/minimal {mtl_time / minimal_time:.2f}x")
-        if torch_time is not None:
+        if torch_cost is not None:
             print(f"XLA's kernels: torch/minimal {torch_time / minimal_time:.2f}x")
 
 
-def time_minimal(args, batch: dict, *, vocab: int, hidden: int, layers: int, heads: int, intermediate: int) -> float:
-    """Median train-step seconds of scripts/minimal_jax.py at mtl's shapes (fp32, one device)."""
+def time_minimal(args, batch: dict, *, vocab: int, hidden: int, layers: int, heads: int, intermediate: int) -> StepCost:
+    """The train step of scripts/minimal_jax.py at mtl's shapes (fp32, one device)."""
     params = minimal_jax.init(jax.random.key(0), vocab=vocab, hidden=hidden, layers=layers, intermediate=intermediate)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(2e-5, weight_decay=0.01))
     step = minimal_jax.make_step(tx, heads=heads, dropout=not args.no_dropout)
@@ -195,11 +201,11 @@ def time_minimal(args, batch: dict, *, vocab: int, hidden: int, layers: int, hea
         holder["step"] += 1
         loss.block_until_ready()
 
-    return median_time(run, args.iters)
+    return step_cost(run, args.iters)
 
 
-def time_peer(args, batch: dict, device: str) -> float:
-    """Median train-step seconds of BertForSequenceClassification + AdamW on the same batch."""
+def time_peer(args, batch: dict, device: str) -> StepCost:
+    """The train step of BertForSequenceClassification + AdamW on the same batch."""
     if args.random_init:
         shape = SHAPES[args.random_init]
         peer_config = transformers.BertConfig(
@@ -234,7 +240,7 @@ def time_peer(args, batch: dict, device: str) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return median_time(torch_step, args.iters)  # the peer's tensors are freed on return
+    return step_cost(torch_step, args.iters)  # the peer's tensors are freed on return
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -23,9 +25,10 @@ SPEC_PEAKS = {
 }
 
 
-def call_times(fn: Callable[[], object], iters: int) -> list[float]:
+def call_times(fn: Callable[[], object], iters: int, warm_up: bool = True) -> list[float]:
     """Wall time of each of `iters` calls of `fn`, after one warm-up call (compile, caches)."""
-    fn()
+    if warm_up:
+        fn()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
@@ -37,6 +40,31 @@ def call_times(fn: Callable[[], object], iters: int) -> list[float]:
 def median_time(fn: Callable[[], object], iters: int) -> float:
     """Median wall time of `fn` over `iters` calls, after one warm-up call."""
     return statistics.median(call_times(fn, iters))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """A step's median wall time, and what the kernel cost it on average: on CPU, memory that a
+    framework frees and allocates afresh every step is mapped and zeroed again, one page fault per
+    4 KiB page, and that system time is part of the step (README, Benchmarks)."""
+
+    seconds: float
+    page_faults: float
+    system_seconds: float
+
+    def kernel(self) -> str:
+        return f"{self.page_faults:,.0f} page faults, {self.system_seconds * 1e3:.0f} ms system CPU a step"
+
+
+def step_cost(fn: Callable[[], object], iters: int) -> StepCost:
+    """`median_time` of `fn`, with the page faults and system CPU time of the timed calls (this
+    process's, all threads)."""
+    fn()  # the warm-up call (compile, caches), outside the counts
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    times = call_times(fn, iters, warm_up=False)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return StepCost(statistics.median(times), (after.ru_minflt - before.ru_minflt) / iters,
+                    (after.ru_stime - before.ru_stime) / iters)
 
 
 def matmul_peak(dtype: str = "float32") -> float:
