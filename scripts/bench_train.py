@@ -22,9 +22,8 @@ is how XLA's kernels compare with PyTorch's on this machine.
 Prints steady-state step time for each, with the page faults and system CPU time a step costs
 (on CPU, memory freed and allocated afresh every step is faulted in again: see the README), the
 ratio torch / mtl (above 1: mtl is faster), mtl's compile time, tokens/s, and model FLOPs
-utilisation: 6 * non-embedding params * tokens plus
-attention FLOPs, over the device peak (the data sheet's for a known accelerator, a measured
-matmul for a CPU).
+utilisation: 6 * non-embedding params * tokens plus attention FLOPs, over the device peak (the
+data sheet's for a known accelerator, a measured matmul for a CPU).
 """
 
 from __future__ import annotations
@@ -173,8 +172,8 @@ def main() -> None:
     print(f"mtl compile (first step) {compile_seconds:7.1f} s")
     print(f"mtl MFU {flops / mtl_time / peak:.1%}: {flops / mtl_time / 1e12:.2f} TFLOP/s of {peak / 1e12:.1f} "
           f"({peak_source}); {flops / 1e12:.3f} TFLOP per step, {n_params / 1e6:.1f}M non-embedding params")
-    torch_time = torch_cost.seconds if torch_cost is not None else None
     if torch_cost is not None:
+        torch_time = torch_cost.seconds
         print(f"HF PyTorch train step   {torch_time * 1e3:8.1f} ms   {tokens / torch_time:,.0f} tokens/s   "
               f"MFU {flops / torch_time / peak:.1%}; {torch_cost.kernel()}")
         print(f"ratio torch/mtl {torch_time / mtl_time:.2f}x")
@@ -184,7 +183,7 @@ def main() -> None:
               f"MFU {flops / minimal_time / peak:.1%}; {minimal_cost.kernel()}")
         print(f"mtl overhead: mtl/minimal {mtl_time / minimal_time:.2f}x")
         if torch_cost is not None:
-            print(f"XLA's kernels: torch/minimal {torch_time / minimal_time:.2f}x")
+            print(f"XLA's kernels: torch/minimal {torch_cost.seconds / minimal_time:.2f}x")
 
 
 def time_minimal(args, batch: dict, *, vocab: int, hidden: int, layers: int, heads: int, intermediate: int) -> StepCost:
