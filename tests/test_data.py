@@ -147,13 +147,22 @@ def test_batches_use_only_declared_shapes(toy_split, tokenizer):
     assert batcher.batch(shortest)["input_ids"].shape == (4, 8)
 
 
-def test_eval_batches_cover_every_row_once(toy_split):
-    batcher = Batcher(toy_split, batch_size=16, max_length=24, pad_token_id=0)
+def test_eval_batches_cover_every_row_once_shortest_first(toy_split):
+    batcher = Batcher(toy_split, batch_size=16, max_length=24, pad_token_id=0, buckets=(8, 16, 24))
     batches = list(eval_batches(batcher))
     index = np.concatenate([b["index"][b["weights"] > 0] for b in batches])
-    assert index.tolist() == list(range(40))
+    assert sorted(index.tolist()) == list(range(40))
+    assert index.tolist() == np.argsort(batcher.lengths, kind="stable").tolist()
+    for batch in batches:  # each row is its own row of the split
+        for i, row in enumerate(batch["index"][batch["weights"] > 0]):
+            assert batch["input_ids"][i, : batcher.lengths[row]].tolist() == toy_split[int(row)]["input_ids"]
     assert batches[-1]["weights"].tolist() == [1.0] * 8 + [0.0] * 8
     assert (batches[-1]["index"][8:] == -1).all() and (batches[-1]["input_ids"][8:] == 0).all()
+    # Rows of like length share a batch: fewer padded tokens than batches in split order.
+    small = Batcher(toy_split, batch_size=4, max_length=24, pad_token_id=0, buckets=(8, 16, 24))
+    in_order = sum(small.bucket_for(int(small.lengths[s:s + 4].max())) for s in range(0, 40, 4))
+    shortest_first = sum(b["input_ids"].shape[1] for b in eval_batches(small))
+    assert shortest_first < in_order, (shortest_first, in_order)
 
 
 def test_a_part_of_a_batch_is_that_slice_of_the_whole_batch(toy_split):

@@ -599,6 +599,33 @@ def test_evaluate_restores_and_scores(tmp_path, isolated_cache, minilm_dir):
     results = evaluate(tmp_path / "w", "validation", checkpoint="latest")
     assert results["checkpoint_step"] == 8
     assert results["toy_csv/accuracy"] == final["toy_csv/accuracy"]
+
+
+def test_evaluation_scores_each_row_as_predict_predicts_its_text(tmp_path, isolated_cache, minilm_dir, monkeypatch):
+    """Evaluation batches rows shortest first; each is still scored against its own label."""
+    from mtl.data.pipeline import column, load_raw_splits
+    from mtl.inference import Predictor
+    from mtl.models.heads import ClassificationHead
+    from mtl.tasks import load_task
+
+    # The pretrained encoder (one step of training): a random one predicts one label for every row.
+    config = _toy_config(tmp_path, minilm_dir, steps=1, eval_every=1, checkpoint_every=1)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, random_init=None))
+    Trainer(build_experiment(config), tmp_path / "w").run()
+    scored = {}
+    score = ClassificationHead.score
+
+    def spy(head, predicted, references):
+        scored.update(predicted=[head.labels[i] for i in predicted], references=[head.labels[i] for i in references])
+        return score(head, predicted, references)
+
+    monkeypatch.setattr(ClassificationHead, "score", spy)
+    evaluate(tmp_path / "w", "validation")
+    validation = load_raw_splits(load_task(config.tasks[0].task))[0]["validation"]
+    assert scored["references"] == column(validation, "label")
+    predicted = [r["label"] for r in Predictor.from_workdir(tmp_path / "w").predict("toy_csv", column(validation, "text"))]
+    assert len(set(predicted)) == 2, predicted  # else any order of the rows would pass
+    assert scored["predicted"] == predicted
     with pytest.raises(MtlError, match=r"not a training workdir \(no config\.yaml and checkpoints/\); run mtl train first"):
         evaluate(tmp_path / "nothing")
 

@@ -33,6 +33,7 @@ from flax import nnx
 from mtl.checkpoint import SELECTION, Checkpointer
 from mtl.config import ExperimentConfig, config_changes, to_yaml
 from mtl.data.batching import Batcher, TrainStream, eval_batches
+from mtl.data.pipeline import column
 from mtl.errors import MtlError
 from mtl.sharding import Layout, fit_mesh, initialize_distributed, is_primary, make_mesh, primary_first
 from mtl.tasks import TaskHead
@@ -455,11 +456,13 @@ class Trainer(TrainLoop):
             if split not in data.splits:
                 continue
             head = self.experiment.model.head(name)
-            predicted = []
-            for batch in eval_batches(self.batchers[split][name]):
+            batcher = self.batchers[split][name]
+            predicted = [None] * batcher.size  # by row of the split: the batches come shortest first
+            for batch in eval_batches(batcher):
                 predictions = self.layout.gather(self.predict_steps[name](model_params, self.layout.put_whole_batch(batch)))
-                predicted.extend(head.decode(predictions, batch))
-            references = data.splits[split]["tags" if head.label_kind == "tags" else "labels"]
+                for row, item in zip(batch["index"][batch["weights"] > 0], head.decode(predictions, batch)):
+                    predicted[row] = item
+            references = column(data.splits[split], "tags" if head.label_kind == "tags" else "labels")
             scores = head.score(predicted, references)
             results.update({f"{name}/{k}": v for k, v in scores.items()})
             primaries.append(selection_value(data.spec.metric, scores[data.spec.metric]))
