@@ -174,15 +174,28 @@ class Checkpointer:
                       "no earlier checkpoint is kept")
             raise MtlError(f"{self.directory}/{step}: cannot read this checkpoint ({_root_cause(e)}); {advice}") from None
 
-    def restore_tree(self, step: int) -> Any:
+    def restore_tree(self, step: int, only: str | None = None) -> Any:
         """The saved state as a plain nested dict of arrays, without a target structure, on this
-        process's first device whatever mesh saved it (transfer, export, inference)."""
+        process's first device whatever mesh saved it (transfer, export, inference).
+
+        With `only` (say "params"), that top-level entry alone, and nothing else is read: AdamW's
+        moments are two more copies of the params, which inference never needs.
+        """
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         with self._reading(step):
-            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                    self.manager.item_metadata(step)["state"])
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        return restored["state"]
+            metadata = self.manager.item_metadata(step)["state"]
+            if only is not None:
+                metadata = {only: metadata[only]}
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+            if only is None:
+                restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+                return restored["state"]
+            # The manager's StandardCheckpointHandler reads whole trees; the same files read as a
+            # PyTree checkpoint can leave entries out.
+            args = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                          partial_restore=True)
+            with ocp.PyTreeCheckpointer() as reader:
+                return reader.restore(self.directory / str(step) / "state", args=args)
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -316,7 +329,8 @@ def load_trained(workdir: str | os.PathLike, which: str = "best") -> tuple[Any, 
     checkpointer = Checkpointer(directory)
     try:
         def read(step: int) -> tuple[Any, dict]:
-            return _unwrap_variables(checkpointer.restore_tree(step)["params"]), checkpointer.restore_meta(step)
+            params = checkpointer.restore_tree(step, only="params")["params"]
+            return _unwrap_variables(params), checkpointer.restore_meta(step)
 
         step, (params, meta) = checkpointer.read_chosen(which, read)
         return params, meta, step

@@ -274,6 +274,31 @@ def test_best_checkpoint_is_the_best_selection_score_also_after_reopening(tmp_pa
         reopened.close()
 
 
+def test_inference_reads_the_params_alone(tmp_path, monkeypatch):
+    """load_trained (predict, export, transfer) reads the params, not the optimizer state."""
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    params = {"model": {"w": {"value": np.arange(3, dtype=np.float32)}}}
+    state = {"params": params, "opt_state": {"mu": np.ones(3, np.float32)}, "step": np.int32(5)}
+    checkpointer.save(5, state, {"step": 5}, metrics={SELECTION: 1.0})
+    checkpointer.wait()
+    try:
+        tree = checkpointer.restore_tree(5, only="params")
+        full = checkpointer.restore_tree(5)
+    finally:
+        checkpointer.close()
+    assert list(tree) == ["params"] and list(full) == ["opt_state", "params", "step"]
+    for leaf in jax.tree.leaves(tree):
+        assert leaf.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    np.testing.assert_array_equal(tree["params"]["model"]["w"]["value"], np.arange(3, dtype=np.float32))
+    restore_tree, asked = Checkpointer.restore_tree, []
+    monkeypatch.setattr(Checkpointer, "restore_tree", lambda self, step, **only: asked.append(only) or
+                        restore_tree(self, step, **only))
+    loaded, meta, step = load_trained(tmp_path)
+    assert asked == [{"only": "params"}]
+    assert (step, meta) == (5, {"step": 5}) and list(loaded) == ["model"]
+    np.testing.assert_array_equal(loaded["model"]["w"], np.arange(3, dtype=np.float32))
+
+
 @pytest.mark.parametrize("removed_while", ["listed", "restored"])
 def test_a_checkpoint_the_run_removes_while_it_is_read_gives_way_to_the_newer_one(tmp_path, monkeypatch,
                                                                                   removed_while):
@@ -307,9 +332,9 @@ def test_a_checkpoint_the_run_removes_while_it_is_read_gives_way_to_the_newer_on
     else:
         restore_tree = Checkpointer.restore_tree
 
-        def then_removed(self, step):
+        def then_removed(self, step, **only):
             run_moves_on(step)
-            return restore_tree(self, step)
+            return restore_tree(self, step, **only)
 
         monkeypatch.setattr(Checkpointer, "restore_tree", then_removed)
     params, meta, step = load_trained(tmp_path)
@@ -327,11 +352,11 @@ def test_a_workdir_whose_checkpoints_keep_going_is_one_error(tmp_path, monkeypat
     writer.wait()
     restore_tree, reads = Checkpointer.restore_tree, []
 
-    def then_removed(self, step):
+    def then_removed(self, step, **only):
         reads.append(step)
         writer.save(next(steps), {"params": {"w": np.zeros(3, np.float32)}}, {}, metrics={SELECTION: float(step)})
         writer.wait()
-        return restore_tree(self, step)
+        return restore_tree(self, step, **only)
 
     monkeypatch.setattr(Checkpointer, "restore_tree", then_removed)
     with pytest.raises(MtlError) as error:
