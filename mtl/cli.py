@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retain-memory", action="store_true",
                         help="keep memory the steps free for reuse (glibc): faster on CPU, higher peak memory; "
                              "see mtl.hostmem")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="leave malloc as the system sets it, without transparent huge pages for large "
+                             "blocks (see mtl.hostmem)")
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="compile every jitted program afresh instead of loading it from mtl's cache "
                              "(see mtl.assets.enable_compilation_cache)")
@@ -297,7 +300,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status. `argv` None reads this process's own command
+    line, which it may then run again in a process set up to map memory in huge pages
+    (`hostmem.reexec_with_huge_pages`); a given `argv` runs here, in this process."""
     args = parse_args(argv)
+    # Before anything is read, written or imported. Retained memory is never faulted in again,
+    # and huge pages on its one heap only raised the peak (README, Other commands).
+    if argv is None and not (args.no_huge_pages or args.retain_memory):
+        hostmem.reexec_with_huge_pages()
     if args.retain_memory and not hostmem.retain_freed_memory():  # before JAX starts its threads
         print("mtl: --retain-memory needs glibc's malloc; continuing without it", file=sys.stderr)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
