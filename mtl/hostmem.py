@@ -109,8 +109,11 @@ def reexec_with_huge_pages() -> None:
     interactive interpreter or a program read from stdin cannot be run again: there it returns.
     """
     environ = huge_pages_environment(os.environ, transparent_huge_pages_mode(), platform.libc_ver())
-    if environ is None or sys.argv[0] in ("", "-"):
+    if environ is None or not sys.executable or sys.argv[0] in ("", "-"):
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    except OSError:  # speed is not worth failing the command for: it runs on here, as it is
+        return

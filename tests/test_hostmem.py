@@ -138,3 +138,19 @@ def test_the_cli_runs_its_command_with_huge_pages_unless_told_not_to(tmp_path, f
     assert proc.returncode == 2, proc.stderr
     assert "missing.yaml" in proc.stderr
     assert proc.stdout.splitlines() == [f"tunables: {tunables}"]  # printed once: by the process that ran it
+
+
+def test_a_restart_the_system_refuses_leaves_the_command_running_here(monkeypatch):
+    from mtl import hostmem
+
+    tried = []
+
+    def refuse(path, argv, environ):
+        tried.append(environ["GLIBC_TUNABLES"])
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(hostmem, "huge_pages_environment", lambda *_: {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+    monkeypatch.setattr(hostmem.os, "execve", refuse)
+    monkeypatch.setattr(sys, "argv", ["mtl", "train"])
+    assert hostmem.reexec_with_huge_pages() is None  # returned, so the caller goes on
+    assert tried == ["glibc.malloc.hugetlb=1"]
