@@ -3,6 +3,7 @@
     python scripts/bench_meta.py               # MiniLM, 5-way 5-shot 5-query, meta-batch 4, seq 64
     python scripts/bench_meta.py --iters 1 --only mtl-maml torch-maml
     python scripts/bench_meta.py --only torch-maml mtl-maml --retain-memory   # glibc keeps freed memory, both sides
+    python scripts/bench_meta.py --no-huge-pages   # malloc as the system sets it (every mtl command asks for huge pages)
     python scripts/bench_meta.py --random-init minilm --iters 10     # on a GPU: no download
     python scripts/bench_meta.py --freeze-encoder --only mtl-maml mtl-anil torch-maml   # meta-learn the head alone
     python scripts/bench_meta.py --freeze-layers 3 --only mtl-anil mtl-anil-scan   # hold the lower 3 layers still
@@ -221,9 +222,15 @@ def main() -> None:
                         "(optim.freeze_encoder; the peer's meta-gradient is the head's only)")
     parser.add_argument("--freeze-layers", type=int, default=0, metavar="N", help="the outer update holds the "
                         "embeddings and the lowest N layers still (optim.freeze_layers; the peer leaves them out)")
+    parser.add_argument("--no-huge-pages", action="store_true", help="every variant's process maps memory in the "
+                        "system's default pages, not the huge pages every mtl command asks for (mtl.hostmem)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from mtl.hostmem import asks_for_huge_pages, reexec_with_huge_pages
+
+    if not (args.no_huge_pages or args.retain_memory):  # as the mtl command; the workers inherit it
+        reexec_with_huge_pages()
     if args.worker:
         if args.retain_memory:
             from mtl.hostmem import retain_freed_memory
@@ -240,13 +247,15 @@ def main() -> None:
     print(f"{name}: {WAYS}-way {SHOTS}-shot {QUERIES}-query, meta-batch {META_BATCH}, seq {SEQ}, "
           f"1 inner step over all params, {os.cpu_count()} cores"
           f"{', freed memory retained (both sides)' if args.retain_memory else ''}"
+          f"{', malloc huge pages (both sides)' if asks_for_huge_pages() else ', default malloc pages'}"
           f"{', encoder frozen in the outer update' if args.freeze_encoder else ''}"
           f"{f', embeddings and layers 0-{args.freeze_layers - 1} frozen in the outer update' if args.freeze_layers else ''}")
     results = {}
     for variant in args.only:
         source = ["--random-init", args.random_init] if args.random_init else ["--directory", directory]
         mesh = ["--mesh", args.mesh] if args.mesh else []
-        flags = [*(["--retain-memory"] if args.retain_memory else []), *(["--freeze-encoder"] if args.freeze_encoder else []),
+        flags = [*(["--retain-memory"] if args.retain_memory else []), *(["--no-huge-pages"] if args.no_huge_pages else []),
+                 *(["--freeze-encoder"] if args.freeze_encoder else []),
                  "--freeze-layers", str(args.freeze_layers)]
         proc = subprocess.run([sys.executable, __file__, "--worker", variant, *source, *mesh, *flags, "--iters", str(args.iters)],
                               capture_output=True, text=True)

@@ -3,6 +3,7 @@
     python scripts/bench_train.py                  # MiniLM, batch 32, seq 128, 10 steps
     python scripts/bench_train.py --iters 5
     python scripts/bench_train.py --retain-memory  # glibc keeps freed memory, for all three sides
+    python scripts/bench_train.py --no-huge-pages  # malloc as the system sets it, as before mtl used huge pages
     python scripts/bench_train.py --freeze-encoder # train the head alone (optim.freeze_encoder)
     python scripts/bench_train.py --scan-layers --freeze-layers 3   # the embeddings and layers 0-2 frozen
     python scripts/bench_train.py --random-init bert-base --dtype bfloat16 --batch 256   # on a GPU
@@ -18,6 +19,10 @@ with bf16 compute over fp32 params.
 Second peer, in float32 on one device: scripts/minimal_jax.py, the same model and update as a bare
 jitted JAX function over a dict of arrays. mtl / minimal is mtl's own overhead; torch / minimal
 is how XLA's kernels compare with PyTorch's on this machine.
+
+The process runs as every `mtl` command does, with glibc asking for transparent huge pages for
+large blocks (mtl.hostmem.reexec_with_huge_pages), so all three sides run with them; with
+--no-huge-pages or --retain-memory none does.
 
 Prints steady-state step time for each, with the page faults and system CPU time a step costs
 (on CPU, memory freed and allocated afresh every step is faulted in again: see the README), the
@@ -50,7 +55,7 @@ from timing import SHAPES, VOCAB, StepCost, device_memory_peak_gb, device_peak, 
 
 from mtl import DEFAULT_MODEL, Encoder, EncoderConfig, resolve_model
 from mtl.config import OptimSection
-from mtl.hostmem import retain_freed_memory
+from mtl.hostmem import asks_for_huge_pages, reexec_with_huge_pages, retain_freed_memory
 from mtl.models.heads import ClassificationHead
 from mtl.models.model import MultiTaskModel
 from mtl.sharding import Layout, make_mesh
@@ -83,7 +88,11 @@ def main() -> None:
                         "(open it with xprof or TensorBoard's profile plugin)")
     parser.add_argument("--retain-memory", action="store_true", help="the process (mtl and both peers) keeps the "
                         "memory it frees for reuse (mtl.hostmem): no page faults for fresh temporaries")
+    parser.add_argument("--no-huge-pages", action="store_true", help="the process (mtl and both peers) maps memory "
+                        "in the system's default pages, not the huge pages every mtl command asks for (mtl.hostmem)")
     args = parser.parse_args()
+    if not (args.no_huge_pages or args.retain_memory):  # as the mtl command decides
+        reexec_with_huge_pages()  # this script again, from the start, with huge pages
     frozen = args.freeze_encoder or args.freeze_layers > 0
     if args.retain_memory and not retain_freed_memory():  # before torch's and XLA's threads allocate
         parser.error("--retain-memory needs glibc's malloc")
@@ -100,7 +109,7 @@ def main() -> None:
              "labels": labels, "weights": np.ones((args.batch,), np.float32)}
     name = f"random {args.random_init}" if args.random_init else args.model
     print(f"{name}: batch {args.batch}, seq {args.seq}, {args.dtype} compute, "
-          f"{'scanned' if args.scan_layers else 'looped'} layers, dropout {'off' if args.no_dropout else 'on'}, {'encoder frozen, ' if args.freeze_encoder else ''}{f'embeddings and {args.freeze_layers} layers frozen, ' if args.freeze_layers else ''}{'freed memory retained, ' if args.retain_memory else ''}prng {jax.config.jax_default_prng_impl}, jax {jax.__version__} on "
+          f"{'scanned' if args.scan_layers else 'looped'} layers, dropout {'off' if args.no_dropout else 'on'}, {'encoder frozen, ' if args.freeze_encoder else ''}{f'embeddings and {args.freeze_layers} layers frozen, ' if args.freeze_layers else ''}{'freed memory retained, ' if args.retain_memory else ''}{'malloc huge pages' if asks_for_huge_pages() else 'default malloc pages'}, prng {jax.config.jax_default_prng_impl}, jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {torch_device}, {os.cpu_count()} cores")
 
     # The HF PyTorch peer first: it gives its GPU memory back before mtl starts.

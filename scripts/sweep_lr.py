@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mtl.assets import enable_compilation_cache
 from mtl.config import load_experiment
+from mtl.hostmem import reexec_with_huge_pages
 from mtl.train.experiment import build_experiment
 from mtl.train.loop import Trainer
 
@@ -26,6 +27,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--workdir", default="workdirs/sweep")
     args = parser.parse_args()
+    # As every mtl command: this script starts again with malloc asking for huge pages, so that a
+    # CPU step's fresh temporaries cost a few thousand page faults, not hundreds of thousands.
+    reexec_with_huge_pages()
     # Each rate's Trainer jits its steps anew; from the cache, the rates after the first load the
     # gradient programs (which the rate does not change) instead of compiling them again.
     enable_compilation_cache()
