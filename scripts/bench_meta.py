@@ -227,16 +227,13 @@ def main() -> None:
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from mtl.hostmem import asks_for_huge_pages, reexec_with_huge_pages
+    from mtl.hostmem import asks_for_huge_pages, reexec_with_huge_pages, retain_freed_memory
 
     if not (args.no_huge_pages or args.retain_memory):  # as the mtl command; the workers inherit it
         reexec_with_huge_pages()
     if args.worker:
-        if args.retain_memory:
-            from mtl.hostmem import retain_freed_memory
-
-            if not retain_freed_memory():
-                sys.exit("--retain-memory needs glibc's malloc")
+        if args.retain_memory and not retain_freed_memory():
+            sys.exit("--retain-memory needs glibc's malloc")
         worker(args.worker, args.directory, args.random_init, args.iters, args.mesh, args.freeze_encoder,
                args.freeze_layers)
         return

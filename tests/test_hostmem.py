@@ -1,5 +1,6 @@
-"""mtl.hostmem: freed memory is reused, not faulted in again. Each case runs in a subprocess,
-because the setting is process-wide and must come before the process's threads allocate."""
+"""mtl.hostmem: freed memory is reused, not faulted in again, or faulted in in huge pages. The
+cases that measure run in a subprocess, because each setting is process-wide and must come before
+the process's threads allocate (huge pages: before it starts)."""
 
 import json
 import platform
@@ -7,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+from mtl.hostmem import asks_for_huge_pages, huge_pages_environment, transparent_huge_pages_mode
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
@@ -59,8 +62,6 @@ def test_cli_flag_runs_a_command(minilm_dir):
 
 
 # ------------------------------------------------------------------------ huge pages
-
-from mtl.hostmem import asks_for_huge_pages, huge_pages_environment, transparent_huge_pages_mode  # noqa: E402
 
 GLIBC = ("glibc", "2.36")
 
