@@ -28,7 +28,8 @@ Prints steady-state step time for each, with the page faults and system CPU time
 (on CPU, memory freed and allocated afresh every step is faulted in again: see the README), the
 ratio torch / mtl (above 1: mtl is faster), mtl's compile time, tokens/s, and model FLOPs
 utilisation: 6 * non-embedding params * tokens plus attention FLOPs, over the device peak (the
-data sheet's for a known accelerator, a measured matmul for a CPU).
+data sheet's for a known accelerator, for a CPU the higher of two matmuls measured before and
+after the steps).
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def main() -> None:
           f"{'scanned' if args.scan_layers else 'looped'} layers, dropout {'off' if args.no_dropout else 'on'}, {'encoder frozen, ' if args.freeze_encoder else ''}{f'embeddings and {args.freeze_layers} layers frozen, ' if args.freeze_layers else ''}{'freed memory retained, ' if args.retain_memory else ''}{'malloc huge pages' if asks_for_huge_pages() else 'default malloc pages'}, prng {jax.config.jax_default_prng_impl}, jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {torch_device}, {os.cpu_count()} cores")
 
+    peak_before, _ = device_peak(args.dtype)  # measured again after the steps; the higher is kept
+
     # The HF PyTorch peer first: it gives its GPU memory back before mtl starts.
     torch_cost = None if args.no_peer else time_peer(args, batch, torch_device)
     if torch_device == "cuda":
@@ -173,7 +176,7 @@ def main() -> None:
     if frozen:  # a frozen layer runs forward only: a third of its FLOPs
         trained = 0.0 if args.freeze_encoder else (cfg.num_layers - args.freeze_layers) / cfg.num_layers
         flops = int(flops * (1 + 2 * trained) / 3)
-    peak, peak_source = device_peak(args.dtype)
+    peak, peak_source = device_peak(args.dtype, earlier=peak_before)
     peak, peak_source = peak * layout.mesh.devices.size, f"{peak_source}, x {layout.mesh.devices.size} devices of mesh {dict(layout.mesh.shape)}"
     memory = f", device memory peak {mtl_memory:.1f} GB" if mtl_memory is not None else ""
     print(f"\nmtl train step          {mtl_time * 1e3:8.1f} ms   {tokens / mtl_time:,.0f} tokens/s{memory}; "

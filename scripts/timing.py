@@ -80,15 +80,23 @@ def matmul_peak(dtype: str = "float32") -> float:
     return 2 * n**3 / min(call_times(lambda: f(a).block_until_ready(), 20))
 
 
-def device_peak(dtype: str) -> tuple[float, str]:
+def device_peak(dtype: str, earlier: float | None = None) -> tuple[float, str]:
     """(peak FLOP/s, where it comes from): the data sheet's figure for a known accelerator, else
-    a measured matmul (CPUs have no meaningful data-sheet figure for XLA)."""
+    a measured matmul (CPUs have no meaningful data-sheet figure for XLA).
+
+    `earlier`: this run's measurement from before its timed steps. The higher of the two is kept:
+    one measurement takes under a second, and a slow stretch of a shared machine that long once
+    gave 0.2 instead of 0.5 TFLOP/s on a Zen 5, which inflated that run's MFU to over 100%."""
     import jax
 
     kind = jax.devices()[0].device_kind
     if (kind, dtype) in SPEC_PEAKS:
         return SPEC_PEAKS[kind, dtype], f"{kind} data sheet, dense {dtype}"
-    return matmul_peak(dtype), f"measured {dtype} matmul on {kind}"
+    now = matmul_peak(dtype)
+    if earlier is None:
+        return now, f"measured {dtype} matmul on {kind}"
+    return max(earlier, now), (f"measured {dtype} matmul on {kind}, the higher of {earlier / 1e12:.2f} before "
+                               f"and {now / 1e12:.2f} TFLOP/s after the steps")
 
 
 def device_memory_peak_gb() -> float | None:
