@@ -196,6 +196,19 @@ def test_train_stream_is_deterministic_and_restarts_at_any_step(toy_split):
     assert other != run[:10]
 
 
+def test_interleaved_streams_draw_each_epochs_order_once(toy_split, monkeypatch):
+    """The multi-task sampler interleaves the tasks' streams; each keeps its own epoch's order."""
+    batcher = Batcher(toy_split, batch_size=4, max_length=24, pad_token_id=0)
+    draws = []
+    default_rng = np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda seed: draws.append(tuple(seed)) or default_rng(seed))
+    first, second = TrainStream(batcher, seed=1), TrainStream(batcher, seed=2)
+    for step in range(2 * first.steps_per_epoch):
+        first.rows(step)
+        second.rows(step)
+    assert draws == [(1, 0), (2, 0), (1, 1), (2, 1)]
+
+
 def test_iob2_checks_and_repair():
     assert iob2_problems(["B-PER", "I-PER", "O", "B-LOC"]) == []
     assert iob2_problems(["O", "I-PER", "B-LOC", "I-PER", "X"]) == [1, 3, 4]

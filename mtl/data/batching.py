@@ -19,7 +19,6 @@ A batch is a dict of numpy arrays:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Sequence
 
 import datasets
@@ -128,10 +127,14 @@ class TrainStream:
         self.batcher = batcher
         self.seed = seed
         self.steps_per_epoch = batcher.size // batcher.batch_size  # the remainder rotates with each epoch's order
+        self._epoch_order: tuple[int, np.ndarray] | None = None
 
-    @functools.lru_cache(maxsize=1)  # consecutive steps share their epoch's permutation
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.batcher.size)
+        # Kept per stream: a stream's consecutive batches share their epoch's permutation, however
+        # the sampler interleaves the tasks' streams.
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            self._epoch_order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.batcher.size))
+        return self._epoch_order[1]
 
     def rows(self, step: int) -> np.ndarray:
         epoch, position = divmod(step, self.steps_per_epoch)
