@@ -32,7 +32,7 @@ from mtl.config import load_experiment
 from mtl.data.batching import bucket_lengths
 from mtl.data.pipeline import first_subtoken_words
 from mtl.errors import MtlError
-from mtl.models.heads import build_head, get_head, head_option_defaults
+from mtl.models.heads import build_head, decode_real_rows, get_head, head_option_defaults
 from mtl.models.model import MultiTaskModel
 from mtl.tasks import TaskHead, load_tasks
 from mtl.tokenizer import load_tokenizer
@@ -136,7 +136,7 @@ class Predictor:
             batch = self._batch(trained.max_length, enc, chosen, rows, words)
             predictions = jax.device_get(self._steps[task](self._params, batch))
             probs = predictions.get("probs")
-            for row, (i, item) in enumerate(zip(chosen, head.decode(predictions, batch))):
+            for row, (i, item) in enumerate(zip(chosen, decode_real_rows(task, head, predictions, batch), strict=True)):
                 results[i] = self._result(task, kind, texts[i], words[i] if words else None, item,
                                           probs[row] if probs is not None else None)
         return results

@@ -4,12 +4,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from data_helpers import write_task
+from user_heads import MeanPoolRegression
 from mtl import Encoder, EncoderConfig, load_tokenizer
 from mtl.data import Batcher, TrainStream, load_task_data
+from mtl.errors import MtlError
 from mtl.models import MultiTaskModel, build_head
+from mtl.models.heads import decode_real_rows
 from mtl.tasks import load_task
 
 
@@ -58,3 +62,21 @@ def test_user_head_trains(tmp_path, isolated_cache, minilm_dir):
                        if np.array_equal(np.asarray(value[...]), np.asarray(flat_before[path][...])))
     # Everything moved but the pooler, which this mean-pooling head never reads.
     assert unchanged == ["encoder.pooler.bias", "encoder.pooler.kernel"]
+
+
+class DecodesEveryRow(MeanPoolRegression):
+    """A user's mistake: decodes the padding rows as well as the real ones."""
+
+    def decode(self, predictions, batch):
+        return [float(score) for score in predictions["score"]]
+
+
+def test_decode_must_give_one_item_per_real_row():
+    batch = {"weights": np.array([1, 1, 1, 0], np.float32)}  # the last row pads the batch
+    predictions = {"score": np.array([0.5, 1.5, 2.5, 9.0], np.float32)}
+    assert decode_real_rows("toy_score", MeanPoolRegression(32, [], rngs=nnx.Rngs(0)), predictions, batch) == [
+        0.5, 1.5, 2.5]
+    with pytest.raises(MtlError) as error:
+        decode_real_rows("toy_score", DecodesEveryRow(32, [], rngs=nnx.Rngs(0)), predictions, batch)
+    assert str(error.value) == ("task 'toy_score': DecodesEveryRow.decode returned 4 items for a batch of 3 real rows "
+                                "(weights > 0); it must return one per real row, in batch order")

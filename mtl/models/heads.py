@@ -129,6 +129,18 @@ class Head(nnx.Module):
         raise NotImplementedError
 
 
+def decode_real_rows(task: str, head: Head, predictions: Mapping[str, np.ndarray],
+                     batch: Mapping[str, np.ndarray]) -> list[Any]:
+    """`head.decode`, checked to give one item per real row: a user's head that decodes the
+    padding rows too, or skips some, would otherwise pair predictions with the wrong examples."""
+    items = list(head.decode(predictions, batch))
+    real = int(np.count_nonzero(np.asarray(batch["weights"]) > 0))
+    if len(items) != real:
+        raise MtlError(f"task {task!r}: {type(head).__name__}.decode returned {len(items)} items for a batch "
+                       f"of {real} real rows (weights > 0); it must return one per real row, in batch order")
+    return items
+
+
 def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     # max(.., 1e-9): an all-padding batch (weights all 0) gives loss 0, not NaN.
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-9)
