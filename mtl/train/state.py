@@ -66,8 +66,10 @@ def make_update(tx: optax.GradientTransformation, *, skip_nonfinite: bool, shard
                               state.params, grads, updates)
         finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
         if skip_nonfinite:
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            def unless_nonfinite(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+            params, opt_state = unless_nonfinite(params, state.params), unless_nonfinite(opt_state, state.opt_state)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, dict(metrics, grad_norm=grad_norm, finite=finite)
 
