@@ -136,7 +136,7 @@ class Predictor:
             batch = self._batch(trained.max_length, enc, chosen, rows, words)
             predictions = jax.device_get(self._steps[task](self._params, batch))
             probs = predictions.get("probs")
-            for row, (i, item) in enumerate(zip(chosen, decode_real_rows(task, head, predictions, batch), strict=True)):
+            for row, (i, item) in enumerate(zip(chosen, decode_real_rows(task, head, predictions, batch))):
                 results[i] = self._result(task, kind, texts[i], words[i] if words else None, item,
                                           probs[row] if probs is not None else None)
         return results

@@ -134,7 +134,7 @@ def decode_real_rows(task: str, head: Head, predictions: Mapping[str, np.ndarray
     """`head.decode`, checked to give one item per real row: a user's head that decodes the
     padding rows too, or skips some, would otherwise pair predictions with the wrong examples."""
     items = list(head.decode(predictions, batch))
-    real = int(np.count_nonzero(np.asarray(batch["weights"]) > 0))
+    real = len(_real_rows(batch))
     if len(items) != real:
         raise MtlError(f"task {task!r}: {type(head).__name__}.decode returned {len(items)} items for a batch "
                        f"of {real} real rows (weights > 0); it must return one per real row, in batch order")

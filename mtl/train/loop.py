@@ -462,7 +462,7 @@ class Trainer(TrainLoop):
             for batch in eval_batches(batcher):
                 predictions = self.layout.gather(self.predict_steps[name](model_params, self.layout.put_whole_batch(batch)))
                 real_rows = batch["index"][batch["weights"] > 0]
-                for row, item in zip(real_rows, decode_real_rows(name, head, predictions, batch), strict=True):
+                for row, item in zip(real_rows, decode_real_rows(name, head, predictions, batch)):
                     predicted[row] = item
             references = column(data.splits[split], "tags" if head.label_kind == "tags" else "labels")
             scores = head.score(predicted, references)
