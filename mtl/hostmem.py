@@ -13,7 +13,7 @@ Two remedies, each process-wide:
   a step's fresh temporaries take a few thousand faults instead of hundreds of thousands, at no
   cost in peak memory. The tunable is read when a process starts, so the process starts itself
   again with it. On the 2-core Zen 5 EPYC the MiniLM train step went from 1.77-2.04 s to
-  1.04-1.26 s, at the same peak RSS (README, Benchmarks).
+  1.04-1.26 s, at the same peak RSS (README, Other commands).
 - `retain_freed_memory()`: glibc keeps freed memory for reuse (one arena for all threads, no mmap
   for large blocks, no trimming), so nothing is faulted in again. Measured on the older EPYC:
   train step 2.49 s -> 1.99 s, peak RSS 2.9 -> 4.1 GB; MAML meta-step 16.8 s -> 11-12 s, peak
