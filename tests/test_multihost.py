@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 import transformers
+from conftest import xla_flags
+from test_trainer import TINY, _assert_same_tree, _final_tree, _losses
 
 from mtl.inference import export
 from mtl.train.loop import evaluate
-from test_trainer import TINY, _assert_same_tree, _final_tree, _losses
 
 TESTS = Path(__file__).parent
 MESH = ["mesh.data=2"]
@@ -37,7 +37,7 @@ def _free_port() -> int:
 
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-    return dict(env, JAX_PLATFORMS="cpu", **extra)
+    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(), **extra}
 
 
 def _command(rows_file: Path, workdir: Path, *overrides: str) -> list[str]:
@@ -84,7 +84,7 @@ def _rows(path: Path) -> dict:
 def single_process(tmp_path_factory, minilm_dir):
     """configs/tiny.yaml in one process that drives two simulated CPU devices."""
     root = tmp_path_factory.mktemp("single")
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = _env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
     proc = subprocess.run(_command(root / "rows", root / "run"), env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
@@ -175,7 +175,7 @@ def test_two_process_meta_training_matches_one_process(tmp_path, minilm_dir):
     meta_tiny = str(TESTS.parent / "configs" / "meta_tiny.yaml")
     command = [sys.executable, "-m", "mtl.cli", "meta-train", meta_tiny, *MESH, "--workdir"]
     single = subprocess.run([*command, str(tmp_path / "single")], capture_output=True, text=True,
-                            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+                            env=_env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2")))
     assert single.returncode == 0, single.stderr[-3000:]
     address = f"127.0.0.1:{_free_port()}"
     pair = [subprocess.Popen([*command, str(tmp_path / "pair")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

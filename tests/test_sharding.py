@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from conftest import xla_flags
 from jax.sharding import PartitionSpec as P
 
 from mtl.config import DistributedSection, MeshSection
@@ -22,7 +23,7 @@ TESTS = Path(__file__).parent
 
 
 def _run_cases(*args: str) -> str:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(TESTS / "multidevice_cases.py"), *args], cwd=TESTS, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
