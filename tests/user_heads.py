@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 from flax import nnx
 
-from mtl.models.heads import Head
+from mtl.models.heads import Head, real_rows
 
 
 class MeanPoolRegression(Head):
@@ -28,7 +28,7 @@ class MeanPoolRegression(Head):
         return {"score": logits}
 
     def decode(self, predictions, batch):
-        return [float(predictions["score"][i]) for i in range(len(batch["weights"])) if batch["weights"][i] > 0]
+        return [float(predictions["score"][i]) for i in real_rows(batch)]
 
     def score(self, predicted, references):
         return {"mse": float(jnp.mean((jnp.asarray(predicted) - jnp.asarray(references)) ** 2))}

@@ -134,7 +134,7 @@ def decode_real_rows(task: str, head: Head, predictions: Mapping[str, np.ndarray
     """`head.decode`, checked to give one item per real row: a user's head that decodes the
     padding rows too, or skips some, would otherwise pair predictions with the wrong examples."""
     items = list(head.decode(predictions, batch))
-    real = len(_real_rows(batch))
+    real = len(real_rows(batch))
     if len(items) != real:
         raise MtlError(f"task {task!r}: {type(head).__name__}.decode returned {len(items)} items for a batch "
                        f"of {real} real rows (weights > 0); it must return one per real row, in batch order")
@@ -146,7 +146,8 @@ def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-9)
 
 
-def _real_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+def real_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Positions of the batch's real rows (weights > 0), in order: what `decode` gives an item for."""
     return np.flatnonzero(np.asarray(batch["weights"]) > 0)
 
 
@@ -225,7 +226,7 @@ class ClassificationHead(_PooledHead):
         return {"label": jnp.argmax(probs, axis=-1), "probs": probs}
 
     def decode(self, predictions, batch):
-        return [int(predictions["label"][i]) for i in _real_rows(batch)]
+        return [int(predictions["label"][i]) for i in real_rows(batch)]
 
     def score(self, predicted, references):
         return metrics.classification_metrics(references, predicted, self.labels)
@@ -258,7 +259,7 @@ class SentimentHead(ClassificationHead):
         return out
 
     def decode(self, predictions, batch):
-        return [(int(predictions["label"][i]), float(predictions["score"][i])) for i in _real_rows(batch)]
+        return [(int(predictions["label"][i]), float(predictions["score"][i])) for i in real_rows(batch)]
 
     def score(self, predicted, references):
         labels = [p[0] for p in predicted]
@@ -304,7 +305,7 @@ class TokenClassificationHead(Head):
     def decode(self, predictions, batch):
         outside = self.labels.index("O") if "O" in self.labels else 0
         out = []
-        for i in _real_rows(batch):
+        for i in real_rows(batch):
             words = int(batch["num_words"][i])
             tags = np.full(words, outside, np.int64)
             index = np.asarray(batch["word_index"][i])
@@ -341,7 +342,7 @@ class RegressionHead(_PooledHead):
         return {"score": logits[:, 0]}
 
     def decode(self, predictions, batch):
-        return [float(predictions["score"][i]) for i in _real_rows(batch)]
+        return [float(predictions["score"][i]) for i in real_rows(batch)]
 
     def score(self, predicted, references):
         return metrics.regression_metrics(references, predicted)
@@ -376,7 +377,7 @@ class MultiLabelHead(_PooledHead):
         return {"labels": probs > self.threshold, "probs": probs}
 
     def decode(self, predictions, batch):
-        return [np.asarray(predictions["labels"][i], np.int64).tolist() for i in _real_rows(batch)]
+        return [np.asarray(predictions["labels"][i], np.int64).tolist() for i in real_rows(batch)]
 
     def score(self, predicted, references):
         return metrics.multilabel_metrics(np.asarray(references), np.asarray(predicted), self.labels)

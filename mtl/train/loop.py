@@ -35,7 +35,7 @@ from mtl.config import ExperimentConfig, config_changes, to_yaml
 from mtl.data.batching import Batcher, TrainStream, eval_batches
 from mtl.data.pipeline import column
 from mtl.errors import MtlError
-from mtl.models.heads import decode_real_rows
+from mtl.models.heads import decode_real_rows, real_rows
 from mtl.sharding import Layout, fit_mesh, initialize_distributed, is_primary, make_mesh, primary_first
 from mtl.tasks import TaskHead
 from mtl.tracking import MetricsWriter, Progress, RecordNotWritten, append_record, read_metrics, replace_whole
@@ -461,8 +461,8 @@ class Trainer(TrainLoop):
             predicted = [None] * batcher.size  # by row of the split: the batches come shortest first
             for batch in eval_batches(batcher):
                 predictions = self.layout.gather(self.predict_steps[name](model_params, self.layout.put_whole_batch(batch)))
-                real_rows = batch["index"][batch["weights"] > 0]
-                for row, item in zip(real_rows, decode_real_rows(name, head, predictions, batch)):
+                items = decode_real_rows(name, head, predictions, batch)
+                for row, item in zip(batch["index"][real_rows(batch)], items):
                     predicted[row] = item
             references = column(data.splits[split], "tags" if head.label_kind == "tags" else "labels")
             scores = head.score(predicted, references)
