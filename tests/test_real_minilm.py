@@ -1,10 +1,15 @@
 """The real all-MiniLM-L6-v2 (resolved through mtl.assets) against HF's BertModel."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import default_codegen_env
 
 from mtl import Encoder, load_tokenizer
 
@@ -43,3 +48,14 @@ def test_sentence_similarities(batch, mtl_out):
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     assert emb[0] @ emb[1] == pytest.approx(0.755, abs=0.005)
     assert abs(emb[0] @ emb[2]) < 0.05
+
+
+def test_jitted_forward_and_gradients_match_pytorch_as_users_compile(minilm_dir):
+    """The comparison above runs eagerly, at the tests' fast compile; this one is the jitted
+    forward and backward that training runs, at XLA's default code generation, in a process of
+    its own (tests/minilm_parity.py says what it checks and the errors measured)."""
+    script = Path(__file__).with_name("minilm_parity.py")
+    proc = subprocess.run([sys.executable, str(script), str(minilm_dir)], env=default_codegen_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "looped:" in proc.stdout and "scanned:" in proc.stdout, proc.stdout
