@@ -32,7 +32,6 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from mtl.errors import MtlError
 
-
 T = TypeVar("T")
 SELECTION = "selection"  # the metric a checkpoint is ranked by (higher is better)
 

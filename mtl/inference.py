@@ -34,9 +34,9 @@ from mtl.data.pipeline import first_subtoken_words
 from mtl.errors import MtlError
 from mtl.models.heads import build_head, decode_real_rows, get_head, head_option_defaults
 from mtl.models.model import MultiTaskModel
+from mtl.params import flatten
 from mtl.tasks import TaskHead, load_tasks
 from mtl.tokenizer import load_tokenizer
-from mtl.params import flatten
 from mtl.train.experiment import assign_params, build_encoder
 from mtl.train.multitask import make_predict_steps
 
@@ -136,7 +136,7 @@ class Predictor:
             batch = self._batch(trained.max_length, enc, chosen, rows, words)
             predictions = jax.device_get(self._steps[task](self._params, batch))
             probs = predictions.get("probs")
-            for row, (i, item) in enumerate(zip(chosen, decode_real_rows(task, head, predictions, batch))):
+            for row, (i, item) in enumerate(zip(chosen, decode_real_rows(task, head, predictions, batch), strict=True)):
                 results[i] = self._result(task, kind, texts[i], words[i] if words else None, item,
                                           probs[row] if probs is not None else None)
         return results
@@ -177,14 +177,14 @@ class Predictor:
         elif kind == "class":
             label = item[0] if isinstance(item, tuple) else item
             result["label"] = labels[label]
-            result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs)}
+            result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs, strict=True)}
             if isinstance(item, tuple):
                 result["score"] = round(item[1], 4)
         elif kind == "scalar":
             result["score"] = item
         else:
-            result["labels"] = [label for label, on in zip(labels, item) if on]
-            result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs)}
+            result["labels"] = [label for label, on in zip(labels, item, strict=True) if on]
+            result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs, strict=True)}
         return result
 
 

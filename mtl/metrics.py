@@ -51,7 +51,7 @@ def entity_metrics(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Seque
         "entity_f1": float(micro["f1-score"]),
     }
     total = sum(len(t) for t in true_tags)
-    correct = sum(a == b for t, p in zip(true_tags, pred_tags) for a, b in zip(t, p))
+    correct = sum(a == b for t, p in zip(true_tags, pred_tags, strict=True) for a, b in zip(t, p, strict=True))
     out["token_accuracy"] = correct / total if total else 0.0
     for name, scores in report.items():
         if name.endswith(" avg"):
@@ -82,6 +82,6 @@ def multilabel_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
     }
     per_label = f1_score(y_true, y_pred, average=None, zero_division=0)
-    for label, f1 in zip(labels, per_label):
+    for label, f1 in zip(labels, per_label, strict=True):
         out[f"f1/{label}"] = float(f1)
     return out

@@ -181,7 +181,7 @@ def make_mesh(config: MeshSection | None = None, devices: list | None = None) ->
     config = config or MeshSection()
     devices = list(devices if devices is not None else jax.devices())
     sizes = [config.data, config.fsdp, config.tensor]
-    for name, size in zip(AXES, sizes):
+    for name, size in zip(AXES, sizes, strict=True):
         if size == 0 or size < -1:
             raise MtlError(f"key 'mesh.{name}': must be positive or -1 (the devices left), got {size}")
     if sizes.count(-1) > 1:
@@ -192,7 +192,7 @@ def make_mesh(config: MeshSection | None = None, devices: list | None = None) ->
             raise MtlError(f"key 'mesh': {len(devices)} devices do not split into axes of sizes {sizes}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise MtlError(f"key 'mesh': axes {dict(zip(AXES, sizes))} need {math.prod(sizes)} devices, "
+        raise MtlError(f"key 'mesh': axes {dict(zip(AXES, sizes, strict=True))} need {math.prod(sizes)} devices, "
                        f"there are {len(devices)}")
     return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 

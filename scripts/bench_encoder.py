@@ -26,9 +26,9 @@ import torch
 import transformers
 from flax import nnx
 
-from timing import median_time  # scripts/timing.py
-
 from mtl import DEFAULT_MODEL, Encoder, resolve_model
+
+from timing import median_time  # scripts/timing.py
 
 
 def mtl_steps(encoder: Encoder, ids, mask):
@@ -51,6 +51,14 @@ def compile_seconds(encoder: Encoder, ids, mask) -> tuple[float, float]:
         fn.lower(params, ids, mask).compile()
         out.append(time.perf_counter() - start)
     return out[0], out[1]
+
+
+def step_seconds(encoder: Encoder, ids, mask, iters: int) -> tuple[float, float]:
+    """Median seconds of a forward pass and of a forward and backward pass, compiled."""
+    params, forward, backward = mtl_steps(encoder, ids, mask)
+    fwd = median_time(lambda: forward(params, ids, mask).block_until_ready(), iters)
+    bwd = median_time(lambda: jax.block_until_ready(backward(params, ids, mask)), iters)
+    return fwd, bwd
 
 
 def main() -> None:
@@ -88,10 +96,7 @@ def main() -> None:
     print(f"\n{'':24}{'forward':>12}{'fwd+bwd':>12}{'fwd ratio':>12}{'bwd ratio':>12}")
     print(f"{'HF PyTorch':24}{torch_fwd * 1e3:10.1f}ms{torch_bwd * 1e3:10.1f}ms")
     for scan in (True, False):
-        encoder = Encoder.from_pretrained(directory, scan_layers=scan)
-        params, forward, backward = mtl_steps(encoder, ids, mask)
-        fwd = median_time(lambda: forward(params, ids, mask).block_until_ready(), args.iters)
-        bwd = median_time(lambda: jax.block_until_ready(backward(params, ids, mask)), args.iters)
+        fwd, bwd = step_seconds(Encoder.from_pretrained(directory, scan_layers=scan), ids, mask, args.iters)
         label = f"mtl ({'scan' if scan else 'loop'})"
         print(f"{label:24}{fwd * 1e3:10.1f}ms{bwd * 1e3:10.1f}ms{torch_fwd / fwd:11.2f}x{torch_bwd / bwd:11.2f}x")
 

@@ -77,7 +77,6 @@ def run_mtl(variant: str, directory: str | None, shape: str | None, iters: int, 
             freeze_encoder: bool = False, freeze_layers: int = 0) -> dict:
     import jax
     from flax import nnx
-    from timing import SHAPES, VOCAB, device_memory_peak_gb, device_peak, median_time, parse_mesh  # scripts/timing.py
 
     from mtl import Encoder, EncoderConfig
     from mtl.config import OptimSection
@@ -87,6 +86,8 @@ def run_mtl(variant: str, directory: str | None, shape: str | None, iters: int, 
     from mtl.train.meta import HEAD, MetaLearner, make_meta_step
     from mtl.train.optim import build_optimizer, frozen_mask
     from mtl.train.state import TrainState
+
+    from timing import SHAPES, VOCAB, device_memory_peak_gb, device_peak, median_time, parse_mesh  # scripts/timing.py
 
     remat = variant == "mtl-maml-remat"
     options = dict(remat_policy="nothing_saveable" if remat else None, scan_layers=variant.endswith("-scan"))
@@ -138,6 +139,7 @@ def run_torch(directory: str | None, shape: str | None, iters: int, freeze_encod
     import torch
     import transformers
     from torch.func import functional_call, grad, vmap
+
     from timing import SHAPES, VOCAB, median_time
 
     torch.set_num_threads(os.cpu_count())

@@ -50,10 +50,6 @@ import torch
 import transformers
 from flax import nnx
 
-import minimal_jax  # scripts/minimal_jax.py
-
-from timing import SHAPES, VOCAB, StepCost, device_memory_peak_gb, device_peak, parse_mesh, step_cost  # scripts/timing.py
-
 from mtl import DEFAULT_MODEL, Encoder, EncoderConfig, resolve_model
 from mtl.config import OptimSection
 from mtl.hostmem import asks_for_huge_pages, reexec_with_huge_pages, retain_freed_memory
@@ -63,6 +59,17 @@ from mtl.sharding import Layout, make_mesh
 from mtl.train.multitask import make_train_steps
 from mtl.train.optim import build_optimizer, frozen_mask
 from mtl.train.state import TrainState
+
+import minimal_jax  # scripts/minimal_jax.py
+from timing import (  # scripts/timing.py
+    SHAPES,
+    VOCAB,
+    StepCost,
+    device_memory_peak_gb,
+    device_peak,
+    parse_mesh,
+    step_cost,
+)
 
 
 def main() -> None:

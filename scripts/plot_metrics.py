@@ -57,13 +57,13 @@ def main() -> None:
     for task in sorted(set(losses) | set(scores)):
         fig, left = plt.subplots(figsize=(7, 4))
         if losses[task]:
-            left.plot(*zip(*sorted(losses[task].items())), color="tab:blue", label="train loss")
+            left.plot(*zip(*sorted(losses[task].items()), strict=True), color="tab:blue", label="train loss")
         left.set_xlabel("step")
         left.set_ylabel("train loss")
         right = left.twinx()
         right.set_prop_cycle(color=plt.rcParams["axes.prop_cycle"].by_key()["color"][1:])  # blue is the loss's
         for metric, points in scores[task].items():
-            right.plot(*zip(*sorted(points.items())), marker="o", label=f"validation {metric}")
+            right.plot(*zip(*sorted(points.items()), strict=True), marker="o", label=f"validation {metric}")
         right.set_ylabel("validation score")
         left.set_title(task)
         fig.legend(loc="lower center", ncol=3, frameon=False)  # under the axes, clear of both curves

@@ -93,18 +93,18 @@ class ExportedModel:
             pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         outputs, labels, head = linear(pooled), task["labels"], task["head"]
         results = []
-        for text, row in zip(texts, outputs):
+        for text, row in zip(texts, outputs, strict=True):
             result = {"text": text}
             if head == "regression":
                 result["score"] = float(row[0])
             elif head == "multi_label":
                 probs = torch.sigmoid(row)
-                result["labels"] = [label for label, p in zip(labels, probs) if p > task["head_options"]["threshold"]]
-                result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs)}
+                result["labels"] = [label for label, p in zip(labels, probs, strict=True) if p > task["head_options"]["threshold"]]
+                result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs, strict=True)}
             else:
                 probs = torch.softmax(row, -1)
                 result["label"] = labels[int(probs.argmax())]
-                result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs)}
+                result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs, strict=True)}
                 if head == "sentiment":
                     result["score"] = round(float(probs @ torch.linspace(-1.0, 1.0, len(labels))), 4)
             results.append(result)
@@ -129,7 +129,7 @@ class ExportedModel:
                         seen.add(word)
                         tags[i][word] = int(predicted[row, position])
         results = []
-        for text, ws, ids in zip(texts, words, tags):
+        for text, ws, ids in zip(texts, words, tags, strict=True):
             names = [labels[t] for t in ids]
             entities = [{"type": kind, "start": s, "end": e + 1, "text": " ".join(ws[s:e + 1])}
                         for kind, s, e in get_entities(names)]

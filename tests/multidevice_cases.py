@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
+from test_meta import _batch, _episodes, _learner, _model  # noqa: E402  (tests/ is sys.path[0])
 
 from mtl.checkpoint import Checkpointer  # noqa: E402
 from mtl.config import MeshSection, OptimSection  # noqa: E402
@@ -31,7 +32,6 @@ from mtl.train.meta import HEAD, make_meta_step  # noqa: E402
 from mtl.train.multitask import make_train_steps  # noqa: E402
 from mtl.train.optim import build_optimizer, frozen_mask  # noqa: E402
 from mtl.train.state import TrainState  # noqa: E402
-from test_meta import _batch, _episodes, _learner, _model  # noqa: E402  (tests/ is sys.path[0])
 
 RTOL = 1e-10
 
@@ -48,7 +48,7 @@ def _leaf(tree, suffix: str):
 
 
 def _assert_trees_close(a, b, what: str) -> None:
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=1e-14, err_msg=f"{what} {path_name(path)}")
 
 
@@ -92,7 +92,7 @@ def check_train(mesh_args: list[str]) -> None:
     for array in (query, mu):
         assert array.sharding.spec == P(None, "fsdp", "tensor"), array.sharding.spec
         shard = array.addressable_shards[0].data.shape
-        assert shard == tuple(n // mesh.shape[a] if a else n for n, a in zip(array.shape, expected)), shard
+        assert shard == tuple(n // mesh.shape[a] if a else n for n, a in zip(array.shape, expected, strict=True)), shard
     print(f"train {dict(mesh.shape)}: ok, query kernel {query.shape} held as {query.addressable_shards[0].data.shape}")
 
 

@@ -11,8 +11,15 @@ import jax
 import pytest
 
 from mtl import MtlError, cli, resolve_model
-from mtl.assets import (CACHED_COMPILE_SECONDS, COMPILATION_CACHE_BYTES, DEFAULT_MODEL, MODEL_MIRRORS, PackagedAsset,
-                        enable_compilation_cache, fetch_packaged)
+from mtl.assets import (
+    CACHED_COMPILE_SECONDS,
+    COMPILATION_CACHE_BYTES,
+    DEFAULT_MODEL,
+    MODEL_MIRRORS,
+    PackagedAsset,
+    enable_compilation_cache,
+    fetch_packaged,
+)
 from mtl.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,7 @@
 """The data path: alignment, bucketing, deterministic resumable order, readers, IOB2."""
 
+import itertools
+import json
 import os
 import subprocess
 import sys
@@ -8,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_DATA, CSV_SPEC, write_task
 from mtl.data import Batcher, TrainStream, bucket_lengths, eval_batches, load_task_data
 from mtl.data.pipeline import iob2_problems, load_raw_splits, repair_iob2
 from mtl.models.heads import IGNORE
 from mtl.tasks import load_task
 
+from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_DATA, CSV_SPEC, write_task
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -185,14 +187,14 @@ def test_a_part_of_a_batch_is_that_slice_of_the_whole_batch(toy_split):
 def test_train_stream_is_deterministic_and_restarts_at_any_step(toy_split):
     batcher = Batcher(toy_split, batch_size=4, max_length=24, pad_token_id=0)
     stream = TrainStream(batcher, seed=7)
-    run = [b["index"].tolist() for _, b in zip(range(25), stream.iterate(0))]
-    again = [b["index"].tolist() for _, b in zip(range(25), TrainStream(batcher, seed=7).iterate(0))]
+    run = [b["index"].tolist() for b in itertools.islice(stream.iterate(0), 25)]
+    again = [b["index"].tolist() for b in itertools.islice(TrainStream(batcher, seed=7).iterate(0), 25)]
     assert run == again
-    resumed = [b["index"].tolist() for _, b in zip(range(12), TrainStream(batcher, seed=7).iterate(13))]
+    resumed = [b["index"].tolist() for b in itertools.islice(TrainStream(batcher, seed=7).iterate(13), 12)]
     assert resumed == run[13:]
     epoch = np.concatenate(run[:stream.steps_per_epoch])
     assert sorted(epoch.tolist()) == list(range(40))  # one epoch visits every row once
-    other = [b["index"].tolist() for _, b in zip(range(10), TrainStream(batcher, seed=8).iterate(0))]
+    other = [b["index"].tolist() for b in itertools.islice(TrainStream(batcher, seed=8).iterate(0), 10)]
     assert other != run[:10]
 
 
@@ -234,7 +236,7 @@ def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, tokenizer):
     csv_path = write_task(tmp_path / "csv", CSV_SPEC, {"data.csv": bom + CSV_DATA.lstrip("\n").encode()})
     assert load_task_data(load_task(csv_path), tokenizer).stats["rows_kept"] == 8
     jsonl = {**CSV_SPEC, "source": {"format": "jsonl", "files": ["d.jsonl"]}}
-    lines = "\n".join('{"review": "r%d", "stars": "%s"}' % (i, "pos" if i % 2 else "neg") for i in range(8))
+    lines = "\n".join(json.dumps({"review": f"r{i}", "stars": "pos" if i % 2 else "neg"}) for i in range(8))
     jsonl_path = write_task(tmp_path / "jsonl", jsonl, {"d.jsonl": bom + lines.encode()})
     raw, _ = load_raw_splits(load_task(jsonl_path))
     assert sorted(t for split in raw.values() for t in split["text"]) == [f"r{i}" for i in range(8)]
@@ -242,7 +244,7 @@ def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, tokenizer):
 
 def test_jsonl_multilabel_and_regression(tmp_path, tokenizer):
     lines = "\n".join(
-        '{"text": "t%d", "tags": %s, "score": %s}' % (i, '["a", "b"]' if i % 2 else '["b"]', i / 10) for i in range(10)
+        json.dumps({"text": f"t{i}", "tags": ["a", "b"] if i % 2 else ["b"], "score": i / 10}) for i in range(10)
     )
     split = {"seed": 0, "train": 0.6, "validation": 0.2, "test": 0.2}
     multi = {"name": "multi", "head": "multi_label", "metric": "micro_f1", "labels": ["a", "b"],

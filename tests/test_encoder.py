@@ -13,11 +13,12 @@ import torch
 from flax import nnx
 from jax.extend.random import threefry2x32_p
 
-from conftest import padded_batch
 from mtl import Encoder
 from mtl.errors import MtlError
 from mtl.hf import encoder_to_hf_tensors
 from mtl.models.encoder import _block_counters, dropout, gelu, threefry2x32
+
+from conftest import padded_batch
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_threefry_is_jax_threefry_and_every_block_has_its_own_counter():
         np.testing.assert_array_equal(a, b)
     for shape in [(7,), (3, 5), (2, 3, 4, 5)]:
         hi, lo = (np.asarray(c).ravel() for c in _block_counters(shape))
-        assert len(set(zip(hi.tolist(), lo.tolist()))) == math.prod(shape), shape
+        assert len(set(zip(hi.tolist(), lo.tolist(), strict=True))) == math.prod(shape), shape
     too_long = jax.ShapeDtypeStruct((2, 2**32 * 4), jnp.float32)  # 2**32 blocks after the first axis
     with pytest.raises(MtlError, match=r"dropout over an array of shape \(2, 4294967296\)"):
         jax.eval_shape(lambda x: dropout(x, 0.1, jax.random.key(0)), too_long)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODELS, padded_batch
 from mtl import Encoder
+
+from conftest import TINY_MODELS, padded_batch
 
 TOL = 1e-5  # fp32 on CPU: both sides do the same float32 ops in a different order.
 

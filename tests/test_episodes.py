@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 
-from data_helpers import write_task
 from mtl.data import load_task_data
 from mtl.data.episodes import EpisodeSampler, check_disjoint, make_source
 from mtl.errors import MtlError
 from mtl.models.heads import IGNORE
 from mtl.tasks import load_task
+
+from data_helpers import write_task
 
 TEXTS = {"sports": ["goal scored late", "team wins cup", "striker injured", "coach sacked", "match drawn",
                     "fans celebrate", "record transfer", "derby tonight"],
@@ -86,7 +87,7 @@ def test_class_episode_shapes_and_labels(topics):
     # Each row really is an example of the class its episode label names.
     gold = np.asarray(topics.splits["train"]["labels"])
     for part in ("support", "query"):
-        for row, label in zip(episode[part]["index"], episode[part]["labels"]):
+        for row, label in zip(episode[part]["index"], episode[part]["labels"], strict=True):
             assert topics.labels[gold[row]] == episode["classes"][label]
     support, query = set(episode["support"]["index"]), set(episode["query"]["index"])
     assert not support & query
@@ -132,7 +133,7 @@ def test_ner_episodes_relabel_drawn_types_and_tag_the_rest_o(ner):
         classes = episode["classes"]
         for part in ("support", "query"):
             batch = episode[part]
-            for row, labels, word_index in zip(batch["index"], batch["labels"], batch["word_index"]):
+            for row, labels, word_index in zip(batch["index"], batch["labels"], batch["word_index"], strict=True):
                 words = [ner.labels[t] for t in tags[row]]
                 expected = []
                 for tag in words:
@@ -142,7 +143,7 @@ def test_ner_episodes_relabel_drawn_types_and_tag_the_rest_o(ner):
                 assert labels[~first].tolist() == [IGNORE] * int((~first).sum())
                 assert labels[first].tolist() == [expected[w] for w in word_index[first]]
         # each drawn type is really present in the sentences drawn for it
-        for c_index, c in enumerate(classes):
+        for c_index in range(len(classes)):
             assert (episode["support"]["labels"][c_index] == 1 + 2 * c_index).any()
 
 

@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_SPEC, write_task
 
 from mtl.config import load_experiment
 from mtl.inference import Predictor, export
 from mtl.train.experiment import build_experiment
 from mtl.train.loop import Trainer
+
+from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_SPEC, write_task
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "torch_predict.py"
 _spec = importlib.util.spec_from_file_location("torch_predict", SCRIPT)
@@ -45,7 +46,7 @@ def exported(tmp_path_factory, minilm_dir):
     ]
     files = [{"data.csv": rows}, {"data.csv": rows}, {"d.jsonl": lines}, {"d.jsonl": lines},
              {"train.txt": "\n".join([CONLL_TRAIN] * 8), "dev.txt": CONLL_DEV}]
-    tasks = [{"task": str(write_task(tmp / spec["name"], spec, data))} for spec, data in zip(specs, files)]
+    tasks = [{"task": str(write_task(tmp / spec["name"], spec, data))} for spec, data in zip(specs, files, strict=True)]
     config = load_experiment(None, data={
         "model": {"encoder": str(minilm_dir), "random_init": {"hidden_size": 16, "num_layers": 2, "num_heads": 2,
                                                              "intermediate_size": 32}},
@@ -78,7 +79,7 @@ def test_torch_reader_predicts_what_mtl_predicts(exported, task):
     ours = predictor.predict(task, texts)
     theirs = torch_predict.ExportedModel(out).predict(task, texts, batch_size=3)
     assert len(theirs) == len(texts)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         _assert_same(a, b)
     if task == "toy_ner":
         assert theirs[2] == {"text": "", "tokens": [], "tags": [], "entities": []}

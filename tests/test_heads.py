@@ -7,13 +7,22 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtl import MtlError
+from mtl import MtlError, metrics
 from mtl.models.encoder import EncoderOutput
 from mtl.models.heads import (
-    HEADS, IGNORE, ClassificationHead, Head, MultiLabelHead, RegressionHead, SentimentHead,
-    TokenClassificationHead, build_head, get_head, pool, register_head,
+    HEADS,
+    IGNORE,
+    ClassificationHead,
+    Head,
+    MultiLabelHead,
+    RegressionHead,
+    SentimentHead,
+    TokenClassificationHead,
+    build_head,
+    get_head,
+    pool,
+    register_head,
 )
-from mtl import metrics
 
 
 def _log_softmax(row):

@@ -8,15 +8,16 @@ import torch
 import transformers
 from flax import nnx
 
-from conftest import TINY_MODELS, padded_batch
 from mtl import Encoder, EncoderConfig
+
+from conftest import TINY_MODELS, padded_batch
 
 
 def _assert_trees_equal(a, b):
     leaves_a, tree_a = jax.tree.flatten(nnx.to_pure_dict(nnx.state(a)))
     leaves_b, tree_b = jax.tree.flatten(nnx.to_pure_dict(nnx.state(b)))
     assert tree_a == tree_b
-    for x, y in zip(leaves_a, leaves_b):
+    for x, y in zip(leaves_a, leaves_b, strict=True):
         np.testing.assert_array_equal(x, y)
 
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import loop_trip_counts
 from mtl import Encoder, EncoderConfig
 from mtl.config import OptimSection
 from mtl.errors import MtlError
@@ -15,6 +14,8 @@ from mtl.models.model import MultiTaskModel
 from mtl.train.meta import HEAD, MetaLearner, make_adapt_predict, make_meta_step
 from mtl.train.optim import build_optimizer, frozen_mask
 from mtl.train.state import TrainState
+
+from conftest import loop_trip_counts
 
 WAYS, SHOTS, QUERIES, LENGTH = 2, 2, 3, 8
 
@@ -72,6 +73,21 @@ def _flat(tree):
     return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
 
 
+def _random_unit_direction(rng, like):
+    """A random direction of norm 1 in the space of `like`'s leaves."""
+    direction = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape)), like)
+    norm = np.linalg.norm(_flat(direction))
+    return jax.tree.map(lambda d: d / norm, direction)
+
+
+def _moved(tree, direction, distance):
+    return jax.tree.map(lambda p, d: p + distance * d, tree, direction)
+
+
+def _meta_batch_of_one(episodes, i):
+    return jax.tree.map(lambda x: x[i:i + 1], episodes)
+
+
 @pytest.fixture
 def x64():
     jax.config.update("jax_enable_x64", True)
@@ -99,11 +115,9 @@ def test_maml_meta_gradient_matches_finite_differences(x64):
     rng = np.random.default_rng(1)
     eps = 1e-5
     for _ in range(3):
-        direction = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape)), meta_params)
-        norm = np.linalg.norm(_flat(direction))
-        direction = jax.tree.map(lambda d: d / norm, direction)
-        shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, meta_params, direction)
-        numeric = (float(loss(shifted(1.0))) - float(loss(shifted(-1.0)))) / (2 * eps)
+        direction = _random_unit_direction(rng, meta_params)
+        numeric = (float(loss(_moved(meta_params, direction, eps))) -
+                   float(loss(_moved(meta_params, direction, -eps)))) / (2 * eps)
         analytic = float(_flat(grads) @ _flat(direction))
         first_order = float(_flat(fo_grads) @ _flat(direction))
         assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9)
@@ -139,7 +153,7 @@ def test_anil_adapts_only_the_head(kind):
     # The adapted model is the original encoder with the adapted head: same query logits.
     model = nnx.merge(learner.graphdef, nnx.merge_state(adapted, slow), learner.rest)
     np.testing.assert_allclose(logits, model(HEAD, episode["query"]), rtol=1e-5, atol=1e-6)
-    for before, after in zip(jax.tree.leaves(slow), jax.tree.leaves(learner.split(meta_params["model"])[1])):
+    for before, after in zip(jax.tree.leaves(slow), jax.tree.leaves(learner.split(meta_params["model"])[1]), strict=True):
         np.testing.assert_array_equal(before, after)
 
 
@@ -170,7 +184,8 @@ def test_top_layer_maml_equals_maml_through_the_whole_model(x64, scan_layers):
                                     proto_init=True, dtype="float64", scan_layers=scan_layers)
     episodes = _episodes(2)
 
-    model = lambda p: nnx.merge(learner.graphdef, p, learner.rest)
+    def model(p):
+        return nnx.merge(learner.graphdef, p, learner.rest)
 
     def moves(path, x):  # where the inner step reaches: a scalar, or [L, 1, ...] for stacked layers
         names = tuple(str(getattr(k, "key", k)) for k in path)
@@ -215,7 +230,8 @@ def test_all_parameter_maml_equals_maml_over_the_whole_word_table(x64, algorithm
     episodes = _episodes(2)
     for part in ("support", "query"):
         episodes[part]["input_ids"] = np.where(episodes[part]["attention_mask"] > 0, episodes[part]["input_ids"], 0)
-    model = lambda p: nnx.merge(learner.graphdef, p, learner.rest)
+    def model(p):
+        return nnx.merge(learner.graphdef, p, learner.rest)
 
     def reference_adapt(meta_params, episode):
         params = meta_params["model"]
@@ -237,7 +253,8 @@ def test_all_parameter_maml_equals_maml_over_the_whole_word_table(x64, algorithm
     expected = jax.jit(jax.grad(lambda p: jax.vmap(reference_loss, in_axes=(None, 0))(p, episodes).mean()))(meta_params)
     grads, _ = jax.jit(learner.meta_gradients)(meta_params, episodes)
     np.testing.assert_allclose(_flat(grads), _flat(expected), rtol=1e-9, atol=1e-12)
-    table = lambda tree: np.asarray(tree["encoder"]["embeddings"]["word"]["embedding"][...])
+    def table(tree):
+        return np.asarray(tree["encoder"]["embeddings"]["word"]["embedding"][...])
     assert np.abs(table(grads["model"])).max() > 0 and not table(grads["model"])[0].any()  # the padding row
     if algorithm == "meta_sgd":
         assert np.abs(table(grads["inner_lr"])).max() > 0
@@ -274,7 +291,7 @@ def test_a_frozen_encoder_takes_no_meta_gradient(x64, algorithm, options, flops_
     tx = build_optimizer(cfg, meta_params, learner.encoder, total_steps=10)
     step = make_meta_step(learner, tx, skip_nonfinite=False, frozen=frozen)
     state, _ = step(TrainState.create(jax.tree.map(jnp.copy, meta_params), tx, seed=0), episodes)  # it donates
-    for a, b in zip(jax.tree.leaves(state.params["model"]["encoder"]), jax.tree.leaves(meta_params["model"]["encoder"])):
+    for a, b in zip(jax.tree.leaves(state.params["model"]["encoder"]), jax.tree.leaves(meta_params["model"]["encoder"]), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -349,7 +366,8 @@ def test_protonet_logits_are_negative_squared_distances_to_class_means(kind):
     episode = _one(_episodes(1, kind))
     logits, _, _ = learner.adapted_query_logits(meta_params, episode)
     params = meta_params["model"]
-    feats = lambda part: np.asarray(learner.features(learner.encode(params, episode[part]), episode[part]), np.float64)
+    def feats(part):
+        return np.asarray(learner.features(learner.encode(params, episode[part]), episode[part]), np.float64)
     support, query = feats("support"), feats("query")
     labels = np.asarray(episode["support"]["labels"])
     classes = 2 * WAYS + 1 if kind == "tags" else WAYS
@@ -391,7 +409,7 @@ def test_vmapped_meta_batch_equals_mean_of_per_task_gradients(algorithm):
     episodes = _episodes(3)
     meta_gradients = jax.jit(learner.meta_gradients)  # one compile per meta-batch size, not op by op
     grads, metrics = meta_gradients(meta_params, episodes)
-    singles = [meta_gradients(meta_params, jax.tree.map(lambda x: x[i:i + 1], episodes)) for i in range(3)]
+    singles = [meta_gradients(meta_params, _meta_batch_of_one(episodes, i)) for i in range(3)]
     mean = jax.tree.map(lambda *g: sum(g) / 3, *[g for g, _ in singles])
     np.testing.assert_allclose(_flat(grads), _flat(mean), rtol=1e-4, atol=1e-6)
     assert float(metrics["loss"]) == pytest.approx(np.mean([float(m["loss"]) for _, m in singles]), rel=1e-5)

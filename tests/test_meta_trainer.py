@@ -9,9 +9,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
-from data_helpers import write_task
 from test_meta import _flat  # tests/ is sys.path[0]
+
 from mtl.checkpoint import Checkpointer
 from mtl.cli import main
 from mtl.config import load_experiment
@@ -21,6 +20,8 @@ from mtl.train import meta_trainer
 from mtl.train.loop import train
 from mtl.train.meta import make_adapt_predict
 from mtl.train.meta_trainer import meta_test, meta_train
+
+from data_helpers import write_task
 
 ROOT = Path(__file__).resolve().parents[1]
 META_TINY = ROOT / "configs" / "meta_tiny.yaml"
@@ -54,7 +55,7 @@ def test_meta_training_resumes_exactly(meta_run, tmp_path):
     meta_train(load_experiment(META_TINY), tmp_path / "w")
     assert _losses(tmp_path / "w") == _losses(reference)
     a, b = _final(tmp_path / "w"), _final(reference)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
 
 

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 import transformers
-from conftest import xla_flags
 from test_trainer import TINY, _assert_same_tree, _final_tree, _losses
 
 from mtl.inference import export
 from mtl.train.loop import evaluate
+
+from conftest import xla_flags
 
 TESTS = Path(__file__).parent
 MESH = ["mesh.data=2"]

@@ -9,15 +9,23 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import loop_trip_counts
 from mtl import Encoder, EncoderConfig
 from mtl.config import OptimSection
 from mtl.models.heads import ClassificationHead
 from mtl.models.model import MultiTaskModel
 from mtl.train.multitask import TaskSampler, make_train_steps
-from mtl.train.optim import (_names, build_optimizer, clip_by_global_norm, decay_mask, depth_factors, frozen_mask,
-                             schedule)
+from mtl.train.optim import (
+    _names,
+    build_optimizer,
+    clip_by_global_norm,
+    decay_mask,
+    depth_factors,
+    frozen_mask,
+    schedule,
+)
 from mtl.train.state import TrainState, make_update
+
+from conftest import loop_trip_counts
 
 
 def _setup(scan_layers=True, **optim):
@@ -78,7 +86,8 @@ def test_clipping_equals_optax_and_stores_no_clipped_copy_of_the_gradients():
 def test_weight_decay_skips_biases_and_norms():
     *_, state, _ = _setup()
     mask = decay_mask(state.params)["model"]
-    leaf = lambda x: jax.tree.leaves(x)[0]  # the mask keeps the params' Param wrappers, as optax needs
+    def leaf(x):
+        return jax.tree.leaves(x)[0]  # the mask keeps the params' Param wrappers, as optax needs
     assert leaf(mask["encoder"]["layers"]["query"]["kernel"]) is True
     assert leaf(mask["encoder"]["embeddings"]["word"]["embedding"]) is True
     assert leaf(mask["heads"]["t"]["out"]["kernel"]) is True
@@ -113,7 +122,7 @@ def test_head_lr_scale_speeds_up_only_what_sits_above_the_encoder():
         before, after, _ = _step(*_setup(scan_layers=False, **optim)[:4])
         after = jax.tree.map(np.asarray, after.params)
         return {path: np.asarray(a[...]) - np.asarray(b[...]) for (path, a), (_, b) in
-                zip(nnx.to_flat_state(after["model"]), nnx.to_flat_state(before["model"]))}
+                zip(nnx.to_flat_state(after["model"]), nnx.to_flat_state(before["model"]), strict=True)}
 
     plain, fast = deltas(), deltas(head_lr_scale=10.0)
     for path, delta in plain.items():

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import default_codegen_env
 from flax import nnx
+
+from conftest import default_codegen_env
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -25,8 +26,8 @@ def _python_block(starting_with: str) -> str:
 def test_how_to_add_a_head_example(tmp_path, monkeypatch):
     (tmp_path / "my_heads.py").write_text(_python_block("# my_heads.py"))
     monkeypatch.syspath_prepend(str(tmp_path))
-    from mtl.models.heads import HEADS, build_head
     from mtl.models.encoder import EncoderOutput
+    from mtl.models.heads import HEADS, build_head
 
     try:
         head = build_head("my_heads:OrdinalHead", 8, ["low", "mid", "high"], {"dropout": 0.0}, rngs=nnx.Rngs(0))

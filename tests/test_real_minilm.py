@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import default_codegen_env
 
 from mtl import Encoder, load_tokenizer
+
+from conftest import default_codegen_env
 
 pytestmark = pytest.mark.slow
 

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import jax
 import pytest
-from conftest import xla_flags
 from jax.sharding import PartitionSpec as P
 
 from mtl.config import DistributedSection, MeshSection
 from mtl.errors import MtlError
 from mtl.sharding import Layout, initialize_distributed, make_mesh, spec_for
+
+from conftest import xla_flags
 
 TESTS = Path(__file__).parent
 

@@ -2,11 +2,11 @@
 
 import pytest
 
-from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_DATA, CSV_SPEC, write_task
 from mtl import MtlError
 from mtl.data import load_task_data
 from mtl.tasks import load_task, load_tasks
 
+from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_DATA, CSV_SPEC, write_task
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 

@@ -17,14 +17,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_SPEC, write_task
 from mtl import MtlError
 from mtl.checkpoint import READ_ATTEMPTS, SELECTION, Checkpointer, load_trained
-from mtl.params import flatten, unstack_layers
 from mtl.config import load_experiment, to_yaml
+from mtl.params import flatten, unstack_layers
 from mtl.tracking import read_metrics
 from mtl.train.experiment import build_experiment
 from mtl.train.loop import LOCK_FILE, NonFiniteLossError, Trainer, evaluate
+
+from data_helpers import CONLL_DEV, CONLL_SPEC, CONLL_TRAIN, CSV_SPEC, write_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -56,7 +57,7 @@ def _assert_same_tree(a, b):
     leaves_a, def_a = jax.tree.flatten(a)
     leaves_b, def_b = jax.tree.flatten(b)
     assert def_a == def_b
-    for x, y in zip(leaves_a, leaves_b):
+    for x, y in zip(leaves_a, leaves_b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -235,7 +236,7 @@ def test_restore_into_another_seed_gives_identical_trees(tmp_path, isolated_cach
     first.run()
     other = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, seed=5)), tmp_path / "a")
     before = jax.tree.leaves(other.state.params)
-    assert not all(np.array_equal(x, y) for x, y in zip(before, jax.tree.leaves(first.state.params)))
+    assert not all(np.array_equal(x, y) for x, y in zip(before, jax.tree.leaves(first.state.params), strict=True))
     other.resume()
     _assert_same_tree(other.state, first.state)
 
@@ -1128,7 +1129,7 @@ def test_predict_batches_texts_shortest_first_and_answers_in_their_order(tmp_pat
         answers[task] = together
         alone = [predictor.predict(task, [text])[0] for text in texts]
         assert [r["text"] for r in together] == texts
-        for one, other in zip(together, alone):
+        for one, other in zip(together, alone, strict=True):
             assert {k: v for k, v in one.items() if k != "probs"} == {k: v for k, v in other.items() if k != "probs"}
             # Other batch shapes sum in other orders; the probabilities are rounded to 4 places.
             for label, p in one.get("probs", {}).items():

@@ -1,5 +1,7 @@
 """A head defined in a test module, named by dotted path in a spec, trains through a jitted step."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +9,6 @@ import optax
 import pytest
 from flax import nnx
 
-from data_helpers import write_task
-from user_heads import MeanPoolRegression
 from mtl import Encoder, EncoderConfig, load_tokenizer
 from mtl.data import Batcher, TrainStream, load_task_data
 from mtl.errors import MtlError
@@ -16,9 +16,12 @@ from mtl.models import MultiTaskModel, build_head
 from mtl.models.heads import decode_real_rows
 from mtl.tasks import load_task
 
+from data_helpers import write_task
+from user_heads import MeanPoolRegression
+
 
 def test_user_head_trains(tmp_path, isolated_cache, minilm_dir):
-    rows = "\n".join('{"text": "%s", "y": %d}' % ("good " * (i % 5 + 1), i % 5) for i in range(40))
+    rows = "\n".join(json.dumps({"text": "good " * (i % 5 + 1), "y": i % 5}) for i in range(40))
     spec = {"name": "toy_score", "head": "user_heads:MeanPoolRegression", "metric": "mse",
             "head_options": {"scale": 2.0}, "source": {"format": "jsonl", "files": ["d.jsonl"]},
             "columns": {"text": "text", "label": "y"}, "max_length": 16,

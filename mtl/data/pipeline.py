@@ -262,9 +262,9 @@ def iob2_problems(tags: Sequence[str]) -> list[int]:
     """Positions where a tag breaks strict IOB2: I-X not preceded by B-X or I-X, or not B/I/O."""
     bad, previous = [], "O"
     for i, tag in enumerate(tags):
-        if tag != "O" and not (tag.startswith("B-") or tag.startswith("I-")):
-            bad.append(i)
-        elif tag.startswith("I-") and previous[2:] != tag[2:]:
+        malformed = tag != "O" and tag[:2] not in ("B-", "I-")
+        continues_nothing = tag.startswith("I-") and previous[2:] != tag[2:]
+        if malformed or continues_nothing:
             bad.append(i)
         previous = tag
     return bad
@@ -303,7 +303,7 @@ def _file_order(origin: str) -> tuple[str, int]:
 
 def _check_tags(spec: TaskSpec, splits: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
     problems = {name: [(origin, tags, iob2_problems(tags))
-                       for origin, tags in zip(column(ds, "origin"), column(ds, "tags"))]
+                       for origin, tags in zip(column(ds, "origin"), column(ds, "tags"), strict=True)]
                 for name, ds in splits.items()}
     if spec.bio == "reject":
         bad = [(_line_of(origin, i), f"{tags[i]!r} after {tags[i - 1] if i else 'the sentence start'!r}")
@@ -326,13 +326,13 @@ def _check_tags(spec: TaskSpec, splits: dict[str, datasets.Dataset]) -> dict[str
 def _label_values(kind: str, ds: datasets.Dataset, spec: TaskSpec):
     """(origin, [label strings]) per example, for validation and counting."""
     if kind == "tags":
-        return zip(column(ds, "origin"), column(ds, "tags"))
+        return zip(column(ds, "origin"), column(ds, "tags"), strict=True)
     if kind == "multi":
         sep = spec.label_separator
         values = [v if isinstance(v, list) else [x.strip() for x in v.split(sep) if x.strip()]
                   for v in column(ds, "label")]
-        return zip(column(ds, "origin"), values)
-    return ((o, [v]) for o, v in zip(column(ds, "origin"), column(ds, "label")))
+        return zip(column(ds, "origin"), values, strict=True)
+    return ((o, [v]) for o, v in zip(column(ds, "origin"), column(ds, "label"), strict=True))
 
 
 def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Dataset]) -> tuple[list[str], dict]:
@@ -340,7 +340,7 @@ def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Datase
     counts = {name: Counter(x for _, vals in _label_values(kind, ds, spec) for x in vals) for name, ds in splits.items()}
     if kind == "scalar":
         bad = [(origin, value) for ds in splits.values()
-               for origin, value in zip(column(ds, "origin"), column(ds, "label")) if not _is_number(value)]
+               for origin, value in zip(column(ds, "origin"), column(ds, "label"), strict=True) if not _is_number(value)]
         if bad:
             raise MtlError(_first_bad_label(bad, f"is not a number (head {spec.head!r} needs one)"))
         return list(spec.labels or [spec.columns.label]), {}

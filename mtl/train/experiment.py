@@ -67,7 +67,7 @@ def _sliced(data: TaskData, max_train: int | None, max_eval: int | None) -> Task
 def load_experiment_data(config: ExperimentConfig, tokenizer, max_positions: int) -> dict[str, TaskData]:
     specs = load_tasks([entry.task for entry in config.tasks], [entry.overrides for entry in config.tasks])
     out = {}
-    for entry, spec in zip(config.tasks, specs):
+    for entry, spec in zip(config.tasks, specs, strict=True):
         data = load_task_data(spec, tokenizer, max_positions=max_positions)
         out[spec.name] = _sliced(data, entry.max_train_examples, entry.max_eval_examples)
     return out

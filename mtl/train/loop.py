@@ -443,7 +443,7 @@ class Trainer(TrainLoop):
         if self.config.train.loss_weighting != "uncertainty":
             return {}
         log_vars = np.asarray(self.state.params["log_vars"])
-        return {f"{t}/log_var": float(v) for t, v in zip(self.tasks, log_vars)}
+        return {f"{t}/log_var": float(v) for t, v in zip(self.tasks, log_vars, strict=True)}
 
     def evaluate(self, split: str = "validation") -> dict[str, float]:
         """Every task's metrics on `split` ("task/metric"), plus "aggregate": the mean of each
@@ -462,7 +462,7 @@ class Trainer(TrainLoop):
             for batch in eval_batches(batcher):
                 predictions = self.layout.gather(self.predict_steps[name](model_params, self.layout.put_whole_batch(batch)))
                 items = decode_real_rows(name, head, predictions, batch)
-                for row, item in zip(batch["index"][real_rows(batch)], items):
+                for row, item in zip(batch["index"][real_rows(batch)], items, strict=True):
                     predicted[row] = item
             references = column(data.splits[split], "tags" if head.label_kind == "tags" else "labels")
             scores = head.score(predicted, references)

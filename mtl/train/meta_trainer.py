@@ -64,7 +64,7 @@ def _samplers(config: ExperimentConfig, tasks: dict[str, TaskData], pad_token_id
     meta = config.meta
     # A source names a task as `tasks` lists it (a shipped name or a spec path); `tasks` is keyed
     # by the spec's name, in the same order.
-    names = {entry.task: name for entry, name in zip(config.tasks, tasks)}
+    names = {entry.task: name for entry, name in zip(config.tasks, tasks, strict=True)}
 
     def sources(entries, default_split):
         return [make_source(tasks[names[e.task]], e.split or default_split, e.classes) for e in entries]
@@ -150,8 +150,8 @@ def episode_scores(predict, meta_params: dict, sampler: EpisodeSampler, episodes
                 scores.append(float(np.mean(predictions[e] == labels)))
             else:  # word-level tags: the first sub-token of every word (IOB2 over the episode's types)
                 first = (labels != IGNORE) & (stacked["query"]["weights"][e][:, None] > 0)
-                gold = [[names[t] for t in row[m]] for row, m in zip(labels, first)]
-                pred = [[names[t] for t in row[m]] for row, m in zip(predictions[e], first)]
+                gold = [[names[t] for t in row[m]] for row, m in zip(labels, first, strict=True)]
+                pred = [[names[t] for t in row[m]] for row, m in zip(predictions[e], first, strict=True)]
                 scores.append(entity_metrics(gold, pred)["entity_f1"])
     return scores
 
