@@ -141,7 +141,8 @@ def _grads(encoder, batch, target):
 
     def loss(params):
         out = nnx.merge(graphdef, params)(ids, mask, types)
-        return jnp.sum(out.last_hidden_state * target) + jnp.sum(out.pooler_output)
+        pooled = 0.0 if out.pooler_output is None else jnp.sum(out.pooler_output)  # DistilBERT has no pooler
+        return jnp.sum(out.last_hidden_state * target) + pooled
 
     return nnx.merge(graphdef, jax.jit(jax.grad(loss))(params))
 
@@ -209,22 +210,27 @@ def test_remat_changes_memory_not_results(tiny_hf, batch, policy):
         _assert_gradients_close(remat[key], plain[key], key)
 
 
-@pytest.mark.parametrize("arch, scan_layers", [("bert", True), ("bert", False), ("roberta", True)],
-                         ids=["bert-scan", "bert-loop", "roberta-scan"])
+@pytest.mark.parametrize("arch, scan_layers", [("bert", True), ("bert", False), ("roberta", True),
+                                               ("xlm-roberta", False), ("distilbert", False)],
+                         ids=["bert-scan", "bert-loop", "roberta-scan", "xlm-roberta-loop", "distilbert-loop"])
 def test_gradients_match_pytorch_autograd(tiny_hf, batch, arch, scan_layers):
-    # RoBERTa's padding-aware positions and single token type go through the one-hot lookup.
+    # RoBERTa's padding-aware positions and single token type go through the one-hot lookup;
+    # DistilBERT has its own layer names, no token types and no pooler.
     model, directory = tiny_hf[arch]
-    if arch == "roberta":  # its pad id, and one token type
+    if arch in ("roberta", "xlm-roberta"):  # its pad id, and one token type
         ids, mask, _ = (jnp.asarray(a) for a in padded_batch(model.config.pad_token_id))
         batch = (ids, mask, jnp.zeros_like(ids))
+    if arch == "distilbert":
+        batch = (*batch[:2], None)
     target = np.random.RandomState(0).randn(3, 11, 32).astype(np.float32)
     encoder = Encoder.from_pretrained(directory, scan_layers=scan_layers)
     grads = encoder_to_hf_tensors(_grads(encoder, batch, jnp.asarray(target)))
 
     model.zero_grad()
-    ids, mask, types = (torch.tensor(np.asarray(a)) for a in batch)
-    out = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
-    (torch.sum(out.last_hidden_state * torch.tensor(target)) + torch.sum(out.pooler_output)).backward()
+    inputs = dict(zip(("input_ids", "attention_mask", "token_type_ids"), batch, strict=True))
+    out = model(**{k: torch.tensor(np.asarray(v)) for k, v in inputs.items() if v is not None})
+    pooled = torch.sum(out.pooler_output) if arch != "distilbert" else 0.0
+    (torch.sum(out.last_hidden_state * torch.tensor(target)) + pooled).backward()
     torch_grads = {k: p.grad.numpy() for k, p in model.named_parameters()}
     model.zero_grad()
     assert grads.keys() == torch_grads.keys()
