@@ -208,6 +208,7 @@ def _add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `mtl` command line: global options, then one subparser per subcommand."""
     parser = argparse.ArgumentParser(prog="mtl", description="Transfer learning for NLP in JAX.")
     loudness = parser.add_mutually_exclusive_group()
     loudness.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, the libraries too")

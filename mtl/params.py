@@ -18,10 +18,12 @@ from flax import traverse_util
 
 
 def flatten(tree: Mapping) -> dict[str, Any]:
+    """A nested dict as `{dotted name: leaf}`, e.g. `encoder.layers.0.query.kernel`."""
     return {".".join(map(str, path)): v for path, v in traverse_util.flatten_dict(tree).items()}
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict:
+    """The inverse of `flatten`: digit parts become int keys, as NNX keys list items."""
     return traverse_util.unflatten_dict(
         {tuple(int(p) if p.isdigit() else p for p in name.split(".")): v for name, v in flat.items()}
     )

@@ -215,4 +215,5 @@ def load_tasks(names_or_paths: Sequence[str | os.PathLike],
 
 
 def shipped_tasks() -> list[str]:
+    """The names of the task specs shipped in `tasks/`, sorted."""
     return sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))

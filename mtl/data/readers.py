@@ -42,6 +42,8 @@ def decode(path: Path, encoding: str, fallback: str | None = None) -> tuple[str,
 
 
 def read_csv(path: Path, columns: Sequence[str], text: str, delimiter: str = ",") -> Iterator[tuple[str, Record]]:
+    """`columns` of each row of a csv (or tsv) file's `text`, by the header; a quoted field may
+    span lines, and the origin names the line its row starts on."""
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = reader.fieldnames or []
@@ -63,6 +65,7 @@ def read_csv(path: Path, columns: Sequence[str], text: str, delimiter: str = ","
 
 
 def read_jsonl(path: Path, columns: Sequence[str], text: str) -> Iterator[tuple[str, Record]]:
+    """`columns` of each JSON object, one a line; blank lines are skipped."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue

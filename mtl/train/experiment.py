@@ -43,6 +43,8 @@ class Experiment:
 
 
 def build_encoder(config: ExperimentConfig, directory: Path, vocab_size: int) -> Encoder:
+    """The pretrained encoder in `directory`, or a random one of `model.random_init`'s shape, with
+    the config's run options (dtypes, scanned layers, remat)."""
     m = config.model
     run = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy)
     if m.random_init is None:
@@ -65,6 +67,8 @@ def _sliced(data: TaskData, max_train: int | None, max_eval: int | None) -> Task
 
 
 def load_experiment_data(config: ExperimentConfig, tokenizer, max_positions: int) -> dict[str, TaskData]:
+    """{task name: tokenized data} for the config's tasks, in config order, with each entry's
+    overrides applied and its splits cut to `max_train_examples` / `max_eval_examples`."""
     specs = load_tasks([entry.task for entry in config.tasks], [entry.overrides for entry in config.tasks])
     out = {}
     for entry, spec in zip(config.tasks, specs, strict=True):

@@ -55,6 +55,7 @@ class NonFiniteLossError(MtlError):
 
 
 def selection_value(metric: str, value: float) -> float:
+    """`value` as a score where higher is better: negated for the metrics in LOWER_IS_BETTER."""
     return -value if metric.split("/")[-1] in LOWER_IS_BETTER else value
 
 

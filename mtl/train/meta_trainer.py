@@ -113,6 +113,8 @@ def build_meta_experiment(config: ExperimentConfig, tested: tuple[MetaSection, s
 
 
 def learner_for(config: ExperimentConfig, model: MultiTaskModel, kind: str) -> tuple[MetaLearner, nnx.GraphDef, nnx.State]:
+    """The MetaLearner the config's `meta` section describes over `model`, with the model split
+    into its graphdef and params (the meta-parameters; the rest stays in the learner)."""
     meta = config.meta
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     learner = MetaLearner(graphdef, rest, model.encoder.config, algorithm=meta.algorithm, adapt=meta.adapt,

@@ -51,6 +51,8 @@ def _names(path) -> tuple[str, ...]:
 
 
 def schedule(cfg: OptimSection, total_updates: int) -> optax.Schedule:
+    """The learning rate by update: linear warmup over `warmup_ratio` of the updates, then linear
+    or cosine decay to 0, or constant (optim.schedule)."""
     warmup = int(cfg.warmup_ratio * total_updates)
     decay_steps = max(total_updates - warmup, 1)
     if cfg.schedule == "cosine":
