@@ -42,8 +42,9 @@ def decode(path: Path, encoding: str, fallback: str | None = None) -> tuple[str,
 
 
 def read_csv(path: Path, columns: Sequence[str], text: str, delimiter: str = ",") -> Iterator[tuple[str, Record]]:
-    """`columns` of each row of a csv (or tsv) file's `text`, by the header; a quoted field may
-    span lines, and the origin names the line its row starts on."""
+    """`columns` of each row of a delimited file's `text` (source.delimiter, a comma by default),
+    found by the header; a quoted field may span lines, and the origin names the line its row
+    starts on."""
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = reader.fieldnames or []
