@@ -121,10 +121,10 @@ def _jsonl_texts(lines, tokens: bool = False) -> Iterator[str | list[str]]:
             continue
         where = f"stdin:{number}"
         try:
-            item = json.loads(line)
-            key = next(k for k in ("text", "tokens") if k in item) if isinstance(item, dict) else None
-        except (json.JSONDecodeError, StopIteration):
-            key = None
+            item = json.loads(line.rstrip("\r\n"))  # so that colno counts along this line
+        except json.JSONDecodeError as e:  # as mtl.data.readers.read_jsonl says it of a file
+            raise MtlError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        key = next((k for k in ("text", "tokens") if k in item), None) if isinstance(item, dict) else None
         if key is None:
             raise MtlError(f"{where}: expected a JSON object with a \"text\" key"
                            + (' or a "tokens" list' if tokens else ""))

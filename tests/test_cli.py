@@ -88,7 +88,8 @@ def test_stray_arguments_are_one_usage_error(argv, capsys):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("not json", 'stdin:2: expected a JSON object with a "text" key'),
+    ("not json", "stdin:2: invalid JSON (Expecting value at column 1)"),
+    ('{"text": "a"', "stdin:2: invalid JSON (Expecting ',' delimiter at column 13)"),  # the end of the line
     ('{"txt": "a"}', 'stdin:2: expected a JSON object with a "text" key'),
     ('["a"]', 'stdin:2: expected a JSON object with a "text" key'),
     ('{"text": 3}', 'stdin:2: "text" must be a string, got 3'),
