@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,9 @@ from flax import nnx
 
 from mtl.models.encoder import Encoder
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Average the hidden states of real tokens (mask 1), ignoring padding."""
@@ -18,7 +22,7 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
     return (hidden * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
 
 
-def embed_sentences(encoder: Encoder, tokenizer, sentences: Sequence[str], max_length: int = 128) -> np.ndarray:
+def embed_sentences(encoder: Encoder, tokenizer: PreTrainedTokenizerBase, sentences: Sequence[str], max_length: int = 128) -> np.ndarray:
     """L2-normalised mean-pooled embeddings, [len(sentences), hidden]."""
     batch = tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="np")
     graphdef, state = nnx.split(encoder)

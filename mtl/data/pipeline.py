@@ -19,7 +19,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -29,6 +29,9 @@ from mtl.data import readers
 from mtl.errors import MtlError
 from mtl.models.heads import IGNORE, get_head
 from mtl.tasks import SPLITS, TaskSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -473,7 +476,7 @@ def load_raw_splits(spec: TaskSpec) -> tuple[dict[str, datasets.Dataset], dict[s
     return splits, stats
 
 
-def load_task_data(spec: TaskSpec, tokenizer, *, max_positions: int | None = None) -> TaskData:
+def load_task_data(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_positions: int | None = None) -> TaskData:
     """Read, filter, split, check and tokenize a task's data; see the module docstring.
 
     Args:

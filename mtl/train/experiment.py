@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flax import nnx
@@ -25,6 +25,9 @@ from mtl.models.model import MultiTaskModel
 from mtl.params import flatten, stack_layers, unflatten, unstack_layers
 from mtl.tasks import load_tasks
 from mtl.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ def _sliced(data: TaskData, max_train: int | None, max_eval: int | None) -> Task
     return dataclasses.replace(data, splits=splits, stats=stats)
 
 
-def load_experiment_data(config: ExperimentConfig, tokenizer, max_positions: int) -> dict[str, TaskData]:
+def load_experiment_data(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, max_positions: int) -> dict[str, TaskData]:
     """{task name: tokenized data} for the config's tasks, in config order, with each entry's
     overrides applied and its splits cut to `max_train_examples` / `max_eval_examples`."""
     specs = load_tasks([entry.task for entry in config.tasks], [entry.overrides for entry in config.tasks])

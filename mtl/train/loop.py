@@ -473,7 +473,7 @@ class Trainer(TrainLoop):
         return results
 
 
-def train(config, workdir: str | Path) -> dict[str, float]:
+def train(config: ExperimentConfig, workdir: str | Path) -> dict[str, float]:
     """Build the experiment a config describes and train it in `workdir` (resuming if possible).
 
     With a `distributed` config (or its environment variables), this process first joins the
