@@ -8,6 +8,9 @@ generation (the tests' fast compile changes float32 rounding).
 Measured on a 2-core Zen 5 EPYC: the hidden states differ from PyTorch's by at most 3.3e-6,
 the pooler output by 1.6e-7, and the gradients by at most 5.4e-6 of their tensor's largest
 magnitude (the position embeddings, whose rows sum over the batch). Both bounds allow about 4x.
+
+It does not reuse tests/test_encoder.py's gradient helpers: importing a test module imports
+conftest, which turns the fast compile on, and the point here is the default one.
 """
 
 import sys
