@@ -8,7 +8,7 @@ so `mtl --help` and the CLI's usage errors answer at once instead of after 3-4 s
 
 import importlib
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # mtl uses transformers for tokenizers and configs only, so its import-time advice that
 # "PyTorch was not found" is expected noise on every command; set the variable to 0 to see it.
@@ -57,7 +57,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from mtl.tokenizer import load_tokenizer
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name not in _PUBLIC:  # `from mtl import hf` then imports the submodule
         raise AttributeError(f"module 'mtl' has no attribute {name!r}")
     value = getattr(importlib.import_module(_PUBLIC[name]), name)

@@ -171,7 +171,9 @@ class Checkpointer:
             earlier = [s for s in self.manager.all_steps() if s < step]
             advice = (f"move it out of {self.directory} to use checkpoint {max(earlier)}" if earlier else
                       "no earlier checkpoint is kept")
-            raise MtlError(f"{self.directory}/{step}: cannot read this checkpoint ({_root_cause(e)}); {advice}") from None
+            raise MtlError(
+                f"{self.directory}/{step}: cannot read this checkpoint ({_root_cause(e)}); {advice}"
+            ) from None
 
     def restore_tree(self, step: int, only: str | None = None) -> Any:
         """The saved state as a plain nested dict of arrays, without a target structure, on this

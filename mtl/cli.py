@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed = sub.add_parser("embed", help="embed sentences with a pretrained encoder and print their similarities")
     embed.add_argument("sentences", nargs="*", help=f"sentences (default: {len(EXAMPLE_SENTENCES)} examples)")
     embed.add_argument("--model", default=DEFAULT_MODEL, help="model name or directory (default: %(default)s)")
-    embed.add_argument("--max-length", type=_positive_int, default=128, help="truncate longer inputs (default: %(default)s)")
+    embed.add_argument("--max-length", type=_positive_int, default=128,
+                       help="truncate longer inputs (default: %(default)s)")
     embed.set_defaults(run=_embed)
 
     train = sub.add_parser("train", help="train (or resume) an experiment config in a workdir")
@@ -276,9 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_option(export)
     export.set_defaults(run=_export)
 
-    data = sub.add_parser("data", help="load tasks (shipped names or spec files) and print their example and label counts")
+    data = sub.add_parser(
+        "data", help="load tasks (shipped names or spec files) and print their example and label counts")
     data.add_argument("tasks", nargs="+", help="task names (e.g. tweet_sentiment) or paths to task YAML files")
-    data.add_argument("--model", default=DEFAULT_MODEL, help="model whose tokenizer and position limit apply (default: %(default)s)")
+    data.add_argument("--model", default=DEFAULT_MODEL,
+                      help="model whose tokenizer and position limit apply (default: %(default)s)")
     data.add_argument("--compact", action="store_true", help="one JSON line per task")
     data.set_defaults(run=_data)
 
@@ -311,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         hostmem.reexec_with_huge_pages()
     if args.retain_memory and not hostmem.retain_freed_memory():  # before JAX starts its threads
         print("mtl: --retain-memory needs glibc's malloc; continuing without it", file=sys.stderr)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if not args.quiet:  # mtl's own notes (model source, resume step, transferred heads) by default
         logging.getLogger("mtl").setLevel(logging.INFO)
     else:  # nor the training progress, nor the libraries' bars (tokenizing a dataset the first time)

@@ -33,7 +33,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     drop the first without a word. Keys brought in by a `<<` merge may still be overridden.
     """
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         first_line: dict[Any, int] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
@@ -42,8 +42,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if isinstance(key, (list, dict)):
                 continue  # unhashable: the base class reports it
             if key in first_line:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (first on line {first_line[key] + 1})", key_node.start_mark)
+                problem = f"key {key!r} is given twice (first on line {first_line[key] + 1})"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
             first_line[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -151,7 +151,8 @@ def _apply_override(config: DictConfig, override: str, *, where: str) -> DictCon
         if isinstance(node, ListConfig):
             if not (part.isdigit() and int(part) < len(node)):
                 items = f"items 0 to {len(node) - 1}" if len(node) else "no items"
-                raise MtlError(f"{at_key(where, key, [override])}: {'.'.join(parts[:depth])!r} is a list; it has {items}")
+                list_key = ".".join(parts[:depth])
+                raise MtlError(f"{at_key(where, key, [override])}: {list_key!r} is a list; it has {items}")
             node, through_list = node[int(part)], True
         elif isinstance(node, DictConfig) and part in node:
             node = node[part]
@@ -172,7 +173,8 @@ def _yaml_value_problem(error: yaml.YAMLError, text: str) -> str:
     problem = getattr(error, "problem", None) or str(error).splitlines()[0]
     mark = getattr(error, "problem_mark", None)
     if mark is not None:
-        problem += " at the end of the value" if mark.index >= len(text) else f" at column {mark.index + 1} of the value"
+        problem += (" at the end of the value" if mark.index >= len(text)
+                    else f" at column {mark.index + 1} of the value")
     if text.lstrip().startswith("[") and "=" in text:
         # A task's `overrides` list: its items hold `=` and often brackets or commas of their own.
         problem += "; quote each item: '[\"labels=[a, b]\"]'"
@@ -202,7 +204,8 @@ def config_changes(before: str, after: str, *, ignore: Sequence[str] = (), limit
 
     old, new = flat(yaml.safe_load(before)), flat(yaml.safe_load(after))
     missing = object()
-    changes = [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in sorted(old.keys() | new.keys())
+    changes = [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
+               for key in sorted(old.keys() | new.keys())
                if old.get(key, missing) != new.get(key, missing) and key.split(".")[0] not in ignore]
     return changes[:limit] + ([f"and {len(changes) - limit} more"] if len(changes) > limit else [])
 
@@ -224,6 +227,8 @@ class RandomEncoder:
 
 @dataclasses.dataclass
 class ModelSection:
+    """`model`: the encoder (pretrained, or random for smoke tests), its dtypes and layout, and transfer."""
+
     encoder: str = "sentence-transformers/all-MiniLM-L6-v2"  # name or directory (weights + tokenizer)
     random_init: RandomEncoder | None = None  # set: a random encoder of this shape, not the weights
     dtype: str = "float32"
@@ -236,6 +241,8 @@ class ModelSection:
 
 @dataclasses.dataclass
 class TaskEntry:
+    """One of `tasks`: a shipped task or spec file, its loss weight, spec overrides and slices."""
+
     task: str = MISSING  # shipped task name or path to a task spec
     weight: float = 1.0  # static loss weight (loss_weighting: static)
     overrides: list[str] = dataclasses.field(default_factory=list)  # dotted task-spec overrides
@@ -245,6 +252,8 @@ class TaskEntry:
 
 @dataclasses.dataclass
 class OptimSection:
+    """`optim`: the optax chain: optimizer, schedule, clipping, accumulation, layer decay, freezing."""
+
     optimizer: str = "adamw"  # adamw | sgd (e.g. Reptile's outer step)
     learning_rate: float = 5e-5
     schedule: str = "linear"  # linear | cosine | constant (after warmup)
@@ -263,6 +272,8 @@ class OptimSection:
 
 @dataclasses.dataclass
 class TrainSection:
+    """`train`: steps and batches, task sampling, loss weighting, evaluation, checkpoints, stopping."""
+
     steps: int = 1000
     batch_size: int = 32
     seed: int = 0
@@ -284,6 +295,8 @@ class TrainSection:
 
 @dataclasses.dataclass
 class EpisodeSourceEntry:
+    """One of `meta.train` or `meta.test`: a task episodes are drawn from, the classes they may use."""
+
     task: str = MISSING  # a task as `tasks` lists it: a shipped name, or the same spec path
     classes: list[str] | None = None  # labels (entity types for NER) episodes may draw; None: all
     split: str | None = None  # default: train for meta.train sources, test for meta.test
@@ -344,6 +357,8 @@ class DistributedSection:
 
 @dataclasses.dataclass
 class ExperimentConfig:
+    """A whole experiment file; `load_experiment` reads, overrides and validates one."""
+
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     tasks: list[TaskEntry] = MISSING
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
@@ -490,5 +505,5 @@ def _check_meta_sources(config: ExperimentConfig, where: str, overrides: Sequenc
             raise MtlError(f"{at_key(where, f'meta.{part}', overrides)}: list at least one episode source")
         for i, source in enumerate(sources):
             if source.task not in tasks:
-                raise MtlError(f"{at_key(where, f'meta.{part}[{i}].task', overrides)}: {source.task!r} is not one of the "
-                               f"config's tasks {tasks}")
+                raise MtlError(f"{at_key(where, f'meta.{part}[{i}].task', overrides)}: {source.task!r} is not "
+                               f"one of the config's tasks {tasks}")

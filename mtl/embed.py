@@ -22,7 +22,8 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
     return (hidden * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
 
 
-def embed_sentences(encoder: Encoder, tokenizer: PreTrainedTokenizerBase, sentences: Sequence[str], max_length: int = 128) -> np.ndarray:
+def embed_sentences(encoder: Encoder, tokenizer: PreTrainedTokenizerBase, sentences: Sequence[str],
+                    max_length: int = 128) -> np.ndarray:
     """L2-normalised mean-pooled embeddings, [len(sentences), hidden]."""
     batch = tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="np")
     graphdef, state = nnx.split(encoder)

@@ -281,7 +281,8 @@ def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
             raise MtlError(f"{index}: not a safetensors index ({e})") from None
         files = sorted({directory / f for f in weight_map.values()})
     else:
-        hint = " (it has pytorch_model.bin: re-save it with safetensors)" if (directory / "pytorch_model.bin").exists() else ""
+        hint = (" (it has pytorch_model.bin: re-save it with safetensors)"
+                if (directory / "pytorch_model.bin").exists() else "")
         raise MtlError(f"{directory}: no model.safetensors or model.safetensors.index.json{hint}")
     tensors: dict[str, np.ndarray] = {}
     # framework="flax" reads bf16 (numpy's reader cannot); pin it to host memory.

@@ -61,7 +61,7 @@ class Predictor:
     step: int
     batch_size: int = 64
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise MtlError(f"batch_size must be positive, got {self.batch_size}")
         graphdef, self._params, rest = nnx.split(self.model, nnx.Param, ...)
@@ -87,7 +87,8 @@ class Predictor:
             specs = load_tasks([t.task for t in config.tasks], [t.overrides for t in config.tasks])
             tasks = {spec.name: TaskHead.of(spec) for spec in specs}
         rngs = nnx.Rngs(0)
-        heads = {name: build_head(task.head, encoder.config.hidden_size, meta["labels"][name], task.head_options, rngs=rngs)
+        heads = {name: build_head(task.head, encoder.config.hidden_size, meta["labels"][name], task.head_options,
+                                  rngs=rngs)
                  for name, task in tasks.items()}
         model = MultiTaskModel(encoder, heads)
         where = f"{workdir}: checkpoint {step} does not fit config.yaml (edited since?)"

@@ -1,4 +1,5 @@
-"""Parameter trees as flat {dotted name: value} dicts, e.g. "encoder.layers.query.kernel".
+"""Parameter trees as flat {dotted name: value} dicts, e.g. "encoder.layers.query.kernel", and
+pytree paths as names (`path_names`, for the masks and rules that pick parameters by name).
 
 Used by HF conversion, transfer and inference. Looped layers (nnx.List) have integer keys,
 which become and come back from digit components ("encoder.layers.0.query.kernel"). Scanned
@@ -27,6 +28,21 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
     return traverse_util.unflatten_dict(
         {tuple(int(p) if p.isdigit() else p for p in name.split(".")): v for name, v in flat.items()}
     )
+
+
+def path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """A pytree path as names, e.g. ("model", "encoder", "layers", "query", "kernel").
+
+    Leaves inside an nnx Variable end in GetAttrKey("value"); that wrapper is dropped so the
+    last name is the parameter's own (without this, no parameter would ever match "kernel").
+    """
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
+    out = []
+    for entry in path:
+        key = getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))
+        out.append(str(key))
+    return tuple(out)
 
 
 def _is_stacked(name: str, prefix: str) -> bool:

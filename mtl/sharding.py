@@ -81,8 +81,8 @@ def _distributed_settings(config: DistributedSection) -> dict[str, Any]:
                 value = (text if key == "coordinator_address" else
                          [int(v) for v in text.split(",")] if key == "local_device_ids" else int(text))
             except ValueError:
-                raise MtlError(f"${variable}={text!r} (distributed.{key}): expected "
-                               f"{'integers separated by commas' if key == 'local_device_ids' else 'an integer'}") from None
+                expected = "integers separated by commas" if key == "local_device_ids" else "an integer"
+                raise MtlError(f"${variable}={text!r} (distributed.{key}): expected {expected}") from None
         settings[key] = value
     return settings
 
@@ -152,8 +152,10 @@ def _check_coordinator(address: str, process_id: int | None, timeout: float) -> 
             return
         except OSError as e:
             if time.monotonic() > deadline:
-                raise MtlError(f"distributed: process {process_id} could not reach the coordinator (process 0) at "
-                               f"{address} within distributed.initialization_timeout={timeout:g} s ({e.strerror})") from None
+                raise MtlError(
+                    f"distributed: process {process_id} could not reach the coordinator (process 0) at {address} "
+                    f"within distributed.initialization_timeout={timeout:g} s ({e.strerror})"
+                ) from None
             time.sleep(0.5)
 
 
@@ -294,8 +296,10 @@ class Layout:
     def put_batch(self, local: Mapping[str, Any], rows: int) -> Any:
         """Global arrays of a `rows`-row batch (any nesting of arrays with rows first), split
         over the data axes, from this process's part of it (`process_rows(rows)` rows)."""
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(self.batch, np.asarray(x), (rows, *np.shape(x)[1:])), local)
+        def global_array(x: np.ndarray) -> jax.Array:
+            return jax.make_array_from_process_local_data(self.batch, np.asarray(x), (rows, *np.shape(x)[1:]))
+
+        return jax.tree.map(global_array, local)
 
     def put_whole_batch(self, batch: Mapping[str, Any]) -> Any:
         """`put_batch` for a batch every process built whole (evaluation): each passes its part."""

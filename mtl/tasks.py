@@ -186,7 +186,8 @@ def load_task(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) ->
     if not path.exists() and path.suffix not in (".yaml", ".yml"):
         shipped = TASKS_DIR / f"{name_or_path}.yaml"
         if not shipped.exists():
-            raise MtlError(f"task {str(name_or_path)!r} is neither a file nor a shipped task; shipped: {shipped_tasks()}")
+            raise MtlError(
+                f"task {str(name_or_path)!r} is neither a file nor a shipped task; shipped: {shipped_tasks()}")
         path = shipped
     spec = load_structured(TaskSpec, read_yaml(path), where=str(path), overrides=overrides)
     for key in LOADER_KEYS:

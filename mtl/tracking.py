@@ -230,7 +230,8 @@ class Progress:
     nothing.
     """
 
-    def __init__(self, total: int, initial: int, *, enabled: bool = True, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, total: int, initial: int, *, enabled: bool = True,
+                 clock: Callable[[], float] = time.perf_counter):
         enabled = enabled and SHOW_PROGRESS
         self.total, self.enabled = total, enabled
         self.initial, self.clock, self.started = initial, clock, clock()

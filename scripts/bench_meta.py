@@ -2,8 +2,8 @@
 
     python scripts/bench_meta.py               # MiniLM, 5-way 5-shot 5-query, meta-batch 4, seq 64
     python scripts/bench_meta.py --iters 1 --only mtl-maml torch-maml
-    python scripts/bench_meta.py --only torch-maml mtl-maml --retain-memory   # glibc keeps freed memory, both sides
-    python scripts/bench_meta.py --no-huge-pages   # malloc as the system sets it (every mtl command asks for huge pages)
+    python scripts/bench_meta.py --only torch-maml mtl-maml --retain-memory   # both sides keep freed memory
+    python scripts/bench_meta.py --no-huge-pages   # malloc as the system sets it (mtl commands ask for huge pages)
     python scripts/bench_meta.py --random-init minilm --iters 10     # on a GPU: no download
     python scripts/bench_meta.py --freeze-encoder --only mtl-maml mtl-anil torch-maml   # meta-learn the head alone
     python scripts/bench_meta.py --freeze-layers 3 --only mtl-anil mtl-anil-scan   # hold the lower 3 layers still
@@ -147,15 +147,16 @@ def run_torch(directory: str | None, shape: str | None, iters: int, freeze_encod
     torch.backends.cuda.matmul.allow_tf32 = True  # as XLA's default fp32 matmul precision on a GPU
     if shape:
         s = SHAPES[shape]
-        config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=s["hidden_size"], num_hidden_layers=s["num_layers"],
-                                         num_attention_heads=s["num_heads"], intermediate_size=s["intermediate_size"],
-                                         attn_implementation="eager")
+        config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=s["hidden_size"],
+                                         num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"],
+                                         intermediate_size=s["intermediate_size"], attn_implementation="eager")
         body = transformers.BertModel(config, add_pooling_layer=False)
     else:
         body = transformers.BertModel.from_pretrained(directory, attn_implementation="eager", add_pooling_layer=False)
     body = body.to(device).eval()
     head = torch.nn.Linear(body.config.hidden_size, WAYS).to(device)
-    params = {**{f"body.{k}": v for k, v in body.named_parameters()}, **{f"head.{k}": v for k, v in head.named_parameters()}}
+    params = {**{f"body.{k}": v for k, v in body.named_parameters()},
+              **{f"head.{k}": v for k, v in head.named_parameters()}}
     # With a frozen encoder the meta-gradient is taken with respect to the head alone; with frozen
     # layers, with respect to everything but the embeddings and those layers.
     frozen = ("body.",) if freeze_encoder else ()
@@ -214,7 +215,8 @@ def worker(variant: str, directory: str | None, shape: str | None, iters: int, m
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
-    parser.add_argument("--random-init", choices=("minilm", "bert-base"), help="a random encoder of this shape, not --model")
+    parser.add_argument("--random-init", choices=("minilm", "bert-base"),
+                        help="a random encoder of this shape, not --model")
     parser.add_argument("--iters", type=int, default=2, help="timed meta-steps per variant after a warm-up")
     parser.add_argument("--only", nargs="*", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--mesh", help="mtl's device mesh as mesh config keys, e.g. data=4 (default: data parallel "
@@ -249,19 +251,22 @@ def main() -> None:
           f"{', freed memory retained (both sides)' if args.retain_memory else ''}"
           f"{', malloc huge pages (both sides)' if asks_for_huge_pages() else ', default malloc pages'}"
           f"{', encoder frozen in the outer update' if args.freeze_encoder else ''}"
-          f"{f', embeddings and layers 0-{args.freeze_layers - 1} frozen in the outer update' if args.freeze_layers else ''}")
+          + (f", embeddings and layers 0-{args.freeze_layers - 1} frozen in the outer update"
+             if args.freeze_layers else ""))
     results = {}
     for variant in args.only:
         source = ["--random-init", args.random_init] if args.random_init else ["--directory", directory]
         mesh = ["--mesh", args.mesh] if args.mesh else []
-        flags = [*(["--retain-memory"] if args.retain_memory else []), *(["--no-huge-pages"] if args.no_huge_pages else []),
+        flags = [*(["--retain-memory"] if args.retain_memory else []),
+                 *(["--no-huge-pages"] if args.no_huge_pages else []),
                  *(["--freeze-encoder"] if args.freeze_encoder else []),
-                 "--freeze-layers", str(args.freeze_layers)]
-        proc = subprocess.run([sys.executable, __file__, "--worker", variant, *source, *mesh, *flags, "--iters", str(args.iters)],
+                 "--freeze-layers", str(args.freeze_layers), "--iters", str(args.iters)]
+        proc = subprocess.run([sys.executable, __file__, "--worker", variant, *source, *mesh, *flags],
                               capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
-            print(f"{variant:16s} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode
+            print(f"{variant:16s} failed: {reason}")
             continue
         results[variant] = r = json.loads(line[len("RESULT "):])
         plain = SAME_FLOPS_AS.get(variant)
@@ -271,8 +276,8 @@ def main() -> None:
         r["peak_gb"] = r["device_peak_gb"] if r.get("device_peak_gb") is not None else r["peak_rss_gb"]
         extra = f"   compile {r['compile_seconds']:.1f} s" if "compile_seconds" in r else ""
         if r.get("flops") is not None:
-            extra += (f"   MFU {r['flops'] / r['seconds'] / r['peak_flops']:.1%} ({r['flops'] / 1e12:.2f} TFLOP counted by "
-                      f"XLA; peak: {r['peak_source']})")
+            extra += (f"   MFU {r['flops'] / r['seconds'] / r['peak_flops']:.1%} "
+                      f"({r['flops'] / 1e12:.2f} TFLOP counted by XLA; peak: {r['peak_source']})")
         where = "device" if r.get("device_peak_gb") is not None else "RSS"
         print(f"{variant:16s} {r['seconds']:7.3f} s/meta-step  {META_BATCH / r['seconds']:7.3f} tasks/s  "
               f"peak {where} {r['peak_gb']:5.2f} GB{extra}", flush=True)

@@ -116,9 +116,18 @@ def main() -> None:
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
              "labels": labels, "weights": np.ones((args.batch,), np.float32)}
     name = f"random {args.random_init}" if args.random_init else args.model
-    print(f"{name}: batch {args.batch}, seq {args.seq}, {args.dtype} compute, "
-          f"{'scanned' if args.scan_layers else 'looped'} layers, dropout {'off' if args.no_dropout else 'on'}, {'encoder frozen, ' if args.freeze_encoder else ''}{f'embeddings and {args.freeze_layers} layers frozen, ' if args.freeze_layers else ''}{'freed memory retained, ' if args.retain_memory else ''}{'malloc huge pages' if asks_for_huge_pages() else 'default malloc pages'}, prng {jax.config.jax_default_prng_impl}, jax {jax.__version__} on "
-          f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {torch_device}, {os.cpu_count()} cores")
+    setup = [f"batch {args.batch}", f"seq {args.seq}", f"{args.dtype} compute",
+             f"{'scanned' if args.scan_layers else 'looped'} layers", f"dropout {'off' if args.no_dropout else 'on'}"]
+    if args.freeze_encoder:
+        setup.append("encoder frozen")
+    if args.freeze_layers:
+        setup.append(f"embeddings and {args.freeze_layers} layers frozen")
+    if args.retain_memory:
+        setup.append("freed memory retained")
+    setup += ["malloc huge pages" if asks_for_huge_pages() else "default malloc pages",
+              f"prng {jax.config.jax_default_prng_impl}", f"jax {jax.__version__} on {jax.devices()[0].device_kind}",
+              f"torch {torch.__version__} on {torch_device}", f"{os.cpu_count()} cores"]
+    print(f"{name}: {', '.join(setup)}")
 
     peak_before, _ = device_peak(args.dtype)  # measured again after the steps; the higher is kept
 
@@ -184,7 +193,8 @@ def main() -> None:
         trained = 0.0 if args.freeze_encoder else (cfg.num_layers - args.freeze_layers) / cfg.num_layers
         flops = int(flops * (1 + 2 * trained) / 3)
     peak, peak_source = device_peak(args.dtype, earlier=peak_before)
-    peak, peak_source = peak * layout.mesh.devices.size, f"{peak_source}, x {layout.mesh.devices.size} devices of mesh {dict(layout.mesh.shape)}"
+    devices = layout.mesh.devices.size
+    peak, peak_source = peak * devices, f"{peak_source}, x {devices} devices of mesh {dict(layout.mesh.shape)}"
     memory = f", device memory peak {mtl_memory:.1f} GB" if mtl_memory is not None else ""
     print(f"\nmtl train step          {mtl_time * 1e3:8.1f} ms   {tokens / mtl_time:,.0f} tokens/s{memory}; "
           f"{mtl_cost.kernel()}")

@@ -116,4 +116,5 @@ def parse_mesh(text: str | None):
     try:
         return MeshSection(**{k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))})
     except (TypeError, ValueError):
-        raise SystemExit(f"--mesh {text!r}: expected axis=size pairs such as data=2,fsdp=4 (axes: data, fsdp, tensor)") from None
+        raise SystemExit(
+            f"--mesh {text!r}: expected axis=size pairs such as data=2,fsdp=4 (axes: data, fsdp, tensor)") from None

@@ -99,7 +99,8 @@ class ExportedModel:
                 result["score"] = float(row[0])
             elif head == "multi_label":
                 probs = torch.sigmoid(row)
-                result["labels"] = [label for label, p in zip(labels, probs, strict=True) if p > task["head_options"]["threshold"]]
+                threshold = task["head_options"]["threshold"]
+                result["labels"] = [label for label, p in zip(labels, probs, strict=True) if p > threshold]
                 result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs, strict=True)}
             else:
                 probs = torch.softmax(row, -1)

@@ -13,9 +13,9 @@ from mtl import Encoder, EncoderConfig
 from mtl.config import OptimSection
 from mtl.models.heads import ClassificationHead
 from mtl.models.model import MultiTaskModel
+from mtl.params import path_names
 from mtl.train.multitask import TaskSampler, make_train_steps
 from mtl.train.optim import (
-    _names,
     build_optimizer,
     clip_by_global_norm,
     decay_mask,
@@ -93,7 +93,7 @@ def test_weight_decay_skips_biases_and_norms():
     assert leaf(mask["heads"]["t"]["out"]["kernel"]) is True
     assert leaf(mask["encoder"]["layers"]["query"]["bias"]) is False
     assert leaf(mask["encoder"]["layers"]["ffn_norm"]["scale"]) is False
-    decayed = {_names(p)[1:] for p, v in jax.tree_util.tree_flatten_with_path(decay_mask(state.params))[0] if v}
+    decayed = {path_names(p)[1:] for p, v in jax.tree_util.tree_flatten_with_path(decay_mask(state.params))[0] if v}
     assert decayed == {("encoder", "embeddings", t, "embedding") for t in ("word", "position", "token_type")} | {
         ("encoder", "layers", m, "kernel") for m in ("query", "key", "value", "attention_out", "ffn_in", "ffn_out")
     } | {("encoder", "pooler", "kernel"), ("heads", "t", "out", "kernel")}
@@ -206,11 +206,11 @@ def test_a_frozen_encoder_costs_its_forward_pass_and_carries_no_moments():
 
     # Forward and backward through the encoder is about 3 forward passes; frozen, about 1.
     assert flops(step, state) < 0.4 * flops(full_step, full_state)
-    moments = [_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]]
+    moments = [path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]]
     assert moments and not any("encoder" in names for names in moments), moments
 
     step, state, _ = _frozen_step(scan_layers=False, freeze_layers=2)
-    moments = [_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]]
+    moments = [path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]]
     layers = {names[names.index("layers") + 1] if "layers" in names else None for names in moments}
     assert layers == {None, "2"}, moments
     assert not any("embeddings" in names for names in moments), moments

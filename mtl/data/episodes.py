@@ -65,7 +65,8 @@ def make_source(task: TaskData, split: str, classes: Sequence[str] | None) -> Ep
     chosen = list(known) if classes is None else list(classes)
     unknown = [c for c in chosen if c not in known]
     if unknown:
-        raise MtlError(f"task {name!r}: classes {unknown} are not among its {'entity types' if task.label_kind == 'tags' else 'labels'} {known}")
+        what = "entity types" if task.label_kind == "tags" else "labels"
+        raise MtlError(f"task {name!r}: classes {unknown} are not among its {what} {known}")
     ds = task.splits[split]
     if task.label_kind == "class":
         labels = np.asarray(column(ds, "labels"))

@@ -211,7 +211,8 @@ def _hub(spec: TaskSpec) -> dict[str, datasets.Dataset]:
     """A Hugging Face datasets id: its own splits, with columns.text/label as text/label (or, for
     token tasks, as tokens/tags), label ids turned into names."""
     try:
-        loaded = datasets.load_dataset(spec.source.hub, spec.source.hub_config, cache_dir=str(cache_root() / "datasets"))
+        loaded = datasets.load_dataset(spec.source.hub, spec.source.hub_config,
+                                       cache_dir=str(cache_root() / "datasets"))
     except Exception as e:  # noqa: BLE001 - network, missing dataset and bad config all land here
         raise MtlError(f"{spec.at('source.hub')}: cannot load {spec.source.hub!r} ({type(e).__name__}: {e})") from None
     token_task = get_head(spec.head).label_kind == "tags"
@@ -340,10 +341,12 @@ def _label_values(kind: str, ds: datasets.Dataset, spec: TaskSpec):
 
 def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Dataset]) -> tuple[list[str], dict]:
     """The label vocabulary (declared or inferred from train), after checking every split."""
-    counts = {name: Counter(x for _, vals in _label_values(kind, ds, spec) for x in vals) for name, ds in splits.items()}
+    counts = {name: Counter(x for _, vals in _label_values(kind, ds, spec) for x in vals)
+              for name, ds in splits.items()}
     if kind == "scalar":
         bad = [(origin, value) for ds in splits.values()
-               for origin, value in zip(column(ds, "origin"), column(ds, "label"), strict=True) if not _is_number(value)]
+               for origin, value in zip(column(ds, "origin"), column(ds, "label"), strict=True)
+               if not _is_number(value)]
         if bad:
             raise MtlError(_first_bad_label(bad, f"is not a number (head {spec.head!r} needs one)"))
         return list(spec.labels or [spec.columns.label]), {}

@@ -200,7 +200,7 @@ class EncoderConfig:
         default=None, compare=False, hash=False, repr=False
     )
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.hidden_act not in ACTIVATIONS:
             raise MtlError(
                 f"hidden_act {self.hidden_act!r} is not supported; known: {sorted(ACTIVATIONS)}"
@@ -345,7 +345,8 @@ class Embeddings(nnx.Module):
             return jnp.cumsum(not_pad, axis=1) * not_pad + self.cfg.pad_token_id
         return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
 
-    def __call__(self, input_ids, token_type_ids, dropout_rng, vocab=None):
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None, dropout_rng: jax.Array | None,
+                 vocab: jax.Array | None = None) -> jax.Array:
         cfg = self.cfg
         x = _frozen_row(_lookup(self.word, input_ids, cfg.dtype, vocab), input_ids == cfg.pad_token_id)
         position_ids = self.position_ids(input_ids)
@@ -380,7 +381,7 @@ class Layer(nnx.Module):
         self.ffn_out = _dense(cfg, cfg.intermediate_size, h, rngs)
         self.ffn_norm = _norm(cfg, rngs)
 
-    def __call__(self, x: jax.Array, mask_bias: jax.Array, dropout_rng: jax.Array | None):
+    def __call__(self, x: jax.Array, mask_bias: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
         cfg = self.cfg
         k_attn, k_out, k_ffn = (
             jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None, None, None)
@@ -489,7 +490,7 @@ class Encoder(nnx.Module):
 
     def run_layers(self, x: jax.Array, attention_mask: jax.Array | None, start: int = 0, stop: int | None = None,
                    *, layer_rngs: jax.Array | None = None, output_hidden_states: bool = False,
-                   frozen_below: int = 0):
+                   frozen_below: int = 0) -> tuple[jax.Array, jax.Array | None]:
         """Run layers start..stop-1 on hidden states x; returns (output, [stop - start, ...] per-layer
         outputs or None).
 

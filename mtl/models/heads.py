@@ -19,13 +19,15 @@ imported, so a user's head needs no change to mtl. A new head is one class:
         def predict(self, logits, batch): ...                          # -> {name: [B, ...]}
         def decode(self, predictions, batch): ...                      # -> one item per real row
         def score(self, predicted, references): ...                    # -> {metric: float}
+
+`Head` below gives each method's types.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -38,7 +40,8 @@ from mtl import metrics
 from mtl.errors import MtlError
 from mtl.models.encoder import EncoderOutput, at_least_float32, dropout
 
-Batch = Mapping[str, jax.Array]
+Batch = Mapping[str, jax.Array]  # a device batch, as the jitted steps see it
+HostBatch = Mapping[str, np.ndarray]  # the same batch on the host, as `decode` sees it
 
 # How the data pipeline encodes a task's labels, by the head's `label_kind`:
 #   "class":  one label id per example             -> labels int32 [B]
@@ -51,7 +54,7 @@ IGNORE = -100  # label id of tokens that carry no loss (special tokens, later su
 HEADS: dict[str, type[Head]] = {}
 
 
-def register_head(name: str):
+def register_head(name: str) -> Callable[[type[Head]], type[Head]]:
     """Class decorator: make a Head available to task specs under `name`."""
 
     def decorate(cls: type[Head]) -> type[Head]:
@@ -94,7 +97,8 @@ def head_option_defaults(name: str) -> dict[str, Any]:
     return {p: v.default for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p != "rngs"}
 
 
-def build_head(name: str, hidden_size: int, labels: Sequence[str], options: Mapping[str, Any], *, rngs: nnx.Rngs) -> Head:
+def build_head(name: str, hidden_size: int, labels: Sequence[str], options: Mapping[str, Any], *,
+               rngs: nnx.Rngs) -> Head:
     """Instantiate a head; an option its constructor does not take is an error naming it."""
     known = list(head_option_defaults(name))
     unknown = sorted(set(options) - set(known))
@@ -120,7 +124,7 @@ class Head(nnx.Module):
     def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         raise NotImplementedError
 
-    def decode(self, predictions: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray]) -> list[Any]:
+    def decode(self, predictions: HostBatch, batch: HostBatch) -> list[Any]:
         """Per-example predictions of the batch's real rows (weights > 0), in batch order."""
         raise NotImplementedError
 
@@ -129,8 +133,7 @@ class Head(nnx.Module):
         raise NotImplementedError
 
 
-def decode_real_rows(task: str, head: Head, predictions: Mapping[str, np.ndarray],
-                     batch: Mapping[str, np.ndarray]) -> list[Any]:
+def decode_real_rows(task: str, head: Head, predictions: HostBatch, batch: HostBatch) -> list[Any]:
     """`head.decode`, checked to give one item per real row: a user's head that decodes the
     padding rows too, or skips some, would otherwise pair predictions with the wrong examples."""
     items = list(head.decode(predictions, batch))
@@ -146,7 +149,7 @@ def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-9)
 
 
-def real_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+def real_rows(batch: HostBatch) -> np.ndarray:
     """Positions of the batch's real rows (weights > 0), in order: what `decode` gives an item for."""
     return np.flatnonzero(np.asarray(batch["weights"]) > 0)
 
@@ -182,7 +185,7 @@ class _PooledHead(Head):
         self.dropout = dropout
         self.out = _dense(hidden_size, outputs, rngs)
 
-    def __call__(self, encoded, batch, *, dropout_rng=None):
+    def __call__(self, encoded: EncoderOutput, batch: Batch, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         pooled = at_least_float32(pool(encoded, batch["attention_mask"], self.pooling))
         return self.out(dropout(pooled, self.dropout, dropout_rng))
 
@@ -213,7 +216,7 @@ class ClassificationHead(_PooledHead):
         else:
             self.class_weights = None
 
-    def loss(self, logits, batch):
+    def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
         labels = batch["labels"]
         ce = optax.softmax_cross_entropy_with_integer_labels(at_least_float32(logits), labels)
         weights = batch["weights"]
@@ -221,14 +224,14 @@ class ClassificationHead(_PooledHead):
             weights = weights * self.class_weights[...][labels]
         return _weighted_mean(ce, weights)
 
-    def predict(self, logits, batch):
+    def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         probs = jax.nn.softmax(at_least_float32(logits), axis=-1)
         return {"label": jnp.argmax(probs, axis=-1), "probs": probs}
 
-    def decode(self, predictions, batch):
+    def decode(self, predictions: HostBatch, batch: HostBatch) -> list[int]:
         return [int(predictions["label"][i]) for i in real_rows(batch)]
 
-    def score(self, predicted, references):
+    def score(self, predicted: Sequence[int], references: Sequence[int]) -> dict[str, float]:
         return metrics.classification_metrics(references, predicted, self.labels)
 
 
@@ -247,25 +250,28 @@ class SentimentHead(ClassificationHead):
     needs_declared_labels = True
     metric_names = ClassificationHead.metric_names + ("polarity_mae",)
 
-    def __init__(self, hidden_size, labels, *, rngs, pooling="pooler", dropout=0.1, class_weights=None):
+    def __init__(
+        self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs,
+        pooling: str = "pooler", dropout: float = 0.1, class_weights: Sequence[float] | None = None,
+    ):
         if len(labels) < 2:
             raise MtlError(f"sentiment needs at least 2 ordered labels, got {list(labels)}")
         super().__init__(hidden_size, labels, rngs=rngs, pooling=pooling, dropout=dropout, class_weights=class_weights)
         self.polarity = nnx.Variable(jnp.linspace(-1.0, 1.0, len(labels)))
 
-    def predict(self, logits, batch):
+    def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         out = super().predict(logits, batch)
         out["score"] = out["probs"] @ self.polarity[...]
         return out
 
-    def decode(self, predictions, batch):
+    def decode(self, predictions: HostBatch, batch: HostBatch) -> list[tuple[int, float]]:
         return [(int(predictions["label"][i]), float(predictions["score"][i])) for i in real_rows(batch)]
 
-    def score(self, predicted, references):
+    def score(self, predicted: Sequence[tuple[int, float]], references: Sequence[int]) -> dict[str, float]:
         labels = [p[0] for p in predicted]
         out = super().score(labels, references)
-        polarity = np.linspace(-1.0, 1.0, len(self.labels))
-        out["polarity_mae"] = float(np.mean(np.abs(np.array([p[1] for p in predicted]) - polarity[np.asarray(references)])))
+        gold_polarity = np.linspace(-1.0, 1.0, len(self.labels))[np.asarray(references)]
+        out["polarity_mae"] = float(np.mean(np.abs(np.array([p[1] for p in predicted]) - gold_polarity)))
         return out
 
 
@@ -289,20 +295,20 @@ class TokenClassificationHead(Head):
         self.dropout = dropout
         self.out = _dense(hidden_size, len(labels), rngs)
 
-    def __call__(self, encoded, batch, *, dropout_rng=None):
+    def __call__(self, encoded: EncoderOutput, batch: Batch, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         hidden = at_least_float32(encoded.last_hidden_state)
         return self.out(dropout(hidden, self.dropout, dropout_rng))
 
-    def loss(self, logits, batch):
+    def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
         labels = batch["labels"]
         active = (labels != IGNORE) & (batch["weights"][:, None] > 0)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(active, labels, 0))
         return _weighted_mean(ce, active.astype(jnp.float32))
 
-    def predict(self, logits, batch):
+    def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         return {"tags": jnp.argmax(logits, axis=-1)}
 
-    def decode(self, predictions, batch):
+    def decode(self, predictions: HostBatch, batch: HostBatch) -> list[list[int]]:
         outside = self.labels.index("O") if "O" in self.labels else 0
         out = []
         for i in real_rows(batch):
@@ -314,7 +320,7 @@ class TokenClassificationHead(Head):
             out.append(tags.tolist())
         return out
 
-    def score(self, predicted, references):
+    def score(self, predicted: Sequence[list[int]], references: Sequence[list[int]]) -> dict[str, float]:
         names = self.labels
         return metrics.entity_metrics(
             [[names[t] for t in seq] for seq in references], [[names[t] for t in seq] for seq in predicted]
@@ -331,20 +337,22 @@ class RegressionHead(_PooledHead):
     label_kind = "scalar"
     metric_names = ("pearson", "spearman", "mse")
 
-    def __init__(self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs, pooling: str = "pooler", dropout: float = 0.1):
+    def __init__(
+        self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs, pooling: str = "pooler", dropout: float = 0.1,
+    ):
         super().__init__(hidden_size, 1, pooling, dropout, rngs=rngs)
         self.labels = tuple(labels)
 
-    def loss(self, logits, batch):
+    def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
         return _weighted_mean(jnp.square(logits[:, 0] - batch["labels"]), batch["weights"])
 
-    def predict(self, logits, batch):
+    def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         return {"score": logits[:, 0]}
 
-    def decode(self, predictions, batch):
+    def decode(self, predictions: HostBatch, batch: HostBatch) -> list[float]:
         return [float(predictions["score"][i]) for i in real_rows(batch)]
 
-    def score(self, predicted, references):
+    def score(self, predicted: Sequence[float], references: Sequence[float]) -> dict[str, float]:
         return metrics.regression_metrics(references, predicted)
 
 
@@ -368,16 +376,16 @@ class MultiLabelHead(_PooledHead):
         self.labels = tuple(labels)
         self.threshold = threshold
 
-    def loss(self, logits, batch):
+    def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
         bce = optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean(axis=-1)
         return _weighted_mean(bce, batch["weights"])
 
-    def predict(self, logits, batch):
+    def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         probs = jax.nn.sigmoid(logits)
         return {"labels": probs > self.threshold, "probs": probs}
 
-    def decode(self, predictions, batch):
+    def decode(self, predictions: HostBatch, batch: HostBatch) -> list[list[int]]:
         return [np.asarray(predictions["labels"][i], np.int64).tolist() for i in real_rows(batch)]
 
-    def score(self, predicted, references):
+    def score(self, predicted: Sequence[list[int]], references: Sequence[list[int]]) -> dict[str, float]:
         return metrics.multilabel_metrics(np.asarray(references), np.asarray(predicted), self.labels)

@@ -34,9 +34,11 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Experiment:
+    """A config made concrete: the encoder's files and tokenizer, each task's data, the model."""
+
     config: ExperimentConfig
     encoder_dir: Path
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     tasks: dict[str, TaskData]  # in config order
     model: MultiTaskModel
 
@@ -69,7 +71,8 @@ def _sliced(data: TaskData, max_train: int | None, max_eval: int | None) -> Task
     return dataclasses.replace(data, splits=splits, stats=stats)
 
 
-def load_experiment_data(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, max_positions: int) -> dict[str, TaskData]:
+def load_experiment_data(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
+                         max_positions: int) -> dict[str, TaskData]:
     """{task name: tokenized data} for the config's tasks, in config order, with each entry's
     overrides applied and its splits cut to `max_train_examples` / `max_eval_examples`."""
     specs = load_tasks([entry.task for entry in config.tasks], [entry.overrides for entry in config.tasks])
@@ -86,7 +89,8 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
     tokenizer = load_tokenizer(directory)
     encoder = build_encoder(config, directory, len(tokenizer))
     if len(tokenizer) > encoder.config.vocab_size:
-        raise MtlError(f"{directory}: the tokenizer has {len(tokenizer)} tokens, the encoder only {encoder.config.vocab_size}")
+        raise MtlError(f"{directory}: the tokenizer has {len(tokenizer)} tokens, "
+                       f"the encoder only {encoder.config.vocab_size}")
     tasks = load_experiment_data(config, tokenizer, encoder.config.max_sequence_length)
     rngs = nnx.Rngs(config.train.seed + 1)
     heads = {name: _task_head(data, encoder.config.hidden_size, rngs) for name, data in tasks.items()}

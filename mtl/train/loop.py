@@ -42,7 +42,7 @@ from mtl.tracking import MetricsWriter, Progress, RecordNotWritten, append_recor
 from mtl.train.experiment import Experiment
 from mtl.train.multitask import TaskSampler, make_predict_steps, make_train_steps
 from mtl.train.optim import build_optimizer, frozen_mask, learning_rate_at
-from mtl.train.state import TrainState
+from mtl.train.state import TrainState, TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class TrainLoop:
     workdir: Path
     layout: Layout
     state: TrainState
-    train_steps: dict[str, Callable]
+    train_steps: dict[str, TrainStep]
     checkpointer: Checkpointer
 
     def __init__(self, config: ExperimentConfig, workdir: str | Path) -> None:
@@ -336,7 +336,8 @@ class TrainLoop:
                 if saves or stop:
                     self.checkpointer.save(done, self.state, self.meta(), metrics=save_metrics)
                 if stop:
-                    log.info("early stop at step %d: no improvement in %d evaluations", done, cfg.early_stopping_patience)
+                    log.info("early stop at step %d: no improvement in %d evaluations", done,
+                             cfg.early_stopping_patience)
                     break
         except KeyboardInterrupt:
             progress.close()
@@ -346,7 +347,8 @@ class TrainLoop:
             raise
         except RecordNotWritten as e:
             self.checkpointer.wait()  # as above; a save that fails too is the error said instead
-            raise MtlError(f"{e}; once the cause is fixed, the same command {self.checkpointer.rerun_resumes()}") from None
+            raise MtlError(
+                f"{e}; once the cause is fixed, the same command {self.checkpointer.rerun_resumes()}") from None
         finally:
             interrupts.close()
             progress.close()
@@ -415,9 +417,10 @@ class Trainer(TrainLoop):
         return ["aggregate"] + [f"{task}/{metric}" for task in self.tasks for metric in heads[task].metric_names]
 
     def progress(self) -> dict:
+        tasks = self.experiment.tasks.items()
         return {"positions": self.positions, "tasks": self.tasks,
-                "labels": {name: data.labels for name, data in self.experiment.tasks.items()},
-                "heads": {name: dataclasses.asdict(TaskHead.of(data.spec)) for name, data in self.experiment.tasks.items()}}
+                "labels": {name: data.labels for name, data in tasks},
+                "heads": {name: dataclasses.asdict(TaskHead.of(data.spec)) for name, data in tasks}}
 
     def restore_progress(self, meta: dict) -> None:
         if meta.get("tasks") != self.tasks:
@@ -430,7 +433,8 @@ class Trainer(TrainLoop):
                     f"data now give {data.labels}; put them back, or use a new --workdir (model.init_from "
                     f"transfers the encoder)"
                 )
-            saved, now = meta.get("heads", {}).get(name), TaskHead.of(data.spec)  # checkpoints before "heads": unchecked
+            # Checkpoints written before "heads" was saved go unchecked.
+            saved, now = meta.get("heads", {}).get(name), TaskHead.of(data.spec)
             if saved is not None and (saved["head"], saved["head_options"]) != (now.head, now.head_options):
                 # Same shapes, other meaning (pooling: cls for mean, say): the weights would be read wrongly.
                 raise MtlError(
@@ -461,7 +465,8 @@ class Trainer(TrainLoop):
             batcher = self.batchers[split][name]
             predicted = [None] * batcher.size  # by row of the split: the batches come shortest first
             for batch in eval_batches(batcher):
-                predictions = self.layout.gather(self.predict_steps[name](model_params, self.layout.put_whole_batch(batch)))
+                on_mesh = self.layout.put_whole_batch(batch)
+                predictions = self.layout.gather(self.predict_steps[name](model_params, on_mesh))
                 items = decode_real_rows(name, head, predictions, batch)
                 for row, item in zip(batch["index"][real_rows(batch)], items, strict=True):
                     predicted[row] = item

@@ -25,7 +25,7 @@ support sentence has) gets the zero prototype. Meta-learning runs without dropou
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -38,9 +38,10 @@ from mtl.config import META_ADAPT, META_ALGORITHMS
 from mtl.errors import MtlError
 from mtl.models.encoder import EncoderConfig, EncoderOutput, at_least_float32
 from mtl.models.heads import IGNORE, pool
+from mtl.params import path_names
 from mtl.sharding import StepShardings
-from mtl.train.optim import _names, frozen_below, trained_part, with_frozen
-from mtl.train.state import TrainState, make_update
+from mtl.train.optim import frozen_below, trained_part, with_frozen
+from mtl.train.state import Metrics, TrainState, TrainStep, make_update
 
 ALGORITHMS, ADAPT = META_ALGORITHMS, META_ADAPT
 HEAD = "episode"
@@ -81,7 +82,7 @@ class MetaLearner:
     # --------------------------------------------------------------- parameter split
 
     def _is_fast(self, path, _value) -> bool:
-        names = _names(path)
+        names = path_names(path)
         if names[0] == "heads" or self.adapt == "all":
             return True
         if self.adapt == "head":
@@ -101,7 +102,7 @@ class MetaLearner:
         a [L, 1, ...] mask that keeps the lower layers of a stacked parameter still."""
 
         def mask(path, leaf):
-            names = _names(path)
+            names = path_names(path)
             if self.adapt == "top" and names[:2] == ("encoder", "layers") and not names[2].isdigit():
                 top = np.arange(self.encoder.num_layers) >= self.encoder.num_layers - self.adapt_layers
                 return jnp.asarray(top.astype(np.float32).reshape((-1,) + (1,) * (leaf.ndim - 1)))
@@ -120,14 +121,15 @@ class MetaLearner:
 
     @staticmethod
     def _is_word_table(path) -> bool:
-        return _names(path)[:3] == ("encoder", "embeddings", "word")
+        return path_names(path)[:3] == ("encoder", "embeddings", "word")
 
     def _word_table(self, tree: Any) -> jax.Array:
         return next(leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree) if self._is_word_table(path))
 
-    def _on_word_table(self, tree: Any, fn) -> Any:
+    def _on_word_table(self, tree: Any, fn: Callable[[jax.Array], jax.Array]) -> Any:
         """`tree` with `fn` applied to its word-embedding table."""
-        return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(leaf) if self._is_word_table(path) else leaf, tree)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, leaf: fn(leaf) if self._is_word_table(path) else leaf, tree)
 
     # ------------------------------------------------------------------ the model
 
@@ -153,7 +155,7 @@ class MetaLearner:
         last, _ = encoder.run_layers(hidden, batch["attention_mask"], start, frozen_below=frozen_below)
         return EncoderOutput(last, encoder.pool(last))
 
-    def features(self, encoded, batch: Batch) -> jax.Array:
+    def features(self, encoded: EncoderOutput, batch: Batch) -> jax.Array:
         """Embeddings the prototypes average: one per text, or one per token for NER."""
         if self.kind == "tags":
             return at_least_float32(encoded.last_hidden_state)
@@ -195,7 +197,7 @@ class MetaLearner:
         values = {"kernel": 2.0 * protos.T, "bias": -jnp.sum(protos**2, -1)}
 
         def replace(path, leaf):
-            names = _names(path)
+            names = path_names(path)
             if names[:3] == ("heads", HEAD, "out") and names[3] in values:
                 return values[names[3]].astype(leaf.dtype)
             return leaf
@@ -204,7 +206,8 @@ class MetaLearner:
 
     # ------------------------------------------------------------------ inner loop
 
-    def adapt_fast(self, fast: nnx.State, inner_lr: Any, loss_of, steps: int, first_order: bool):
+    def adapt_fast(self, fast: nnx.State, inner_lr: Any, loss_of: Callable[[nnx.State], jax.Array], steps: int,
+                   first_order: bool) -> tuple[nnx.State, jax.Array]:
         """`steps` (>= 1) SGD steps on `loss_of(fast)`; returns (adapted fast params, [steps] losses).
 
         With `first_order` the inner gradients are treated as constants. With `remat` each inner
@@ -324,7 +327,8 @@ class MetaLearner:
         delta = nnx.merge_state(jax.tree.map(jnp.subtract, fast0, fast), jax.tree.map(jnp.zeros_like, slow))
         loss = self._head_loss(meta_params["model"], logits, episode["query"])
         grads = {"model": delta, "inner_lr": jax.tree.map(jnp.zeros_like, meta_params["inner_lr"])}
-        return grads, loss, {"accuracy": self.query_accuracy(logits, episode["query"]), "support_loss": support_losses[0]}
+        accuracy = self.query_accuracy(logits, episode["query"])
+        return grads, loss, {"accuracy": accuracy, "support_loss": support_losses[0]}
 
     def meta_gradients(self, meta_params: dict, episodes: Mapping[str, Batch],
                        frozen: Any | None = None) -> tuple[dict, dict]:
@@ -360,7 +364,7 @@ def episode_vocabulary(episode: Mapping[str, Batch]) -> jax.Array:
 
 
 def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, *, skip_nonfinite: bool,
-                   shardings: StepShardings | None = None, frozen: Any | None = None):
+                   shardings: StepShardings | None = None, frozen: Any | None = None) -> TrainStep:
     """The jitted meta step `(state, episodes) -> (state, metrics)`: the meta-gradient program
     (exposed as `step.gradients`, compiled once: every meta-batch has the same shapes) and the
     optimizer update both trainers share. With `shardings`, the meta-batch's episodes are split
@@ -370,7 +374,7 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, *, sk
     grad_fn = jax.jit(lambda state, episodes: learner.meta_gradients(state.params, episodes, frozen), **layout)
     update = make_update(tx, skip_nonfinite=skip_nonfinite, shardings=shardings)
 
-    def step(state: TrainState, episodes):
+    def step(state: TrainState, episodes: Mapping[str, Batch]) -> tuple[TrainState, Metrics]:
         grads, metrics = grad_fn(state, episodes)
         return update(state, grads, metrics)
 
@@ -378,7 +382,11 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, *, sk
     return step
 
 
-def make_adapt_predict(learner: MetaLearner, steps: int, shardings: StepShardings | None = None):
+# (meta params, stacked episodes) -> predicted query labels per episode
+AdaptPredict = Callable[[Any, Mapping[str, Batch]], jax.Array]
+
+
+def make_adapt_predict(learner: MetaLearner, steps: int, shardings: StepShardings | None = None) -> AdaptPredict:
     """Jitted `(meta params, stacked episodes) -> query predictions [E, ...]` for meta-testing:
     adapt on each support set (first order: nothing differentiates through it) and predict."""
     layout = shardings.predict(shardings.state.params) if shardings is not None else {}

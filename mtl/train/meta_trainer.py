@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -35,17 +36,22 @@ from mtl.tokenizer import load_tokenizer
 from mtl.tracking import append_record, replace_whole
 from mtl.train.experiment import build_encoder, load_experiment_data, transfer
 from mtl.train.loop import TrainLoop
-from mtl.train.meta import HEAD, MetaLearner, make_adapt_predict, make_meta_step
+from mtl.train.meta import HEAD, AdaptPredict, MetaLearner, make_adapt_predict, make_meta_step
 from mtl.train.optim import build_optimizer, frozen_mask
 from mtl.train.state import TrainState
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class MetaExperiment:
+    """A config with a `meta` section made concrete: its tasks, the model, the episode samplers."""
+
     config: ExperimentConfig
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     tasks: dict[str, TaskData]
     model: MultiTaskModel  # the encoder and the "episode" head
     initial_params: nnx.State  # the model before any transfer: baseline (a)
@@ -58,8 +64,8 @@ def _samplers(config: ExperimentConfig, tasks: dict[str, TaskData], pad_token_id
 
     Meta-test passes `tested`: (the meta section the workdir was trained with, the split it
     tests). Then config.meta's ways, shots and queries (the command line's) shape that split's
-    episodes only; the others keep the trained shape, so that a source meta-test does not read
-    need not have the new number of classes or examples.
+    episodes only; the others keep the trained shape, so that a source that meta-test does not
+    read need not have the new number of classes or examples.
     """
     meta = config.meta
     # A source names a task as `tasks` lists it (a shipped name or a spec path); `tasks` is keyed
@@ -90,7 +96,8 @@ def build_meta_experiment(config: ExperimentConfig, tested: tuple[MetaSection, s
     """Resolve the encoder, load the tasks (truncated to meta.max_length), build the episode
     samplers and the model; with model.init_from, transfer its encoder. `tested`: see _samplers."""
     if config.meta is None:
-        raise MtlError("this config has no `meta` section; mtl meta-train needs one (mtl train runs multi-task configs)")
+        raise MtlError(
+            "this config has no `meta` section; mtl meta-train needs one (mtl train runs multi-task configs)")
     meta = config.meta
     directory = resolve_model(config.model.encoder)
     tokenizer = load_tokenizer(directory)
@@ -112,7 +119,8 @@ def build_meta_experiment(config: ExperimentConfig, tested: tuple[MetaSection, s
     return MetaExperiment(config, tokenizer, tasks, model, initial, samplers)
 
 
-def learner_for(config: ExperimentConfig, model: MultiTaskModel, kind: str) -> tuple[MetaLearner, nnx.GraphDef, nnx.State]:
+def learner_for(config: ExperimentConfig, model: MultiTaskModel,
+                kind: str) -> tuple[MetaLearner, nnx.GraphDef, nnx.State]:
     """The MetaLearner the config's `meta` section describes over `model`, with the model split
     into its graphdef and params (the meta-parameters; the rest stays in the learner)."""
     meta = config.meta
@@ -136,13 +144,14 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
     return float(values.mean()), float(1.96 * values.std(ddof=1) / np.sqrt(len(values)))
 
 
-def episode_scores(predict, meta_params: dict, sampler: EpisodeSampler, episodes: int, chunk: int,
+def episode_scores(predict: AdaptPredict, meta_params: dict, sampler: EpisodeSampler, episodes: int, chunk: int,
                    layout: Layout, desc: str = "episodes") -> list[float]:
     """Per-episode query accuracy (class episodes) or entity F1 (NER) of `predict` (from
     `make_adapt_predict`), on episodes 0..episodes-1 of the sampler, split over `layout`'s mesh."""
     names = sampler.episode_labels
     scores: list[float] = []
-    for start in tqdm(range(0, episodes, chunk), desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None):
+    for start in tqdm(range(0, episodes, chunk), desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+                      disable=None):
         # Always `chunk` episodes per call (one compile); the extras past `episodes` are dropped.
         stacked = sampler.meta_batch(start // chunk, chunk)
         predictions = np.asarray(layout.gather(predict(meta_params, layout.put_whole_batch(stacked))))
@@ -235,7 +244,8 @@ def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None 
     if episodes is not None and episodes < 1:
         raise MtlError(f"episodes must be at least 1, got {episodes}")
     if not (workdir / "config.yaml").is_file() or not (workdir / "checkpoints").is_dir():
-        raise MtlError(f"{workdir}: not a meta-training workdir (no config.yaml and checkpoints/); run mtl meta-train first")
+        raise MtlError(
+            f"{workdir}: not a meta-training workdir (no config.yaml and checkpoints/); run mtl meta-train first")
     trained = load_experiment(workdir / "config.yaml")
     if trained.meta is None:
         raise MtlError(f"{workdir}: was trained by mtl train, not mtl meta-train; meta-test needs a meta workdir")
@@ -243,7 +253,8 @@ def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None 
     config = load_experiment(workdir / "config.yaml", overrides)
     config = dataclasses.replace(config, mesh=fit_mesh(config.mesh))
     new_ways = config.meta.ways != trained.meta.ways
-    head_is_learned = not (config.meta.algorithm == "protonet" or (config.meta.proto_init and config.meta.algorithm != "meta_sgd"))
+    algorithm = config.meta.algorithm
+    head_is_learned = not (algorithm == "protonet" or (config.meta.proto_init and algorithm != "meta_sgd"))
     if new_ways and head_is_learned:
         raise MtlError(f"{workdir}: its {config.meta.algorithm} head was meta-learned for {trained.meta.ways} ways; "
                        f"--ways {config.meta.ways} needs protonet or proto_init")
@@ -252,8 +263,10 @@ def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None 
     if baseline_from is not None and _is_meta_workdir(Path(baseline_from)):
         raise MtlError(f"{baseline_from}: is a meta-learning workdir; baseline (b) is a multi-task one (mtl train), "
                        "whose encoder saw no episodes")
-    experiment = build_meta_experiment(dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=None)),
-                                       tested=(trained.meta, split))
+    # Built without model.init_from: its initial params are baseline (a), the pretrained encoder as
+    # it was; the workdir's meta-trained params are loaded below.
+    fresh = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=None))
+    experiment = build_meta_experiment(fresh, tested=(trained.meta, split))
     trainer = MetaTrainer(experiment, workdir)
     try:
         initial = trainer.state.params
@@ -285,5 +298,6 @@ def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None 
         replace_whole(workdir / "meta_test.json", json.dumps(report, indent=2))  # a cut write keeps the last report
     except OSError as e:  # the caller prints the report: a read-only workdir or a full disk loses nothing
         log.warning("%s: cannot write it (%s); the results are printed only", workdir / "meta_test.json", e.strerror)
-    append_record(workdir, step, f"meta_test/{split}", {f"{row}/{k}": v for row, r in results.items() for k, v in r.items()})
+    append_record(workdir, step, f"meta_test/{split}",
+                  {f"{row}/{k}": v for row, r in results.items() for k, v in r.items()})
     return report

@@ -20,7 +20,7 @@ from flax import nnx
 
 from mtl.sharding import StepShardings
 from mtl.train.optim import frozen_below, trained_part, with_frozen
-from mtl.train.state import TrainState, make_update
+from mtl.train.state import Metrics, TrainState, TrainStep, make_update
 
 
 class TaskSampler:
@@ -62,7 +62,7 @@ def make_train_steps(
     dropout: bool,
     shardings: StepShardings | None = None,
     frozen: Any | None = None,
-) -> dict[str, Any]:
+) -> dict[str, TrainStep]:
     """{task: train step}, each a pure `(state, batch) -> (state, metrics)`.
 
     A step runs two jitted programs: the task's gradient (compiled per task and length bucket)
@@ -103,7 +103,7 @@ def make_train_steps(
     def make(task: str, index: int):
         grad_fn = jax.jit(functools.partial(gradients, task=task, index=index), **layout)
 
-        def step(state: TrainState, batch: Mapping[str, jax.Array]):
+        def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
             grads, metrics = grad_fn(state, batch)
             return update(state, grads, metrics)
 

@@ -33,21 +33,7 @@ import optax
 from mtl.config import OptimSection
 from mtl.errors import MtlError
 from mtl.models.encoder import EncoderConfig
-
-
-def _names(path) -> tuple[str, ...]:
-    """A pytree path as names, e.g. ("model", "encoder", "layers", "query", "kernel").
-
-    Leaves inside an nnx Variable end in GetAttrKey("value"); that wrapper is dropped so the
-    last name is the parameter's own (without this, no parameter would ever match "kernel").
-    """
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
-    out = []
-    for entry in path:
-        key = getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))
-        out.append(str(key))
-    return tuple(out)
+from mtl.params import path_names
 
 
 def schedule(cfg: OptimSection, total_updates: int) -> optax.Schedule:
@@ -68,7 +54,7 @@ def decay_mask(params: Any) -> Any:
     """True for model parameters that get weight decay: kernels and embedding tables (not
     biases, norms, loss weights or Meta-SGD's learned learning rates)."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: _names(p)[0] == "model" and _names(p)[-1] in ("kernel", "embedding"), params)
+        lambda p, _: path_names(p)[0] == "model" and path_names(p)[-1] in ("kernel", "embedding"), params)
 
 
 def _depth(names: tuple[str, ...], leaf: Any, encoder: EncoderConfig) -> np.ndarray:
@@ -104,7 +90,7 @@ def frozen_mask(params: Any, encoder: EncoderConfig, cfg: OptimSection) -> Any |
         return None
 
     def frozen(path, leaf):
-        names = _names(path)
+        names = path_names(path)
         if cfg.freeze_encoder and "encoder" in names:
             return True
         below = _frozen_depths(_depth(names, leaf, encoder), cfg.freeze_layers)
@@ -153,7 +139,7 @@ def depth_factors(params: Any, encoder: EncoderConfig, layer_decay: float | None
     decay = 1.0 if layer_decay is None else layer_decay
 
     def factor(path, leaf):
-        depth = _depth(_names(path), leaf, encoder)
+        depth = _depth(path_names(path), leaf, encoder)
         scale = np.where(depth == top, head_lr_scale, decay ** (top - depth))
         return jnp.asarray(np.where(_frozen_depths(depth, freeze_layers), 0.0, scale).astype(np.float32))
 
@@ -185,7 +171,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.stateless(clip)
 
 
-def build_optimizer(cfg: OptimSection, params: Any, encoder: EncoderConfig, total_steps: int) -> optax.GradientTransformation:
+def build_optimizer(cfg: OptimSection, params: Any, encoder: EncoderConfig,
+                    total_steps: int) -> optax.GradientTransformation:
     """The optimizer for `params` ({"model": nnx.State, "log_vars": array}) over total_steps."""
     if cfg.freeze_layers > encoder.num_layers:
         raise MtlError(f"key 'optim.freeze_layers': {cfg.freeze_layers} is more than the encoder's "

@@ -7,6 +7,7 @@ lives in the checkpoint's metadata beside it; see mtl.checkpoint.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,7 +35,7 @@ class TrainState:
     rng: jax.Array
 
     @classmethod
-    def create(cls, params: Any, tx, seed: int) -> TrainState:
+    def create(cls, params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                    rng=jax.random.key_data(jax.random.key(seed)))
 
@@ -42,7 +43,15 @@ class TrainState:
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
-def make_update(tx: optax.GradientTransformation, *, skip_nonfinite: bool, shardings: StepShardings | None = None):
+# The step functions' types. A train step's batch is one task's batch; a meta step's, a meta-batch
+# of episodes. Metrics stay on the device until the host logs them.
+Metrics = dict[str, jax.Array]
+TrainStep = Callable[[TrainState, Any], tuple[TrainState, Metrics]]
+UpdateStep = Callable[[TrainState, Any, Metrics], tuple[TrainState, Metrics]]
+
+
+def make_update(tx: optax.GradientTransformation, *, skip_nonfinite: bool,
+                shardings: StepShardings | None = None) -> UpdateStep:
     """The jitted `(state, grads, metrics) -> (state, metrics)` that applies one optimizer update.
 
     Both trainers share it. It depends on neither the task nor the batch shape, so a run
@@ -56,7 +65,7 @@ def make_update(tx: optax.GradientTransformation, *, skip_nonfinite: bool, shard
     layout = shardings.update() if shardings is not None else {}
 
     @functools.partial(jax.jit, donate_argnums=(0,), **layout)
-    def update(state: TrainState, grads: Any, metrics: dict[str, jax.Array]):
+    def update(state: TrainState, grads: Any, metrics: Metrics) -> tuple[TrainState, Metrics]:
         grad_norm = optax.tree.norm(grads)
         # A frozen parameter has no gradient (None): optax sees zeros, which its partition's
         # set_to_zero never reads, and the parameter's buffer passes through untouched.
