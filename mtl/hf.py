@@ -207,7 +207,7 @@ def _architecture(model_type: Any, where: str) -> Architecture:
     return ARCHITECTURES[model_type]
 
 
-def config_from_hf(hf_config: Mapping[str, Any], where: str = "config", **run_options) -> EncoderConfig:
+def config_from_hf(hf_config: Mapping[str, Any], where: str = "config", **run_options: Any) -> EncoderConfig:
     """Map a HF config dict (with the transformers defaults filled in) to an EncoderConfig."""
     unknown = set(run_options) - set(_RUN_OPTIONS)
     if unknown:
@@ -247,7 +247,7 @@ def config_to_hf(config: EncoderConfig) -> dict[str, Any]:
     return out
 
 
-def read_config(directory: Path, **run_options) -> EncoderConfig:
+def read_config(directory: Path, **run_options: Any) -> EncoderConfig:
     """Read `directory/config.json` through transformers' AutoConfig (which fills defaults)."""
     path = directory / "config.json"
     try:
@@ -329,7 +329,7 @@ def hf_to_mtl_names(
     return mapped, ignored
 
 
-def load_encoder(name_or_dir: str | os.PathLike, **run_options) -> Encoder:
+def load_encoder(name_or_dir: str | os.PathLike, **run_options: Any) -> Encoder:
     """Build an `Encoder` from a HF checkpoint name or directory; see the module docstring."""
     directory = resolve_model(name_or_dir)
     config = read_config(directory, **run_options)

@@ -32,12 +32,13 @@ def _public_functions(tree: ast.Module):
 
 
 def test_public_functions_have_type_hints():
-    # ../STYLE: public functions have type hints. Ruff's ANN rules cannot tell a public function
-    # from a closure inside one (a jitted step's loss_fn), so the rule is checked here.
+    # The project's style: public functions have type hints. Ruff's ANN rules cannot tell a public
+    # function from a closure inside one (a jitted step's loss_fn), so the rule is checked here.
     missing = []
     for path in sorted((ROOT / "mtl").rglob("*.py")):
         for name, fn in _public_functions(ast.parse(path.read_text(), str(path))):
-            args = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs
+            args = [*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs,
+                    *(a for a in (fn.args.vararg, fn.args.kwarg) if a is not None)]
             bare = [a.arg for a in args if a.annotation is None and a.arg not in ("self", "cls")]
             if fn.returns is None and fn.name != "__init__":
                 bare.append("return")

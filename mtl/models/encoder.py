@@ -233,7 +233,7 @@ class EncoderConfig:
             return self.max_position_embeddings - self.pad_token_id - 1
         return self.max_position_embeddings
 
-    def replace(self, **changes) -> EncoderConfig:
+    def replace(self, **changes: Any) -> EncoderConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -554,7 +554,7 @@ class Encoder(nnx.Module):
         return x, (jnp.stack(outs) if output_hidden_states else None)
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str, **run_options) -> Encoder:
+    def from_pretrained(cls, name_or_dir: str, **run_options: Any) -> Encoder:
         """Load a HF checkpoint (config.json + safetensors) by name or directory.
 
         `run_options` override EncoderConfig run fields (dtype, param_dtype, scan_layers,
