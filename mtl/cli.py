@@ -116,14 +116,13 @@ def _jsonl_texts(lines, tokens: bool = False) -> Iterator[str | list[str]]:
     the words of a {"tokens": [...]} line; a bad line is an error naming its number."""
     import json
 
+    from mtl.data.readers import parse_json_line
+
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"stdin:{number}"
-        try:
-            item = json.loads(line.rstrip("\r\n"))  # so that colno counts along this line
-        except json.JSONDecodeError as e:  # as mtl.data.readers.read_jsonl says it of a file
-            raise MtlError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        item = parse_json_line(line, where)
         key = next((k for k in ("text", "tokens") if k in item), None) if isinstance(item, dict) else None
         if key is None:
             raise MtlError(f"{where}: expected a JSON object with a \"text\" key"

@@ -86,6 +86,8 @@ def test_empty_label_cell(tmp_path, tokenizer):
     ('{"review": "good", "stars": null}', "label 'stars' is empty"),
     ('{"review": null, "stars": "pos"}', "text 'review' must be a string, got null"),
     ('{"review": ["good"], "stars": "pos"}', "text 'review' must be a string, got [\"good\"]"),
+    ('{"review": "good"', "invalid JSON (Expecting ',' delimiter at column 18)"),  # the end of the line
+    ('["good", "pos"]', "expected a JSON object, got list"),
 ])
 def test_jsonl_values_of_the_wrong_shape(tmp_path, tokenizer, row, message):
     spec = dict(CSV_SPEC, source={"format": "jsonl", "files": ["d.jsonl"]})

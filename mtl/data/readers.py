@@ -65,15 +65,23 @@ def read_csv(path: Path, columns: Sequence[str], text: str, delimiter: str = ","
         raise MtlError(f"{path}:{previous_end + 1}: malformed csv ({e})") from None
 
 
+def parse_json_line(line: str, where: str) -> Any:
+    """One line of JSON Lines; invalid JSON is an error naming `where` ("file:line") and the column.
+
+    The line ending is dropped first, so that the column counts along this line.
+    """
+    try:
+        return json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as e:
+        raise MtlError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
 def read_jsonl(path: Path, columns: Sequence[str], text: str) -> Iterator[tuple[str, Record]]:
     """`columns` of each JSON object, one a line; blank lines are skipped."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MtlError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
+        obj = parse_json_line(line, f"{path}:{number}")
         if not isinstance(obj, dict):
             raise MtlError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
         missing = [c for c in columns if c not in obj]
