@@ -53,8 +53,11 @@ def schedule(cfg: OptimSection, total_updates: int) -> optax.Schedule:
 def decay_mask(params: Any) -> Any:
     """True for model parameters that get weight decay: kernels and embedding tables (not
     biases, norms, loss weights or Meta-SGD's learned learning rates)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: path_names(p)[0] == "model" and path_names(p)[-1] in ("kernel", "embedding"), params)
+    def decays(path: tuple[Any, ...], _leaf: Any) -> bool:
+        names = path_names(path)
+        return names[0] == "model" and names[-1] in ("kernel", "embedding")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def _depth(names: tuple[str, ...], leaf: Any, encoder: EncoderConfig) -> np.ndarray:
