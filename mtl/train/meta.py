@@ -37,7 +37,7 @@ from flax import nnx
 from mtl.config import META_ADAPT, META_ALGORITHMS
 from mtl.errors import MtlError
 from mtl.models.encoder import EncoderConfig, EncoderOutput, at_least_float32
-from mtl.models.heads import IGNORE, pool
+from mtl.models.heads import IGNORE, Batch, pool
 from mtl.params import path_names
 from mtl.sharding import StepShardings
 from mtl.train.optim import frozen_below, trained_part, with_frozen
@@ -45,8 +45,6 @@ from mtl.train.state import Metrics, TrainState, TrainStep, make_update
 
 ALGORITHMS, ADAPT = META_ALGORITHMS, META_ADAPT
 HEAD = "episode"
-
-Batch = Mapping[str, jax.Array]
 
 
 class MetaLearner:

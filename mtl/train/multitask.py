@@ -9,7 +9,7 @@ same order.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mtl.models.heads import Batch
 from mtl.sharding import StepShardings
 from mtl.train.optim import frozen_below, trained_part, with_frozen
 from mtl.train.state import Metrics, TrainState, TrainStep, make_update
@@ -81,7 +82,7 @@ def make_train_steps(
     weights = jnp.asarray(weights, jnp.float32)
     below = frozen_below(frozen)
 
-    def gradients(state: TrainState, batch: Mapping[str, jax.Array], *, task: str, index: int):
+    def gradients(state: TrainState, batch: Batch, *, task: str, index: int):
         rng = state.step_key() if dropout else None
 
         def loss_fn(trained):
@@ -103,7 +104,7 @@ def make_train_steps(
     def make(task: str, index: int):
         grad_fn = jax.jit(functools.partial(gradients, task=task, index=index), **layout)
 
-        def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
+        def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
             grads, metrics = grad_fn(state, batch)
             return update(state, grads, metrics)
 
