@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from mtl.errors import MtlError
 from mtl.models.encoder import REMAT_POLICIES
@@ -115,6 +115,8 @@ def _named_errors(where: str, overrides: Sequence[str] = (), applying: str | Non
         if isinstance(last, str) and re.fullmatch(r"[A-Za-z_][\w-]*:\S.*", last):
             name, value = last.split(":", 1)
             message += f" (YAML reads {last!r} as one key; write '{name}: {value}', with a space after the colon)"
+        else:
+            message = _with_known_keys(message, e)
         if applying:  # OmegaConf names no key when a whole section is replaced: the override's is it
             key = key or applying.split("=", 1)[0].strip()
             raise MtlError(f"{where} with override {applying!r}: key {key!r}: {message}") from None
@@ -122,6 +124,17 @@ def _named_errors(where: str, overrides: Sequence[str] = (), applying: str | Non
             raise MtlError(f"{where}: {message}") from None
         named = at_key(where, key, overrides)
         raise MtlError(f"{named}: {message}") from None
+
+
+def _with_known_keys(message: str, error: OmegaConfBaseException) -> str:
+    """`message`, for an unknown key in a schema, followed by the schema's keys (OmegaConf's
+    message suggests a near miss at most)."""
+    schema = getattr(error, "object_type", None)
+    unknown = isinstance(error, (ConfigKeyError, ConfigAttributeError)) and " not in " in message
+    if not unknown or not dataclasses.is_dataclass(schema):
+        return message
+    separator = " " if message.endswith("?") else ". "  # after "Did you mean: 'steps'?"
+    return f"{message}{separator}Keys: {[field.name for field in dataclasses.fields(schema)]}"
 
 
 def at_key(where: str, key: str, overrides: Sequence[str] = ()) -> str:

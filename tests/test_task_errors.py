@@ -172,7 +172,8 @@ def test_keys_the_loader_sets_are_refused_in_a_spec(tmp_path):
 def test_unknown_spec_key_and_wrong_type(tmp_path):
     with pytest.raises(MtlError, match=r"toy_csv\.yaml: key 'max_lenght': Key 'max_lenght' not in 'TaskSpec'"):
         load_task(write_task(tmp_path, dict(CSV_SPEC, max_lenght=64), {}))
-    with pytest.raises(MtlError, match=r"key 'source.fils': Key 'fils' not in 'SourceSpec'. Did you mean: 'files'\?"):
+    with pytest.raises(MtlError, match=r"key 'source.fils': Key 'fils' not in 'SourceSpec'. Did you mean: 'files'\? "
+                                        r"Keys: \['format', 'files', "):
         load_task(write_task(tmp_path / "b", dict(CSV_SPEC, source={"format": "csv", "fils": ["x"]}), {}))
     with pytest.raises(MtlError, match=r"key 'max_length': Value 'long' of type 'str' could not be converted to Integer"):
         load_task(write_task(tmp_path / "c", dict(CSV_SPEC, max_length="long"), {}))
