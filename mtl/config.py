@@ -304,6 +304,8 @@ class TrainSection:
     early_stopping_patience: int | None = None  # evaluations without improvement
     nan_policy: str = "stop"  # stop | skip
     tensorboard: bool = True
+    profile_steps: int = 0  # trace this many steps with jax.profiler into workdir/profile (0: none)
+    profile_start: int = 10  # steps before the trace: the first steps compile
 
 
 @dataclasses.dataclass
@@ -440,6 +442,8 @@ _RANGES = {
     "train.checkpoint_every": _POSITIVE,
     "train.keep_checkpoints": _POSITIVE,
     "train.early_stopping_patience": _POSITIVE,
+    "train.profile_steps": _NON_NEGATIVE,
+    "train.profile_start": _NON_NEGATIVE,
     "meta.adapt_layers": _POSITIVE,
     "meta.ways": _POSITIVE,
     "meta.shots": _POSITIVE,
@@ -486,6 +490,10 @@ def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] = (
                 raise MtlError(f"{at_key(where, full_key, overrides)}: must be {expected}, got {value}")
     if not config.tasks:
         raise MtlError(f"{at_key(where, 'tasks', overrides)}: list at least one task")
+    train = config.train
+    if train.profile_steps and train.profile_start >= train.steps:
+        raise MtlError(f"{at_key(where, 'train.profile_start', overrides)}: {train.profile_start} steps before the "
+                       f"profile leave none of train.steps ({train.steps}) to trace")
     if config.meta is not None:
         _check_meta_sources(config, where, overrides)
     return _absolute_task_paths(config)

@@ -1,5 +1,6 @@
 """Where a run's numbers go: metrics.jsonl always, TensorBoard event files when available, and
-what the run shows as it goes (`Progress`).
+what the run shows as it goes (`Progress`); and a profiler trace of the steps asked for
+(`StepProfiler`).
 
 (Named tracking, not logging, so that no module here shadows the standard library's logging.)
 Each JSONL line is {"step": s, "kind": "train" | "eval" | "test", ...flat float metrics}.
@@ -264,3 +265,51 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class StepProfiler:
+    """A `jax.profiler` trace of steps `start + 1` to `start + count` of a run (`train.profile_start`
+    and `train.profile_steps`), for xprof, TensorBoard's profile plugin or Perfetto.
+
+    The trace starts before the first of those steps is dispatched and stops once its last step's
+    device work is done, so it holds whole steps: the host's batch building and dispatch, and each
+    device op. A run that resumes inside the range traces the rest of it; one that ends inside it
+    (an early stop, Ctrl-C) writes what it traced. A trace that cannot start or be written (another
+    trace already running in the process, a full disk) is a warning: it never stops the run.
+    """
+
+    def __init__(self, directory: Path, start: int, count: int):
+        self.directory, self.start, self.end = directory, start, start + count
+        self.tracing, self.first = False, start + 1
+
+    def before_step(self, step: int) -> None:
+        """Call before dispatching 0-based step `step`."""
+        if self.tracing or not self.start <= step < self.end:
+            return
+        try:
+            jax.profiler.start_trace(str(self.directory))
+        except (RuntimeError, OSError) as e:
+            log.warning("no profile taken: %s", e)
+            self.end = self.start  # not tried again at the next step
+            return
+        self.tracing, self.first = True, step + 1
+
+    def after_step(self, done: int, outputs: Any) -> None:
+        """Call after dispatching a step, with `done` steps taken and the step's outputs."""
+        if self.tracing and done >= self.end:
+            self.stop(done, outputs)
+
+    def stop(self, done: int, outputs: Any = None) -> None:
+        """Stop a trace in progress, after `outputs` (the last traced step's) are computed."""
+        if not self.tracing:
+            return
+        self.tracing = False
+        try:
+            jax.block_until_ready(outputs)
+        finally:  # an interrupted wait still ends the trace, so the process can start another
+            try:
+                jax.profiler.stop_trace()
+            except (RuntimeError, OSError) as e:
+                log.warning("the profile of steps %d-%d was not written: %s", self.first, done, e)
+            else:
+                log.info("profile of steps %d-%d written under %s", self.first, done, self.directory)

@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import errno
+import gzip
 import json
 import logging
 import re
@@ -21,7 +22,7 @@ from mtl import MtlError
 from mtl.checkpoint import READ_ATTEMPTS, SELECTION, Checkpointer, load_trained
 from mtl.config import load_experiment, to_yaml
 from mtl.params import flatten, unstack_layers
-from mtl.tracking import read_metrics
+from mtl.tracking import StepProfiler, read_metrics
 from mtl.train.experiment import build_experiment
 from mtl.train.loop import LOCK_FILE, NonFiniteLossError, Trainer, evaluate
 
@@ -591,6 +592,101 @@ def test_train_step_traces_once_per_bucket(tmp_path, isolated_cache, minilm_dir)
     assert trainer.train_steps["toy_csv"].gradients._cache_size() == len(buckets)
 
 
+def _program_calls(trace_dir: Path, name: str) -> int:
+    """How many times the jitted function `name` was called in a jax.profiler trace (its
+    Perfetto JSON nests a second event inside each call's)."""
+    [path] = trace_dir.glob("plugins/profile/*/*.trace.json.gz")
+    events = sorted((e["ts"], e["ts"] + e["dur"]) for e in json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
+                    if e.get("ph") == "X" and e.get("name") == f"PjitFunction({name})")
+    calls, end = 0, -1.0
+    for start, stop in events:
+        if start > end:  # not inside the call before
+            calls, end = calls + 1, stop
+    return calls
+
+
+def test_a_profile_traces_the_steps_asked_for(tmp_path, isolated_cache, minilm_dir, caplog):
+    # One bucket and no evaluation in the range: no compile is traced. (JAX's Python tracer records
+    # every call of a compile, and the trace's JSON keeps the first million events.)
+    config = _toy_config(tmp_path, minilm_dir, steps=8, buckets=[32], eval_every=8, checkpoint_every=8,
+                         profile_start=4, profile_steps=3)
+    with caplog.at_level("INFO"):
+        Trainer(build_experiment(config), tmp_path / "w").run()
+    assert f"profile of steps 5-7 written under {tmp_path / 'w' / 'profile'}" in caplog.text
+    # Each step is one call of the gradient program and one of the update: the trace holds three steps.
+    assert _program_calls(tmp_path / "w" / "profile", "gradients") == 3
+    assert _program_calls(tmp_path / "w" / "profile", "update") == 3
+
+
+class _FakeProfiler:
+    def __init__(self, monkeypatch, fail_start=False):
+        self.calls = []
+        monkeypatch.setattr(jax.profiler, "start_trace", self.start)
+        monkeypatch.setattr(jax.profiler, "stop_trace", lambda: self.calls.append("stop"))
+        self.fail_start = fail_start
+
+    def start(self, directory):
+        if self.fail_start:
+            raise RuntimeError("Profile has already been started. Only one profile may be run at a time.")
+        self.calls.append(f"start {Path(directory).name}")
+
+
+@pytest.mark.parametrize("first, last, calls", [
+    (0, 8, ["before 0", "before 1", "before 2", "start profile", "before 3", "stop", "before 4", "before 5",
+            "before 6", "before 7"]),
+    (3, 8, ["before 3", "start profile", "stop", "before 4", "before 5", "before 6", "before 7"]),  # resumed inside
+    (0, 3, ["before 0", "before 1", "before 2", "start profile", "stop"]),  # the run ends inside
+    (5, 8, ["before 5", "before 6", "before 7"]),  # resumed past it
+])
+def test_the_profiler_traces_its_range_of_the_steps_a_run_takes(monkeypatch, tmp_path, first, last, calls):
+    fake = _FakeProfiler(monkeypatch)
+    profiler = StepProfiler(tmp_path / "profile", start=2, count=2)
+    for step in range(first, last):
+        fake.calls.append(f"before {step}")
+        profiler.before_step(step)
+        profiler.after_step(step + 1, None)
+    profiler.stop(last)  # as the loop's `finally` does
+    assert fake.calls == calls
+
+
+def test_a_step_that_fails_inside_the_profile_is_the_error_said(tmp_path, isolated_cache, minilm_dir, caplog):
+    trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, profile_start=1, profile_steps=5)),
+                      tmp_path / "w")
+    step, calls = trainer.train_steps["toy_csv"], []
+
+    def failing_third_step(state, batch):
+        calls.append(1)
+        out = step(state, batch)  # donates `state`, as a step that fails on the device may have
+        if len(calls) == 3:
+            raise RuntimeError("the device failed")
+        return out
+
+    trainer.train_steps["toy_csv"] = failing_third_step
+    with caplog.at_level("INFO"), pytest.raises(RuntimeError, match="^the device failed$"):
+        trainer.run()
+    assert f"profile of steps 2-2 written under {tmp_path / 'w' / 'profile'}" in caplog.text
+
+
+def test_each_process_of_a_run_profiles_into_its_own_directory(tmp_path, isolated_cache, minilm_dir, monkeypatch):
+    trainer = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "w")
+    assert trainer.profile_directory() == tmp_path / "w" / "profile"
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert trainer.profile_directory() == tmp_path / "w" / "profile" / "process_1"
+
+
+def test_a_profile_that_cannot_start_is_a_warning(monkeypatch, tmp_path, caplog):
+    fake = _FakeProfiler(monkeypatch, fail_start=True)
+    profiler = StepProfiler(tmp_path / "profile", start=0, count=3)
+    with caplog.at_level("WARNING"):
+        for step in range(3):
+            profiler.before_step(step)
+            profiler.after_step(step + 1, None)
+        profiler.stop(3)
+    assert fake.calls == [] and caplog.messages == [
+        "no profile taken: Profile has already been started. Only one profile may be run at a time."]
+
+
 def test_resume_with_another_label_set_is_refused(tmp_path, isolated_cache, minilm_dir):
     Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "w").run()
     config = _toy_config(tmp_path, minilm_dir)
@@ -686,6 +782,10 @@ def test_bad_experiment_configs(tmp_path):
     assert str(error.value) == (f"{TINY} with override 'tasks.1.head=pooler': key 'tasks[1].head': Key 'head' not in "
                                 "'TaskEntry'. Keys: ['task', 'weight', 'overrides', 'max_train_examples', "
                                 "'max_eval_examples']")
+    with pytest.raises(MtlError) as error:  # a trace that would never start
+        load_experiment(TINY, ["train.profile_steps=2", "train.profile_start=40"])
+    assert str(error.value) == (f"{TINY} with override 'train.profile_start=40': key 'train.profile_start': 40 steps "
+                                "before the profile leave none of train.steps (40) to trace")
     with pytest.raises(MtlError, match=r"with override 'optim.head_lr_scale=0': key 'optim.head_lr_scale': must be positive, got 0.0$"):
         load_experiment(TINY, ["optim.head_lr_scale=0"])
     # An override of a whole section owns the keys below it.
@@ -782,6 +882,7 @@ def test_keys_from_a_yaml_merge_may_be_overridden(tmp_path):
     ("optim.freeze_layers=-1", "key 'optim.freeze_layers': must be non-negative, got -1"),
     ("train.temperature=0", "key 'train.temperature': must be positive, got 0.0"),
     ("train.early_stopping_patience=0", "key 'train.early_stopping_patience': must be positive, got 0"),
+    ("train.profile_steps=-1", "key 'train.profile_steps': must be non-negative, got -1"),
     ("train.buckets=[64,0]", "key 'train.buckets[1]': must be positive, got 0"),
     ("tasks.2.weight=-1", "key 'tasks[2].weight': must be non-negative, got -1.0"),
     ("tasks.0.max_train_examples=0", "key 'tasks[0].max_train_examples': must be positive, got 0"),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import filelock
+import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
@@ -38,7 +39,15 @@ from mtl.errors import MtlError
 from mtl.models.heads import decode_real_rows, real_rows
 from mtl.sharding import Layout, fit_mesh, initialize_distributed, is_primary, make_mesh, primary_first
 from mtl.tasks import TaskHead
-from mtl.tracking import MetricsWriter, Progress, RecordNotWritten, append_record, read_metrics, replace_whole
+from mtl.tracking import (
+    MetricsWriter,
+    Progress,
+    RecordNotWritten,
+    StepProfiler,
+    append_record,
+    read_metrics,
+    replace_whole,
+)
 from mtl.train.experiment import Experiment
 from mtl.train.multitask import TaskSampler, make_predict_steps, make_train_steps
 from mtl.train.optim import build_optimizer, frozen_mask, learning_rate_at
@@ -254,6 +263,12 @@ class TrainLoop:
         finally:
             self.checkpointer.close()  # a no-op now, unless the workdir was refused
 
+    def profile_directory(self) -> Path:
+        """Where `train.profile_steps` traces go: workdir/profile, a directory per process in a
+        multi-process run (jax names a trace file after its host, which processes may share)."""
+        directory = self.workdir / "profile"
+        return directory if jax.process_count() == 1 else directory / f"process_{jax.process_index()}"
+
     def _write_config(self) -> None:
         """config.yaml, replaced whole: evaluate, predict and export read it, perhaps while this
         run starts, and a write cut short (a full disk) must leave the previous one."""
@@ -282,6 +297,7 @@ class TrainLoop:
         window: dict[str, list[float]] = {}
         results: dict[str, float] = {}
         progress = Progress(cfg.steps, start, enabled=is_primary())
+        profiler = StepProfiler(self.profile_directory(), cfg.profile_start, cfg.profile_steps)
         tick, tick_step = time.perf_counter(), start
         done = start
         interrupts = contextlib.ExitStack()  # a with-block, closed in the finally below
@@ -290,6 +306,7 @@ class TrainLoop:
             unread = None  # (step, task, metrics) of the step dispatched last, not yet read on the host
             for step in range(start, cfg.steps):
                 stop_if_interrupted()  # a Ctrl-C during the step before (a finished run ignores it)
+                profiler.before_step(step)
                 name, batch = self.next_batch(step)
                 self.state, metrics = self.train_steps[name](self.state, batch)
                 # The step before is read only now that this one is queued behind it: while the
@@ -300,6 +317,7 @@ class TrainLoop:
                     self._read_step(*unread, window)
                 unread = (step, name, metrics)
                 done = step + 1
+                profiler.after_step(done, (self.state, metrics))
                 progress.step()
                 logs = done % cfg.log_every == 0 or done == cfg.steps
                 evaluates = done % cfg.eval_every == 0 or done == cfg.steps
@@ -339,6 +357,7 @@ class TrainLoop:
                     log.info("early stop at step %d: no improvement in %d evaluations", done,
                              cfg.early_stopping_patience)
                     break
+            profiler.stop(done, self.state)  # a run that ends inside the traced range
         except KeyboardInterrupt:
             progress.close()
             self.checkpointer.wait()  # a save in flight completes: it is where a rerun resumes
@@ -350,6 +369,7 @@ class TrainLoop:
             raise MtlError(
                 f"{e}; once the cause is fixed, the same command {self.checkpointer.rerun_resumes()}") from None
         finally:
+            profiler.stop(done)  # on an error, without waiting on a state a failed step may have donated
             interrupts.close()
             progress.close()
             writer.close()
