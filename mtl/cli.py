@@ -111,27 +111,39 @@ def _evaluate(args: argparse.Namespace) -> None:
     _print_summary(evaluate(args.workdir, args.split, args.checkpoint), args.all)
 
 
-def _jsonl_texts(lines, tokens: bool = False) -> Iterator[str | list[str]]:
-    """The "text" of each non-blank {"text": ...} line, or with `tokens` (for a token task) also
-    the words of a {"tokens": [...]} line; a bad line is an error naming its number."""
+def _jsonl_texts(lines, tokens: bool = False, pairs: bool = False) -> Iterator[str | list[str] | tuple[str, str]]:
+    """The "text" of each non-blank {"text": ...} line; with `tokens` (for a token task) also the
+    words of a {"tokens": [...]} line; with `pairs` (a task on pairs of texts) the (text,
+    text_pair) of a {"text": ..., "text_pair": ...} line. A bad line is an error naming its number."""
     import json
 
     from mtl.data.readers import parse_json_line
+
+    def string(item: dict, key: str, where: str) -> str:
+        if not isinstance(item[key], str):
+            raise MtlError(f"{where}: \"{key}\" must be a string, got {json.dumps(item[key])}")
+        return _unicode(item[key], f"{where}: \"{key}\"")
 
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"stdin:{number}"
         item = parse_json_line(line, where)
+        if pairs:
+            if not (isinstance(item, dict) and "text" in item and "text_pair" in item):
+                raise MtlError(f"{where}: expected a JSON object with \"text\" and \"text_pair\" keys: this task "
+                               "reads pairs of texts")
+            yield string(item, "text", where), string(item, "text_pair", where)
+            continue
+        if isinstance(item, dict) and "text_pair" in item:  # it would be dropped without a word
+            raise MtlError(f"{where}: \"text_pair\" is for tasks on pairs of texts; this task reads one text")
         key = next((k for k in ("text", "tokens") if k in item), None) if isinstance(item, dict) else None
         if key is None:
             raise MtlError(f"{where}: expected a JSON object with a \"text\" key"
                            + (' or a "tokens" list' if tokens else ""))
         value = item[key]
         if key == "text":
-            if not isinstance(value, str):
-                raise MtlError(f"{where}: \"text\" must be a string, got {json.dumps(value)}")
-            yield _unicode(value, f"{where}: \"text\"")
+            yield string(item, "text", where)
         elif not tokens:
             raise MtlError(f"{where}: \"tokens\" are for token tasks; this task reads whole texts: give \"text\"")
         elif not isinstance(value, list) or not all(isinstance(w, str) and w.strip() for w in value):
@@ -159,11 +171,15 @@ def _predict(args: argparse.Namespace) -> None:
 
     predictor = Predictor.from_workdir(args.workdir, args.checkpoint, batch_size=args.batch_size)
     tokens = predictor.takes_tokens(args.task)  # an unknown task is an error before stdin is read
+    pairs = predictor.takes_pairs(args.task)
+    if pairs and args.texts:
+        raise MtlError(f"task {args.task!r} reads pairs of texts: give them as {{\"text\": ..., \"text_pair\": "
+                       f"...}} lines on stdin, not as arguments")
     # stdin is read and answered a chunk at a time: a file of any size streams through in
     # bounded memory, and results appear while later lines are still being read. A bad line
     # stops the run after every line before it has its result.
     texts = (iter([_unicode(t, f'text argument {i}') for i, t in enumerate(args.texts, start=1)]) if args.texts
-             else _jsonl_texts(sys.stdin, tokens))
+             else _jsonl_texts(sys.stdin, tokens, pairs))
     bad_line = None
     while bad_line is None:
         chunk = []

@@ -104,25 +104,37 @@ class Predictor:
         """Whether `task` tags words, and so may be given texts as lists of words."""
         return self._label_kind(task) == "tags"
 
+    def takes_pairs(self, task: str) -> bool:
+        """Whether `task` reads pairs of texts (its spec's `columns.text_pair`)."""
+        self._label_kind(task)  # an unknown task is an error
+        return self.tasks[task].text_pair
+
     def predict(self, task: str, texts: Sequence[str | Sequence[str]]) -> list[dict[str, Any]]:
         """One result dict per text, in order: label (+probabilities, score), tags and entity spans, ...
 
         A token task also takes a text as its list of words (tokenized as its training data was,
-        e.g. with punctuation apart); a string is split at whitespace.
+        e.g. with punctuation apart); a string is split at whitespace. A task on pairs of texts
+        takes each input as a (text, text_pair) pair.
         """
         kind = self._label_kind(task)
         texts = list(texts)
         if not texts:
             return []
-        if kind != "tags" and not all(isinstance(t, str) for t in texts):
-            raise MtlError(f"task {task!r} reads whole texts: give strings, not lists of words")
         trained, head = self.tasks[task], self.model.head(task)
+        pairs = None
+        if trained.text_pair:
+            if not all(isinstance(t, Sequence) and not isinstance(t, str) and len(t) == 2
+                       and all(isinstance(x, str) for x in t) for t in texts):
+                raise MtlError(f"task {task!r} reads pairs of texts: give each input as (text, text_pair)")
+            texts, pairs = [t[0] for t in texts], [t[1] for t in texts]
+        elif kind != "tags" and not all(isinstance(t, str) for t in texts):
+            raise MtlError(f"task {task!r} reads whole texts: give strings, not lists of words")
         words = [t.split() if isinstance(t, str) else list(t) for t in texts] if kind == "tags" else None
         texts = [t if isinstance(t, str) else " ".join(t) for t in texts]
         if words is not None:
             enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=trained.max_length)
-        else:
-            enc = self.tokenizer(texts, truncation=True, max_length=trained.max_length)
+        else:  # a pair is cut as its training data was (longest text first)
+            enc = self.tokenizer(texts, pairs, truncation=True, max_length=trained.max_length)
         cut = sum(bool(e.overflowing) for e in enc.encodings)
         if cut and task not in self._said_cut:  # once per task: a stream of chunks would repeat it
             self._said_cut.add(task)
@@ -140,6 +152,8 @@ class Predictor:
             for row, (i, item) in enumerate(zip(chosen, decode_real_rows(task, head, predictions, batch), strict=True)):
                 results[i] = self._result(task, kind, texts[i], words[i] if words else None, item,
                                           probs[row] if probs is not None else None)
+                if pairs is not None:
+                    results[i] = {"text": texts[i], "text_pair": pairs[i], **results[i]}
         return results
 
     def _batch(self, max_length: int, enc, chosen: np.ndarray, rows: int,

@@ -56,10 +56,12 @@ class SourceSpec:
 
 @dataclasses.dataclass
 class ColumnSpec:
-    """Which columns (csv header names, jsonl keys) hold the text and the label."""
+    """Which columns (csv header names, jsonl keys, hub columns) hold the text and the label, and
+    for a task on pairs of texts (entailment, paraphrase, similarity) the pair's second text."""
 
     text: str = "text"
     label: str = "label"
+    text_pair: str | None = None  # the second text, encoded after the first as BERT's segment B
 
 
 @dataclasses.dataclass
@@ -117,11 +119,13 @@ class TaskHead:
     head: str
     head_options: dict[str, Any]
     max_length: int
+    text_pair: bool = False  # the task reads pairs of texts (checkpoints from before pairs: False)
 
     @classmethod
     def of(cls, spec: TaskSpec) -> TaskHead:
         # Through JSON, the form a checkpoint's meta keeps: a saved and a fresh one compare equal.
-        return cls(spec.head, json.loads(json.dumps(spec.head_options)), spec.max_length)
+        return cls(spec.head, json.loads(json.dumps(spec.head_options)), spec.max_length,
+                   spec.columns.text_pair is not None)
 
 
 def _validate(spec: TaskSpec, where: str) -> None:
@@ -166,6 +170,16 @@ def _validate(spec: TaskSpec, where: str) -> None:
             f"{at('split')}: fractions train={spec.split.train}, validation={spec.split.validation}, "
             f"test={spec.split.test} must be non-negative, with train > 0, and sum to 1"
         )
+    if spec.columns.text_pair is not None:
+        if source.format not in ("csv", "jsonl", "hub"):
+            raise MtlError(f"{at('columns.text_pair')}: format {source.format!r} has no columns; pairs of texts "
+                           "come from csv, jsonl or hub sources")
+        if head.label_kind == "tags":
+            raise MtlError(f"{at('columns.text_pair')}: head {spec.head!r} tags the words of one text; pairs of "
+                           "texts go to a head that reads a whole input (classification, regression, ...)")
+        if spec.columns.text_pair in (spec.columns.text, spec.columns.label):
+            raise MtlError(f"{at('columns.text_pair')}: {spec.columns.text_pair!r} is already the text or the "
+                           "label column")
     if spec.filters and source.format not in ("csv", "jsonl"):
         raise MtlError(f"{at('filters')}: only csv and jsonl rows have columns to filter on")
     if spec.bio not in ("reject", "repair"):

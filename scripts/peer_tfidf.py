@@ -17,7 +17,7 @@ train and prints validation and test accuracy and macro-F1 for:
 one `mtl train` takes as `tasks.N.overrides=[split.seed=S]`), so that a model can be compared
 with its peer over several draws of the test rows rather than one.
 
-Classification tasks only (a head whose labels are one class per example).
+Classification tasks on one text only (a head whose labels are one class per example).
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ def checked_spec(task: str, seed: int | None):
     spec = load_task(task, [f"split.seed={seed}"] if seed is not None else [])
     if get_head(spec.head).label_kind != "class":
         raise SystemExit(f"{spec.origin}: head {spec.head!r} is not single-label classification")
+    if spec.columns.text_pair is not None:  # one bag of words cannot tell the pair's two texts apart
+        raise SystemExit(f"{spec.origin}: task {spec.name!r} reads pairs of texts; this peer reads one text")
     if seed is not None and spec.source.splits:
         raise SystemExit(f"{spec.origin}: task {spec.name!r} has fixed splits (source.splits); "
                          "--split-seeds does not apply to it")

@@ -6,14 +6,15 @@
 
 It prints one JSON line per text, as `mtl predict` does, and needs only torch, transformers,
 safetensors and, for a token task's entity spans, seqeval. Texts come as arguments, or as
-{"text": ...} lines on stdin ({"tokens": [...]} for a token task). tests/test_export_torch.py
-checks that its predictions are mtl's.
+{"text": ...} lines on stdin ({"tokens": [...]} for a token task, {"text": ..., "text_pair": ...}
+for a task on pairs of texts). tests/test_export_torch.py checks that its predictions are mtl's.
 
 An export holds:
 - config.json, model.safetensors and the tokenizer files: the encoder, for transformers.AutoModel;
 - heads.safetensors: each task's output layer, "TASK.out.kernel" [hidden, outputs] (the transpose
   of a torch.nn.Linear weight) and "TASK.out.bias" [outputs];
-- tasks.json: each task's head, head_options (defaults filled in), max_length and labels in id order.
+- tasks.json: each task's head, head_options (defaults filled in), max_length, text_pair (true for a
+  task on pairs of texts, each encoded as the tokenizer encodes a pair) and labels in id order.
 
 Each shipped head is that one linear layer, applied to:
 - classification, sentiment, regression, multi_label: one vector per text, by head_options.pooling:
@@ -67,8 +68,9 @@ class ExportedModel:
         return task
 
     @torch.no_grad()
-    def predict(self, name: str, texts: list[str | list[str]], batch_size: int = 32) -> list[dict]:
-        """One result per text, in order; a token task also takes a text as its list of words."""
+    def predict(self, name: str, texts: list, batch_size: int = 32) -> list[dict]:
+        """One result per text, in order; a token task also takes a text as its list of words, and
+        a task on pairs of texts takes (text, text_pair) pairs."""
         task = self.task(name)
         kernel, bias = self.heads[f"{name}.out.kernel"], self.heads[f"{name}.out.bias"]
         linear = lambda x: x.float() @ kernel + bias  # noqa: E731
@@ -78,10 +80,17 @@ class ExportedModel:
             results += read(task, linear, texts[start:start + batch_size])
         return results
 
-    def _classify(self, task: dict, linear, texts: list[str]) -> list[dict]:
-        if not all(isinstance(t, str) for t in texts):
+    def _classify(self, task: dict, linear, texts: list) -> list[dict]:
+        pairs = None
+        if task.get("text_pair", False):
+            if not all(isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t)
+                       for t in texts):
+                raise ExportError("this task reads pairs of texts: give each input as (text, text_pair)")
+            texts, pairs = [t[0] for t in texts], [t[1] for t in texts]
+        elif not all(isinstance(t, str) for t in texts):
             raise ExportError(f"head {task['head']!r} reads whole texts: give strings, not lists of words")
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=task["max_length"], return_tensors="pt")
+        enc = self.tokenizer(texts, pairs, padding=True, truncation=True, max_length=task["max_length"],
+                             return_tensors="pt")
         out = self.encoder(**enc)
         pooling = task["head_options"]["pooling"]
         if pooling == "pooler":
@@ -93,8 +102,8 @@ class ExportedModel:
             pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         outputs, labels, head = linear(pooled), task["labels"], task["head"]
         results = []
-        for text, row in zip(texts, outputs, strict=True):
-            result = {"text": text}
+        for i, (text, row) in enumerate(zip(texts, outputs, strict=True)):
+            result = {"text": text} if pairs is None else {"text": text, "text_pair": pairs[i]}
             if head == "regression":
                 result["score"] = float(row[0])
             elif head == "multi_label":
@@ -139,7 +148,7 @@ class ExportedModel:
         return results
 
 
-def _stdin_texts(lines, token_task: bool) -> list[str | list[str]]:
+def _stdin_texts(lines, token_task: bool, pair_task: bool) -> list:
     texts = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -148,7 +157,13 @@ def _stdin_texts(lines, token_task: bool) -> list[str | list[str]]:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise ExportError(f"stdin:{number}: not a JSON line ({e.msg})") from None
-        if isinstance(item, dict) and isinstance(item.get("text"), str):
+        if pair_task:
+            if not (isinstance(item, dict) and isinstance(item.get("text"), str)
+                    and isinstance(item.get("text_pair"), str)):
+                raise ExportError(f'stdin:{number}: expected {{"text": "...", "text_pair": "..."}}, got '
+                                  f"{line.strip()[:80]}")
+            texts.append((item["text"], item["text_pair"]))
+        elif isinstance(item, dict) and isinstance(item.get("text"), str):
             texts.append(item["text"])
         elif token_task and isinstance(item, dict) and isinstance(item.get("tokens"), list):
             texts.append([str(w) for w in item["tokens"]])
@@ -168,8 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.disable_progress_bar()  # a bar per load: noise before the results
     try:
         model = ExportedModel(args.export)
-        token_task = model.task(args.task)["head"] == "token_classification"
-        texts = args.texts or _stdin_texts(sys.stdin, token_task)
+        task = model.task(args.task)
+        pair_task = task.get("text_pair", False)
+        if pair_task and args.texts:
+            raise ExportError(f'task {args.task!r} reads pairs of texts: give {{"text": ..., "text_pair": ...}} '
+                              "lines on stdin")
+        texts = args.texts or _stdin_texts(sys.stdin, task["head"] == "token_classification", pair_task)
         for result in model.predict(args.task, texts, args.batch_size):
             print(json.dumps(result, ensure_ascii=False))
     except ExportError as e:

@@ -136,6 +136,28 @@ def test_a_token_task_reads_stdin_lines_of_words(line, message):
         next(_jsonl_texts(io.StringIO('{"tokens": ["a"]}\n')))
 
 
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "a"}', 'stdin:2: expected a JSON object with "text" and "text_pair" keys: this task reads pairs of texts'),
+    ('{"text": "a", "text_pair": null}', 'stdin:2: "text_pair" must be a string, got null'),
+    ('{"text": 1, "text_pair": "b"}', 'stdin:2: "text" must be a string, got 1'),
+    ('{"text": "a", "text_pair": "\udcff"}', 'stdin:2: "text_pair" is not valid UTF-8 (at character 0)'),
+])
+def test_a_pair_task_reads_stdin_lines_of_two_texts(line, message):
+    import io
+
+    from mtl import MtlError
+    from mtl.cli import _jsonl_texts
+
+    texts = _jsonl_texts(io.StringIO(f'{{"text": "a cat sleeps", "text_pair": "a cat"}}\n{line}\n'), pairs=True)
+    assert next(texts) == ("a cat sleeps", "a cat")
+    with pytest.raises(MtlError) as error:
+        next(texts)
+    assert str(error.value) == message
+    # A task on one text would drop a second one: it is refused, not ignored.
+    with pytest.raises(MtlError, match=r'^stdin:1: "text_pair" is for tasks on pairs of texts; this task reads one text$'):
+        next(_jsonl_texts(io.StringIO('{"text": "a", "text_pair": "b"}\n')))
+
+
 def test_texts_that_are_not_unicode_are_one_line():
     # Undecodable bytes in argv reach Python as lone surrogates.
     proc = subprocess.run([*MTL.split(), "embed", "fine", b"caf\xe9".decode("utf-8", "surrogateescape")],

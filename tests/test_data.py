@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mtl.data import Batcher, TrainStream, bucket_lengths, eval_batches, load_task_data
-from mtl.data.pipeline import iob2_problems, load_raw_splits, repair_iob2
+from mtl.data.pipeline import column, iob2_problems, load_raw_splits, repair_iob2
 from mtl.models.heads import IGNORE
 from mtl.tasks import load_task
 
@@ -100,6 +100,14 @@ def test_peer_script_refuses_split_seeds_for_fixed_splits(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip() == (f"{path}: task 'toy_csv' has fixed splits (source.splits); "
                                    "--split-seeds does not apply to it")
+
+
+def test_peer_script_refuses_a_task_on_pairs_of_texts(tmp_path):
+    spec = {**CSV_SPEC, "columns": {"text": "review", "text_pair": "reply", "label": "stars"}}
+    path = write_task(tmp_path, spec, {})
+    proc = run_peer_script(tmp_path, str(path))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"{path}: task 'toy_csv' reads pairs of texts; this peer reads one text"
 
 
 def test_peer_script_names_an_unknown_task_in_one_line(tmp_path):
@@ -285,7 +293,14 @@ def test_hub_source_maps_class_ids_to_names(tmp_path, tokenizer, monkeypatch):
         "train": datasets.Dataset.from_dict({"tokens": [["John", "left"]], "ner_tags": [[1, 0]]},
                                             features=datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")), "ner_tags": tags}))
     })
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, **kw: {"org/text": text, "org/ner": ner}[name])
+    pairs = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"premise": ["a cat sleeps"], "hypothesis": ["a cat"], "label": [1]},
+                                            features=datasets.Features({"premise": datasets.Value("string"),
+                                                                        "hypothesis": datasets.Value("string"),
+                                                                        "label": classes}))
+    })
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, config=None, **kw: {"org/text": text, "org/ner": ner, "org/pairs": pairs}[name])
 
     spec = dict(CSV_SPEC, source={"format": "hub", "hub": "org/text"}, columns={"text": "sentence", "label": "label"})
     data = load_task_data(load_task(write_task(tmp_path, spec, {})), tokenizer)
@@ -295,3 +310,39 @@ def test_hub_source_maps_class_ids_to_names(tmp_path, tokenizer, monkeypatch):
     spec = dict(CONLL_SPEC, source={"format": "hub", "hub": "org/ner"}, columns={"text": "tokens", "label": "ner_tags"})
     data = load_task_data(load_task(write_task(tmp_path / "ner", spec, {})), tokenizer)
     assert data.splits["train"]["tags"] == [[1, 0]]
+
+    spec = dict(CSV_SPEC, source={"format": "hub", "hub": "org/pairs"},
+                columns={"text": "premise", "text_pair": "hypothesis", "label": "label"})
+    data = load_task_data(load_task(write_task(tmp_path / "pairs", spec, {})), tokenizer)
+    expected = tokenizer("a cat sleeps", "a cat")
+    assert data.splits["train"]["input_ids"] == [expected["input_ids"]]
+    assert data.splits["train"]["token_type_ids"] == [expected["token_type_ids"]] and 1 in expected["token_type_ids"]
+
+
+PAIR_SPEC = dict(CSV_SPEC, name="toy_pair", labels=["contradiction", "entailment"], max_length=16,
+                 columns={"text": "premise", "text_pair": "hypothesis", "label": "gold"},
+                 split={"seed": 0, "train": 0.5, "validation": 0.25, "test": 0.25})
+PAIRS = [("the cat sleeps", "the cat sleeps", "entailment"), ("a dog runs", "a dog sings", "contradiction"),
+         ("it rained all day long in the old town by the river " * 2, "it rained", "entailment"),  # cut: longest first
+         ("x", "a very long hypothesis that will not fit in sixteen tokens at all", "contradiction")] * 2
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_pairs_of_texts_are_encoded_as_the_tokenizer_encodes_a_pair(tmp_path, tokenizer, fmt):
+    if fmt == "csv":
+        files = {"data.csv": "premise,hypothesis,gold\n" + "\n".join(f"{a},{b},{y}" for a, b, y in PAIRS)}
+    else:
+        files = {"data.jsonl": "\n".join(json.dumps({"premise": a, "hypothesis": b, "gold": y}) for a, b, y in PAIRS)}
+    spec = dict(PAIR_SPEC, source={"format": fmt, "files": [f"data.{fmt}"]})
+    path = write_task(tmp_path, spec, files)
+    raw, _ = load_raw_splits(load_task(path))
+    data = load_task_data(load_task(path), tokenizer)
+    segment_b = 0
+    for name, split in data.splits.items():
+        expected = tokenizer(column(raw[name], "text"), column(raw[name], "text_pair"), truncation=True, max_length=16)
+        assert split["input_ids"] == expected["input_ids"]
+        assert split["token_type_ids"] == expected["token_type_ids"]
+        segment_b += sum(map(sum, split["token_type_ids"]))
+    assert segment_b > 0  # the second text is segment B: a run on text alone would give all zeros
+    assert sorted(b for split in raw.values() for b in column(split, "text_pair")) == sorted(b for _, b, _ in PAIRS)
+    assert sum(data.stats["truncated"].values()) == 4  # the pairs too long for 16 tokens, either text the longer

@@ -23,6 +23,8 @@ _spec.loader.exec_module(torch_predict)
 SPLIT = {"seed": 0, "train": 0.5, "validation": 0.25, "test": 0.25}
 TEXTS = ["good good film", "alpha film", "a long review " * 12, "beta", "alpha beta"]  # the third is cut at 16 tokens
 WORDS = ["John visited Paris", ["Mary", "lives", "in", "New", "York"], "", "Anne " * 20]
+PAIRS = [("good film", "good"), ("alpha film", "beta film"), ("a long review " * 12, "good"),  # cut longest first
+         ("beta", "a long reply " * 12), ("", "good")]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,13 @@ def exported(tmp_path_factory, minilm_dir):
     ]
     files = [{"data.csv": rows}, {"data.csv": rows}, {"d.jsonl": lines}, {"d.jsonl": lines},
              {"train.txt": "\n".join([CONLL_TRAIN] * 8), "dev.txt": CONLL_DEV}]
+    # A task on pairs of texts: is the second text the first one's first word?
+    pairs = "premise,hypothesis,gold\n" + "\n".join(
+        f"{'good' if i % 3 else 'alpha'} film {i},{'good' if i % 2 else 'beta'},{'yes' if i % 6 in (1, 5) else 'no'}"
+        for i in range(32))
+    specs.append(dict(CSV_SPEC, name="toy_pair", labels=["no", "yes"], split=SPLIT, max_length=16,
+                      columns={"text": "premise", "text_pair": "hypothesis", "label": "gold"}))
+    files.append({"data.csv": pairs})
     tasks = [{"task": str(write_task(tmp / spec["name"], spec, data))} for spec, data in zip(specs, files, strict=True)]
     config = load_experiment(None, data={
         "model": {"encoder": str(minilm_dir), "random_init": {"hidden_size": 16, "num_layers": 2, "num_heads": 2,
@@ -72,15 +81,21 @@ def _assert_same(ours: dict, theirs: dict):
             assert theirs[key] == value, key
 
 
-@pytest.mark.parametrize("task", ["toy_csv", "toy_sentiment", "toy_multi", "toy_score", "toy_ner"])
+@pytest.mark.parametrize("task", ["toy_csv", "toy_sentiment", "toy_multi", "toy_score", "toy_ner", "toy_pair"])
 def test_torch_reader_predicts_what_mtl_predicts(exported, task):
     predictor, out = exported
-    texts = WORDS if task == "toy_ner" else TEXTS
+    texts = {"toy_ner": WORDS, "toy_pair": PAIRS}.get(task, TEXTS)
     ours = predictor.predict(task, texts)
     theirs = torch_predict.ExportedModel(out).predict(task, texts, batch_size=3)
     assert len(theirs) == len(texts)
     for a, b in zip(ours, theirs, strict=True):
         _assert_same(a, b)
+    if task == "toy_pair":
+        assert [(r["text"], r["text_pair"]) for r in ours] == PAIRS
+        # The second text moves the prediction by over ten times the comparison's tolerance, so a
+        # reader blind to it would fail.
+        changed = [r["probs"]["yes"] for r in predictor.predict(task, [(PAIRS[0][0], p) for _, p in PAIRS])]
+        assert max(changed) - min(changed) > 2e-3
     if task == "toy_ner":
         assert theirs[2] == {"text": "", "tokens": [], "tags": [], "entities": []}
         assert len(theirs[3]["tags"]) == 20  # words past max_length are tagged too ("O")
@@ -92,6 +107,7 @@ def test_tasks_json_states_every_head_option(exported):
     assert tasks["toy_csv"]["head_options"] == {"pooling": "pooler", "dropout": 0.1, "class_weights": None}
     assert tasks["toy_multi"]["head_options"] == {"pooling": "cls", "dropout": 0.1, "threshold": 0.45}
     assert tasks["toy_ner"]["head_options"] == {"dropout": 0.1}
+    assert [name for name, task in tasks.items() if task["text_pair"]] == ["toy_pair"]
 
 
 def test_torch_reader_runs_alone_on_stdin_and_names_bad_input(exported):
@@ -111,7 +127,16 @@ def test_torch_reader_runs_alone_on_stdin_and_names_bad_input(exported):
     proc = run("--task", "nope", "x")
     assert proc.returncode == 1
     assert proc.stderr.strip() == ("torch_predict: task 'nope' is not in this export; tasks: ['toy_csv', 'toy_multi', "
-                                   "'toy_ner', 'toy_score', 'toy_sentiment']")
+                                   "'toy_ner', 'toy_pair', 'toy_score', 'toy_sentiment']")
+    proc = run("--task", "toy_pair", stdin='{"text": "good film", "text_pair": "good"}\n')
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["text_pair"] == "good"
+    proc = run("--task", "toy_pair", "good film")
+    assert proc.stderr.strip() == ('torch_predict: task \'toy_pair\' reads pairs of texts: give {"text": ..., '
+                                   '"text_pair": ...} lines on stdin')
+    proc = run("--task", "toy_pair", stdin='{"text": "good film"}\n')
+    assert proc.stderr.strip() == ('torch_predict: stdin:1: expected {"text": "...", "text_pair": "..."}, got '
+                                   '{"text": "good film"}')
     proc = run("--task", "toy_csv", stdin='{"text": "fine"}\n{"tokens": ["a"]}\n')
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip() == 'torch_predict: stdin:2: expected {"text": "..."}, got {"tokens": ["a"]}'

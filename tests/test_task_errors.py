@@ -278,3 +278,38 @@ def test_unreachable_hub_dataset(tmp_path, tokenizer, monkeypatch):
     spec = dict(CSV_SPEC, source={"format": "hub", "hub": "no-such-org/no-such-dataset"})
     with pytest.raises(MtlError, match=r"toy_csv\.yaml: key 'source.hub': cannot load 'no-such-org/no-such-dataset' \("):
         _load(tmp_path, tokenizer, spec, {})
+
+
+PAIR_COLUMNS = {"text": "review", "text_pair": "reply", "label": "stars"}
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(CONLL_SPEC, columns={"text": "text", "text_pair": "other", "label": "label"}),
+     "key 'columns.text_pair': format 'conll' has no columns; pairs of texts come from csv, jsonl or hub sources"),
+    (dict(CSV_SPEC, source={"format": "folder", "files": ["d"]}, columns=PAIR_COLUMNS),
+     "key 'columns.text_pair': format 'folder' has no columns; pairs of texts come from csv, jsonl or hub sources"),
+    (dict(CSV_SPEC, head="token_classification", metric="entity_f1", labels=["O"], columns=PAIR_COLUMNS),
+     "key 'columns.text_pair': head 'token_classification' tags the words of one text; pairs of texts go to a head "
+     "that reads a whole input (classification, regression, ...)"),
+    (dict(CSV_SPEC, columns={"text": "review", "text_pair": "review", "label": "stars"}),
+     "key 'columns.text_pair': 'review' is already the text or the label column"),
+])
+def test_a_text_pair_column_only_where_a_pair_can_be_read(tmp_path, spec, message):
+    path = write_task(tmp_path, spec, {})
+    with pytest.raises(MtlError) as error:
+        load_task(path)
+    assert str(error.value) == f"{path}: {message}"
+
+
+def test_a_pair_task_names_its_missing_or_malformed_second_text(tmp_path, tokenizer):
+    spec = dict(CSV_SPEC, columns=PAIR_COLUMNS)
+    with pytest.raises(MtlError, match=r"data\.csv: column\(s\) \['reply'\] not found; the header has \['review', "
+                                       r"'stars'\]$"):
+        _load(tmp_path, tokenizer, spec, {"data.csv": CSV_DATA})
+    spec = dict(spec, source={"format": "jsonl", "files": ["d.jsonl"]})
+    rows = '{"review": "good", "reply": "yes", "stars": "pos"}\n{"review": "bad", "reply": 3, "stars": "neg"}\n'
+    with pytest.raises(MtlError, match=r"d\.jsonl:2: text 'reply' must be a string, got 3$"):
+        _load(tmp_path / "j", tokenizer, spec, {"d.jsonl": rows})
+    rows = '{"review": "good", "reply": "yes", "stars": "pos"}\n{"review": "bad", "stars": "neg"}\n'
+    with pytest.raises(MtlError, match=r"d\.jsonl:2: missing key\(s\) \['reply'\]; the object has \['review', 'stars'\]$"):
+        _load(tmp_path / "k", tokenizer, spec, {"d.jsonl": rows})

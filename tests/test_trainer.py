@@ -1295,6 +1295,65 @@ def test_a_spec_edited_to_another_head_is_refused_and_predict_needs_no_spec(tmp_
     assert Predictor.from_workdir(tmp_path / "a").predict("toy_csv", texts) == before
 
 
+def test_a_pair_task_is_scored_as_predict_predicts_its_pairs_and_its_spec_cannot_drop_the_pair(
+        tmp_path, isolated_cache, minilm_dir, monkeypatch, capsys):
+    import io
+    from unittest.mock import ANY
+
+    from mtl.cli import main
+    from mtl.data.pipeline import column, load_raw_splits
+    from mtl.inference import Predictor
+    from mtl.models.heads import ClassificationHead
+    from mtl.tasks import load_task
+
+    rows = "premise,hypothesis,gold\n" + "\n".join(
+        f"{'good ' * (i % 5 + 1)}film {i},{'good' if i % 2 else 'bad'},{'yes' if i % 2 else 'no'}"
+        for i in range(64))
+    spec = write_task(tmp_path / "task", dict(CSV_SPEC, name="toy_pair", labels=["no", "yes"],
+                                              columns={"text": "premise", "text_pair": "hypothesis", "label": "gold"},
+                                              split={"seed": 0, "train": 0.5, "validation": 0.25, "test": 0.25}),
+                      {"data.csv": rows})
+    # The pretrained encoder with a fast head learns in a few steps that the label is the second text's.
+    config = load_experiment(None, data={
+        "model": {"encoder": str(minilm_dir)}, "tasks": [{"task": str(spec)}],
+        "optim": {"learning_rate": 1e-4, "head_lr_scale": 100},
+        "train": {"steps": 8, "batch_size": 8, "buckets": [16, 32], "eval_every": 8, "checkpoint_every": 8,
+                  "tensorboard": False}})
+    Trainer(build_experiment(config), tmp_path / "w").run()
+    scored = {}
+    score = ClassificationHead.score
+
+    def spy(head, predicted, references):
+        scored.update(predicted=[head.labels[i] for i in predicted])
+        return score(head, predicted, references)
+
+    monkeypatch.setattr(ClassificationHead, "score", spy)
+    evaluate(tmp_path / "w", "validation")
+    validation = load_raw_splits(load_task(spec))[0]["validation"]
+    pairs = list(zip(column(validation, "text"), column(validation, "text_pair"), strict=True))
+    predicted = [r["label"] for r in Predictor.from_workdir(tmp_path / "w").predict("toy_pair", pairs)]
+    assert len(set(predicted)) == 2, predicted  # else any reading of the rows would pass
+    assert scored["predicted"] == predicted
+    with pytest.raises(MtlError, match=r"^task 'toy_pair' reads pairs of texts: give each input as \(text, text_pair\)$"):
+        Predictor.from_workdir(tmp_path / "w").predict("toy_pair", ["good film"])
+    # mtl predict takes pairs as JSON lines, not as arguments.
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"text": "good film 3", "text_pair": "good"}\n'))
+    capsys.readouterr()
+    assert main(["-q", "predict", "--workdir", str(tmp_path / "w"), "--task", "toy_pair"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"text": "good film 3", "text_pair": "good", "label": "yes",
+                                                   "probs": ANY}
+    assert main(["-q", "predict", "--workdir", str(tmp_path / "w"), "--task", "toy_pair", "good film"]) == 2
+    assert capsys.readouterr().err == ('mtl: error: task \'toy_pair\' reads pairs of texts: give them as {"text": ..., '
+                                       '"text_pair": ...} lines on stdin, not as arguments\n')
+    # A spec edited to read the premise alone would feed the trained head another input.
+    spec.write_text(spec.read_text().replace("  text_pair: hypothesis\n", ""))
+    with pytest.raises(MtlError) as error:
+        evaluate(tmp_path / "w")
+    assert str(error.value) == (f"{tmp_path / 'w'}: task 'toy_pair' was trained on pairs of texts, and its spec now "
+                                "gives single texts (columns.text_pair); put it back, or use a new --workdir "
+                                "(model.init_from transfers the encoder)")
+
+
 def test_predict_and_export_refuse_a_config_edited_to_another_model(tmp_path, isolated_cache, minilm_dir):
     from mtl.inference import Predictor, export
 

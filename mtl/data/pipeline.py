@@ -133,8 +133,9 @@ def _record_fields(origin: str, record: dict[str, Any], rename: dict[str, str], 
     naming its line (the string column would otherwise turn null or [..] into a "label")."""
     fields = {rename.get(k, k): v for k, v in record.items()}
     column = {field: name for name, field in rename.items()}
-    if "text" in fields and not isinstance(fields["text"], str):
-        raise MtlError(f"{origin}: text {column['text']!r} must be a string, got {json.dumps(fields['text'])}")
+    for field in ("text", "text_pair"):
+        if field in fields and not isinstance(fields[field], str):
+            raise MtlError(f"{origin}: text {column[field]!r} must be a string, got {json.dumps(fields[field])}")
     if "label" in fields:
         label = fields["label"]
         if label is None or (label == "" and label_kind != "multi"):
@@ -151,6 +152,8 @@ def _features(spec: TaskSpec, label_kind: str) -> datasets.Features:
         return datasets.Features({**base, "tokens": datasets.Sequence(datasets.Value("string")),
                                   "tags": datasets.Sequence(datasets.Value("string"))})
     fields = {"text": datasets.Value("string")}
+    if spec.columns.text_pair is not None:
+        fields["text_pair"] = datasets.Value("string")
     if spec.source.format == "jsonl" and label_kind == "multi":
         fields["label"] = datasets.Sequence(datasets.Value("string"))
     else:
@@ -161,13 +164,14 @@ def _features(spec: TaskSpec, label_kind: str) -> datasets.Features:
 
 
 def _rename_columns(spec: TaskSpec) -> dict[str, str]:
-    """Spec column name -> record field, for csv/jsonl."""
-    return {spec.columns.text: "text", spec.columns.label: "label"}
+    """Spec column name -> record field, for csv/jsonl/hub."""
+    pair = {} if spec.columns.text_pair is None else {spec.columns.text_pair: "text_pair"}
+    return {spec.columns.text: "text", **pair, spec.columns.label: "label"}
 
 
 def _read(spec: TaskSpec, files: list[Path], label_kind: str) -> datasets.Dataset:
     source = spec.source
-    columns = list(dict.fromkeys([spec.columns.text, spec.columns.label, *(f.column for f in spec.filters)]))
+    columns = list(dict.fromkeys([*_rename_columns(spec), *(f.column for f in spec.filters)]))
     # datasets reads every list in gen_kwargs as shardable sources: only `files` may be one.
     kwargs = dict(files=[str(f) for f in files], fmt=source.format, columns=tuple(columns),
                   rename=_rename_columns(spec), label_kind=label_kind, encoding=source.encoding,
@@ -405,7 +409,9 @@ def _encode(spec: TaskSpec, kind: str, labels: list[str], tokenizer, ds: dataset
     sep = spec.label_separator
 
     def sequence_batch(batch):
-        enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        # A pair is one input, [CLS] text [SEP] text_pair [SEP] with segment ids 0 then 1, cut
+        # longest text first (the tokenizer's truncation=True for pairs), as BERT read its pairs.
+        enc = tokenizer(batch["text"], batch.get("text_pair"), truncation=True, max_length=max_length)
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                "token_type_ids": enc.get("token_type_ids", [[0] * len(x) for x in enc["input_ids"]])}
         if kind == "class":

@@ -455,6 +455,13 @@ class Trainer(TrainLoop):
                 )
             # Checkpoints written before "heads" was saved go unchecked.
             saved, now = meta.get("heads", {}).get(name), TaskHead.of(data.spec)
+            if saved is not None and saved.get("text_pair", False) != now.text_pair:
+                reads = {True: "pairs of texts", False: "single texts"}
+                raise MtlError(
+                    f"{self.workdir}: task {name!r} was trained on {reads[saved.get('text_pair', False)]}, and its "
+                    f"spec now gives {reads[now.text_pair]} (columns.text_pair); put it back, or use a new "
+                    f"--workdir (model.init_from transfers the encoder)"
+                )
             if saved is not None and (saved["head"], saved["head_options"]) != (now.head, now.head_options):
                 # Same shapes, other meaning (pooling: cls for mean, say): the weights would be read wrongly.
                 raise MtlError(
