@@ -194,14 +194,25 @@ def _yaml_value_problem(error: yaml.YAMLError, text: str) -> str:
     return f"the value is not valid YAML: {problem}"
 
 
+def schema_defaults() -> str:
+    """Every key of the experiment schema at its default, as `to_yaml` writes a config (the meta
+    section's too; required keys read "???")."""
+    return to_yaml(ExperimentConfig(meta=MetaSection()))
+
+
 def to_yaml(obj: Any) -> str:
     """A dataclass instance as YAML (for writing the resolved config into a workdir)."""
     return OmegaConf.to_yaml(OmegaConf.structured(obj))
 
 
-def config_changes(before: str, after: str, *, ignore: Sequence[str] = (), limit: int = 8) -> list[str]:
+def config_changes(before: str, after: str, *, ignore: Sequence[str] = (), defaults: str | None = None,
+                   limit: int = 8) -> list[str]:
     """"key: old -> new" for each dotted key whose value differs between two configs written
-    by `to_yaml`, leaving out the sections in `ignore` (at most `limit`, then a count of the rest)."""
+    by `to_yaml`, leaving out the sections in `ignore` (at most `limit`, then a count of the rest).
+
+    `defaults` (`schema_defaults()`): a key `before` lacks that `after` holds at its default is
+    no change. Such a key is one a later mtl added, whose default keeps the earlier behaviour.
+    """
 
     def flat(node: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(node, dict):
@@ -216,10 +227,17 @@ def config_changes(before: str, after: str, *, ignore: Sequence[str] = (), limit
         return out or {prefix: node}  # an empty dict or list is a value of its own
 
     old, new = flat(yaml.safe_load(before)), flat(yaml.safe_load(after))
+    default = flat(yaml.safe_load(defaults)) if defaults else {}
     missing = object()
+
+    def added_at_default(key: str) -> bool:  # a list item's key is not the schema's: [64] -> [64, 64] is a change
+        return key not in old and key in default and new.get(key) == default[key] and \
+            not any(part.isdigit() for part in key.split("."))
+
     changes = [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
                for key in sorted(old.keys() | new.keys())
-               if old.get(key, missing) != new.get(key, missing) and key.split(".")[0] not in ignore]
+               if old.get(key, missing) != new.get(key, missing) and key.split(".")[0] not in ignore
+               and not added_at_default(key)]
     return changes[:limit] + ([f"and {len(changes) - limit} more"] if len(changes) > limit else [])
 
 

@@ -522,6 +522,16 @@ def test_config_changes_name_dotted_keys_and_list_items():
     assert config_changes(before, before) == []
     placed = "distributed:\n  process_id: 1\n" + before
     assert config_changes(before.replace("40", "80"), placed, ignore=("distributed",)) == ["train.steps: 80 -> 40"]
+    # A key a later mtl added, at its default, is no change; set otherwise, it is. A list item
+    # is never a schema key: a bucket added is a change whatever its value.
+    from mtl.config import schema_defaults
+
+    later = after.replace("train:\n", "train:\n  profile_steps: 0\n  profile_start: 12\n  log_every: 10\n")
+    assert config_changes(after, later, defaults=schema_defaults()) == ["train.profile_start: (unset) -> 12"]
+    assert config_changes(after, later) == ["train.log_every: (unset) -> 10", "train.profile_start: (unset) -> 12",
+                                            "train.profile_steps: (unset) -> 0"]
+    assert config_changes(after, after.replace("512]", "512, 256]"), defaults=schema_defaults()) == [
+        "train.buckets.3: (unset) -> 256"]  # item 3 of the schema's default buckets is 256 too
 
 
 # (log_every, checkpoint_every, poisoned step, the message's checkpoint part, latest checkpoint after)

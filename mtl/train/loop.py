@@ -32,7 +32,7 @@ import yaml
 from flax import nnx
 
 from mtl.checkpoint import SELECTION, Checkpointer
-from mtl.config import ExperimentConfig, config_changes, to_yaml
+from mtl.config import ExperimentConfig, config_changes, schema_defaults, to_yaml
 from mtl.data.batching import Batcher, TrainStream, eval_batches
 from mtl.data.pipeline import column
 from mtl.errors import MtlError
@@ -214,7 +214,8 @@ class TrainLoop:
                            "--workdir (model.init_from starts from its encoder)")
         self.restore_progress(meta)
         # `distributed` says which process this is, not what the run is: it differs between processes.
-        changes = config_changes(meta["config"], to_yaml(self.config), ignore=("distributed",))
+        changes = config_changes(meta["config"], to_yaml(self.config), ignore=("distributed",),
+                                 defaults=schema_defaults())
         if changes:  # deliberate (more steps, say) or not, the run is no longer the one it resumes
             log.warning("%s: resuming step %d under a changed config: %s", self.workdir, step, "; ".join(changes))
         self.state, meta = self.checkpointer.restore(step, self.state)
