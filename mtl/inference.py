@@ -138,9 +138,14 @@ class Predictor:
         cut = sum(bool(e.overflowing) for e in enc.encodings)
         if cut and task not in self._said_cut:  # once per task: a stream of chunks would repeat it
             self._said_cut.add(task)
-            log.warning("%d of %d texts are longer than task %r's max_length of %d tokens; only their first %d "
-                        "are read%s (said once per task)", cut, len(texts), task, trained.max_length,
-                        trained.max_length, ", later words tagged O" if kind == "tags" else "")
+            if pairs is not None:
+                log.warning("%d of %d pairs are longer than task %r's max_length of %d tokens; each is cut to %d, "
+                            "the longer text first (said once per task)", cut, len(texts), task, trained.max_length,
+                            trained.max_length)
+            else:
+                log.warning("%d of %d texts are longer than task %r's max_length of %d tokens; only their first %d "
+                            "are read%s (said once per task)", cut, len(texts), task, trained.max_length,
+                            trained.max_length, ", later words tagged O" if kind == "tags" else "")
         rows = self.batch_size if len(texts) >= self.batch_size else 1 << (len(texts) - 1).bit_length()
         order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
         results: list[dict[str, Any]] = [{}] * len(texts)

@@ -1306,7 +1306,7 @@ def test_a_spec_edited_to_another_head_is_refused_and_predict_needs_no_spec(tmp_
 
 
 def test_a_pair_task_is_scored_as_predict_predicts_its_pairs_and_its_spec_cannot_drop_the_pair(
-        tmp_path, isolated_cache, minilm_dir, monkeypatch, capsys):
+        tmp_path, isolated_cache, minilm_dir, monkeypatch, capsys, caplog):
     import io
     from unittest.mock import ANY
 
@@ -1346,6 +1346,10 @@ def test_a_pair_task_is_scored_as_predict_predicts_its_pairs_and_its_spec_cannot
     assert scored["predicted"] == predicted
     with pytest.raises(MtlError, match=r"^task 'toy_pair' reads pairs of texts: give each input as \(text, text_pair\)$"):
         Predictor.from_workdir(tmp_path / "w").predict("toy_pair", ["good film"])
+    with caplog.at_level("WARNING"):
+        Predictor.from_workdir(tmp_path / "w").predict("toy_pair", [("good " * 200, "good"), ("film", "good")])
+    assert ("1 of 2 pairs are longer than task 'toy_pair''s max_length of 128 tokens; each is cut to 128, the longer "
+            "text first (said once per task)") in caplog.messages
     # mtl predict takes pairs as JSON lines, not as arguments. (Not -q, nor the compilation cache:
     # both would stay set for the tests that follow in this process.)
     monkeypatch.setattr("sys.stdin", io.StringIO('{"text": "good film 3", "text_pair": "good"}\n'))
