@@ -106,8 +106,8 @@ def _generate(files: list[str], fmt: str, columns: tuple[str, ...], rename: dict
               encoding: str, fallback: str | None, delimiter: str | None, signature: tuple) -> Any:
     """Dataset.from_generator body: every record of `files`, with its origin.
 
-    `rename` maps spec column names to record fields ("text", "label"); `signature` (file sizes
-    and mtimes) is unused here but part of the cache key.
+    `rename` maps spec column names to record fields ("text", "text_pair", "label"); `signature`
+    (file sizes and mtimes) is unused here but part of the cache key.
     """
     del signature
     for name in files:
@@ -453,10 +453,11 @@ def _encode(spec: TaskSpec, kind: str, labels: list[str], tokenizer, ds: dataset
 def load_raw_splits(spec: TaskSpec) -> tuple[dict[str, datasets.Dataset], dict[str, Any]]:
     """Read, filter and split a task's data, before any checking or tokenizing.
 
-    Returns ({"train"/"validation"/"test": Dataset with columns origin, text and label, or tokens
-    and tags for token tasks}, stats with rows_read, and for split-by-fraction sources rows_kept
-    and fallback_decoded). These are the exact rows `load_task_data` tokenizes, which is what a
-    peer model outside mtl must train and be scored on (scripts/peer_tfidf.py).
+    Returns ({"train"/"validation"/"test": Dataset with columns origin, text (and text_pair, for a
+    task on pairs of texts) and label, or tokens and tags for token tasks}, stats with rows_read,
+    and for split-by-fraction sources rows_kept and fallback_decoded). These are the exact rows
+    `load_task_data` tokenizes, which is what a peer model outside mtl must train and be scored on
+    (scripts/peer_tfidf.py).
     """
     kind = get_head(spec.head).label_kind
     source = spec.source
