@@ -5,6 +5,7 @@ import pytest
 
 from mtl.data import load_task_data
 from mtl.data.episodes import EpisodeSampler, check_disjoint, make_source
+from mtl.data.pipeline import load_raw_splits
 from mtl.errors import MtlError
 from mtl.models.heads import IGNORE
 from mtl.tasks import load_task
@@ -91,6 +92,28 @@ def test_class_episode_shapes_and_labels(topics):
             assert topics.labels[gold[row]] == episode["classes"][label]
     support, query = set(episode["support"]["index"]), set(episode["query"]["index"])
     assert not support & query
+
+
+def test_episodes_of_a_pair_task_keep_each_pair_as_one_input(tmp_path, tokenizer):
+    # An episode row is its split's row: the pair's tokenizer encoding, segment B included.
+    rows = "premise,hypothesis,label\n" + "".join(f"{t},{t.split()[0]} news,{label}\n"
+                                                  for label, texts in TEXTS.items() for t in texts)
+    spec = {"name": "pairs", "head": "classification", "metric": "accuracy", "labels": list(TEXTS),
+            "source": {"format": "csv", "files": ["data.csv"]}, "max_length": 16,
+            "columns": {"text": "premise", "text_pair": "hypothesis", "label": "label"},
+            "split": {"seed": 0, "train": 1.0, "validation": 0.0, "test": 0.0}}
+    task = load_task(str(write_task(tmp_path, spec, {"data.csv": rows})))
+    raw = load_raw_splits(task)[0]["train"]
+    pairs = load_task_data(task, tokenizer)
+    episode = _sampler(make_source(pairs, "train", None), ways=2, shots=2, queries=1).episode(0)
+    for part in ("support", "query"):
+        for position, row in enumerate(episode[part]["index"]):
+            expected = tokenizer(raw[int(row)]["text"], raw[int(row)]["text_pair"])
+            length = len(expected["input_ids"])
+            assert 1 in expected["token_type_ids"]
+            np.testing.assert_array_equal(episode[part]["input_ids"][position, :length], expected["input_ids"])
+            np.testing.assert_array_equal(episode[part]["token_type_ids"][position], np.pad(
+                expected["token_type_ids"], (0, 16 - length)))
 
 
 def test_sampler_is_deterministic_and_varies(topics):
