@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mtl import MtlError
 from mtl.data import Batcher, TrainStream, bucket_lengths, eval_batches, load_task_data
 from mtl.data.pipeline import column, iob2_problems, load_raw_splits, repair_iob2
 from mtl.models.heads import IGNORE
@@ -346,3 +347,34 @@ def test_pairs_of_texts_are_encoded_as_the_tokenizer_encodes_a_pair(tmp_path, to
     assert segment_b > 0  # the second text is segment B: a run on text alone would give all zeros
     assert sorted(b for split in raw.values() for b in column(split, "text_pair")) == sorted(b for _, b, _ in PAIRS)
     assert sum(data.stats["truncated"].values()) == 4  # the pairs too long for 16 tokens, either text the longer
+
+
+def test_a_hub_split_without_labels_is_left_out_and_a_row_without_one_is_named(tmp_path, tokenizer, monkeypatch,
+                                                                                caplog):
+    """GLUE's test splits on the hub label every row -1 (hidden); such a split is left out with a
+    warning, and a -1 in a labelled split is an error naming its row."""
+    import datasets
+
+    features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["entailment", "not_entailment"])})
+
+    def split(labels):
+        return datasets.Dataset.from_dict({"premise": ["a cat sleeps"] * len(labels), "hypothesis": ["a cat"] * len(labels),
+                                           "label": labels}, features=features)
+
+    glue = {"train": split([0, 1, 0]), "validation": split([1, 0]), "test": split([-1, -1])}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, **kw: datasets.DatasetDict(glue))
+    spec = dict(CSV_SPEC, labels=None, source={"format": "hub", "hub": "nyu-mll/glue", "hub_config": "rte"},
+                columns={"text": "premise", "text_pair": "hypothesis", "label": "label"})
+    path = write_task(tmp_path, spec, {})
+    with caplog.at_level("WARNING"):
+        data = load_task_data(load_task(path), tokenizer)
+    assert sorted(data.splits) == ["train", "validation"] and data.labels == ["entailment", "not_entailment"]
+    assert caplog.messages == [f"{path}: hub dataset 'nyu-mll/glue' split 'test' has no labels (every one is -1, a "
+                               "hidden test set); it is left out"]
+    glue["validation"] = split([1, -1, 0, -1])
+    with pytest.raises(MtlError) as error:
+        load_task_data(load_task(path), tokenizer)
+    assert str(error.value) == ("nyu-mll/glue[validation]:1: label id -1 is not one of the dataset's 2 classes "
+                                "['entailment', 'not_entailment'] (2 such labels in the split; -1 marks a row without "
+                                "a label)")

@@ -195,20 +195,36 @@ def _as_strings(value: Any) -> Any:
     return value if isinstance(value, str) else str(value)
 
 
-def _label_names(ds: datasets.Dataset, column: str) -> datasets.Dataset:
-    """Hub datasets often store labels as ClassLabel ids; mtl works with the label names."""
-    feature = ds.features[column]
+def _label_names(ds: datasets.Dataset, label: str, where: str) -> datasets.Dataset:
+    """Hub datasets often store labels as ClassLabel ids; mtl works with the label names. An id
+    outside the classes (-1 is a hub's mark of a row without a label) is an error naming the
+    first such row, "<where>:<row>"."""
+    feature = ds.features[label]
     inner = getattr(feature, "feature", None)  # Sequence(ClassLabel) for token tags
+    classes = feature if isinstance(feature, datasets.ClassLabel) else inner
+    if isinstance(classes, datasets.ClassLabel):
+        rows = column(ds, label)
+        bad = [(row, i) for row, value in enumerate(rows) for i in (value if classes is inner else [value])
+               if not 0 <= i < classes.num_classes]
+        if bad:
+            row, i = bad[0]
+            raise MtlError(f"{where}:{row}: label id {i} is not one of the dataset's {classes.num_classes} classes "
+                           f"{classes.names} ({len(bad)} such labels in the split; -1 marks a row without a label)")
     if isinstance(feature, datasets.ClassLabel):
-        return ds.map(lambda b: {column: [feature.int2str(int(i)) for i in b[column]]}, batched=True,
-                      features=datasets.Features({**ds.features, column: datasets.Value("string")}))
+        return ds.map(lambda b: {label: [feature.int2str(int(i)) for i in b[label]]}, batched=True,
+                      features=datasets.Features({**ds.features, label: datasets.Value("string")}))
     if isinstance(inner, datasets.ClassLabel):
         names = datasets.Sequence(datasets.Value("string"))
-        return ds.map(lambda b: {column: [[inner.int2str(int(i)) for i in row] for row in b[column]]}, batched=True,
-                      features=datasets.Features({**ds.features, column: names}))
+        return ds.map(lambda b: {label: [[inner.int2str(int(i)) for i in row] for row in b[label]]}, batched=True,
+                      features=datasets.Features({**ds.features, label: names}))
     if isinstance(feature, datasets.Value):
-        return ds.cast_column(column, datasets.Value("string"))
+        return ds.cast_column(label, datasets.Value("string"))
     return ds
+
+
+def _unlabelled(ds: datasets.Dataset, label: str) -> bool:
+    """Whether every label of a hub split is the ClassLabel id -1: a hidden test set (GLUE's, say)."""
+    return isinstance(ds.features[label], datasets.ClassLabel) and all(i == -1 for i in column(ds, label))
 
 
 def _hub(spec: TaskSpec) -> dict[str, datasets.Dataset]:
@@ -230,8 +246,14 @@ def _hub(spec: TaskSpec) -> dict[str, datasets.Dataset]:
         if missing:
             raise MtlError(f"{spec.origin}: hub dataset {spec.source.hub!r} split {split!r} has no column(s) "
                            f"{missing}; it has {ds.column_names}")
-        ds = _label_names(ds.select_columns(list(rename)), spec.columns.label).rename_columns(rename)
-        out[split] = ds.add_column("origin", [f"{spec.source.hub}[{split}]:{i}" for i in range(len(ds))])
+        ds = ds.select_columns(list(rename))
+        if len(ds) and _unlabelled(ds, spec.columns.label):
+            log.warning("%s: hub dataset %r split %r has no labels (every one is -1, a hidden test set); it is left "
+                        "out", spec.origin, spec.source.hub, split)
+            continue
+        where = f"{spec.source.hub}[{split}]"
+        ds = _label_names(ds, spec.columns.label, where).rename_columns(rename)
+        out[split] = ds.add_column("origin", [f"{where}:{i}" for i in range(len(ds))])
     if "train" not in out:
         raise MtlError(f"{spec.origin}: hub dataset {spec.source.hub!r} has no train split; it has {sorted(loaded)}")
     return out
