@@ -378,3 +378,13 @@ def test_a_hub_split_without_labels_is_left_out_and_a_row_without_one_is_named(t
     assert str(error.value) == ("nyu-mll/glue[validation]:1: label id -1 is not one of the dataset's 2 classes "
                                 "['entailment', 'not_entailment'] (2 such labels in the split; -1 marks a row without "
                                 "a label)")
+    # A task trains on its train split: one the hub lacks, or holds without labels, is an error.
+    glue["validation"], glue["train"] = split([1, 0]), split([-1])
+    with pytest.raises(MtlError) as error:
+        load_task_data(load_task(path), tokenizer)
+    assert str(error.value) == (f"{path}: hub dataset 'nyu-mll/glue' has no train split with labels; it has "
+                                "['test', 'train', 'validation']")
+    del glue["train"]
+    with pytest.raises(MtlError) as error:
+        load_task_data(load_task(path), tokenizer)
+    assert str(error.value) == f"{path}: hub dataset 'nyu-mll/glue' has no train split; it has ['test', 'validation']"

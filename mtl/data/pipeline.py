@@ -255,7 +255,9 @@ def _hub(spec: TaskSpec) -> dict[str, datasets.Dataset]:
         ds = _label_names(ds, spec.columns.label, where).rename_columns(rename)
         out[split] = ds.add_column("origin", [f"{where}:{i}" for i in range(len(ds))])
     if "train" not in out:
-        raise MtlError(f"{spec.origin}: hub dataset {spec.source.hub!r} has no train split; it has {sorted(loaded)}")
+        unlabelled = " with labels" if "train" in loaded else ""
+        raise MtlError(f"{spec.origin}: hub dataset {spec.source.hub!r} has no train split{unlabelled}; it has "
+                       f"{sorted(loaded)}")
     return out
 
 
