@@ -155,10 +155,8 @@ class Predictor:
             predictions = jax.device_get(self._steps[task](self._params, batch))
             probs = predictions.get("probs")
             for row, (i, item) in enumerate(zip(chosen, decode_real_rows(task, head, predictions, batch), strict=True)):
-                results[i] = self._result(task, kind, texts[i], words[i] if words else None, item,
-                                          probs[row] if probs is not None else None)
-                if pairs is not None:
-                    results[i] = {"text": texts[i], "text_pair": pairs[i], **results[i]}
+                results[i] = self._result(task, kind, texts[i], pairs[i] if pairs is not None else None,
+                                          words[i] if words else None, item, probs[row] if probs is not None else None)
         return results
 
     def _batch(self, max_length: int, enc, chosen: np.ndarray, rows: int,
@@ -181,12 +179,12 @@ class Predictor:
                 out["num_words"][row] = len(words[i])
         return out
 
-    def _result(self, task: str, kind: str, text: str, words: list[str] | None, item: Any,
+    def _result(self, task: str, kind: str, text: str, text_pair: str | None, words: list[str] | None, item: Any,
                 probs: np.ndarray | None) -> dict[str, Any]:
-        """The JSON-able result of one text: `item` is its head's decoded prediction, `probs` its
-        class probabilities (classification heads)."""
+        """The JSON-able result of one text (or pair): `item` is its head's decoded prediction,
+        `probs` its class probabilities (classification heads)."""
         labels = self.labels[task]
-        result: dict[str, Any] = {"text": text}
+        result: dict[str, Any] = {"text": text} if text_pair is None else {"text": text, "text_pair": text_pair}
         if kind == "tags":
             from seqeval.metrics.sequence_labeling import get_entities
 

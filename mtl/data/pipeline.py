@@ -195,10 +195,13 @@ def _as_strings(value: Any) -> Any:
     return value if isinstance(value, str) else str(value)
 
 
-def _label_names(ds: datasets.Dataset, label: str, where: str) -> datasets.Dataset:
-    """Hub datasets often store labels as ClassLabel ids; mtl works with the label names. An id
-    outside the classes (-1 is a hub's mark of a row without a label) is an error naming the
-    first such row, "<where>:<row>"."""
+def _label_names(ds: datasets.Dataset, label: str, where: str) -> datasets.Dataset | None:
+    """Hub datasets often store labels as ClassLabel ids; mtl works with the label names.
+
+    None for a split whose every label is -1, a hub's mark of a row without a label (GLUE's
+    hidden test sets). Another id outside the classes, or a -1 among real labels, is an error
+    naming the first such row, "<where>:<row>".
+    """
     feature = ds.features[label]
     inner = getattr(feature, "feature", None)  # Sequence(ClassLabel) for token tags
     classes = feature if isinstance(feature, datasets.ClassLabel) else inner
@@ -206,6 +209,8 @@ def _label_names(ds: datasets.Dataset, label: str, where: str) -> datasets.Datas
         rows = column(ds, label)
         bad = [(row, i) for row, value in enumerate(rows) for i in (value if classes is inner else [value])
                if not 0 <= i < classes.num_classes]
+        if rows and classes is feature and len(bad) == len(rows) and all(i == -1 for _, i in bad):
+            return None
         if bad:
             row, i = bad[0]
             raise MtlError(f"{where}:{row}: label id {i} is not one of the dataset's {classes.num_classes} classes "
@@ -220,11 +225,6 @@ def _label_names(ds: datasets.Dataset, label: str, where: str) -> datasets.Datas
     if isinstance(feature, datasets.Value):
         return ds.cast_column(label, datasets.Value("string"))
     return ds
-
-
-def _unlabelled(ds: datasets.Dataset, label: str) -> bool:
-    """Whether every label of a hub split is the ClassLabel id -1: a hidden test set (GLUE's, say)."""
-    return isinstance(ds.features[label], datasets.ClassLabel) and all(i == -1 for i in column(ds, label))
 
 
 def _hub(spec: TaskSpec) -> dict[str, datasets.Dataset]:
@@ -246,13 +246,13 @@ def _hub(spec: TaskSpec) -> dict[str, datasets.Dataset]:
         if missing:
             raise MtlError(f"{spec.origin}: hub dataset {spec.source.hub!r} split {split!r} has no column(s) "
                            f"{missing}; it has {ds.column_names}")
-        ds = ds.select_columns(list(rename))
-        if len(ds) and _unlabelled(ds, spec.columns.label):
+        where = f"{spec.source.hub}[{split}]"
+        named = _label_names(ds.select_columns(list(rename)), spec.columns.label, where)
+        if named is None:
             log.warning("%s: hub dataset %r split %r has no labels (every one is -1, a hidden test set); it is left "
                         "out", spec.origin, spec.source.hub, split)
             continue
-        where = f"{spec.source.hub}[{split}]"
-        ds = _label_names(ds, spec.columns.label, where).rename_columns(rename)
+        ds = named.rename_columns(rename)
         out[split] = ds.add_column("origin", [f"{where}:{i}" for i in range(len(ds))])
     if "train" not in out:
         unlabelled = " with labels" if "train" in loaded else ""
