@@ -307,6 +307,7 @@ class TrainSection:
 
     steps: int = 1000
     batch_size: int = 32
+    eval_batch_size: int | None = None  # rows per evaluation batch (no gradients held: can be larger); None: batch_size
     seed: int = 0
     sampling: str = "proportional"  # proportional | temperature | uniform | round_robin
     temperature: float = 2.0  # sampling: temperature, p_t ~ n_t ** (1 / T)
@@ -453,6 +454,7 @@ _RANGES = {
     "optim.freeze_layers": _NON_NEGATIVE,  # the upper bound (the encoder's depth) is checked with the model
     "train.steps": _POSITIVE,
     "train.batch_size": _POSITIVE,
+    "train.eval_batch_size": _POSITIVE,
     "train.temperature": _POSITIVE,
     "train.buckets[]": _POSITIVE,
     "train.eval_every": _POSITIVE,

@@ -733,6 +733,48 @@ def test_evaluate_restores_and_scores(tmp_path, isolated_cache, minilm_dir):
     assert results["toy_csv/accuracy"] == final["toy_csv/accuracy"]
 
 
+def test_evaluation_batches_have_their_own_size(tmp_path, isolated_cache, minilm_dir, monkeypatch):
+    """train.eval_batch_size sizes evaluation batches, and mtl evaluate --batch-size overrides it;
+    neither changes training's batches nor any row's prediction."""
+    import mtl.train.loop as loop
+    from mtl.cli import main
+    from mtl.models.heads import ClassificationHead
+
+    sizes, predicted = [], []
+    eval_batches, score = loop.eval_batches, ClassificationHead.score
+
+    def recording(batcher):
+        sizes.append(batcher.batch_size)
+        return eval_batches(batcher)
+
+    def spy(head, predictions, references):
+        predicted.append(list(predictions))
+        return score(head, predictions, references)
+
+    monkeypatch.setattr(loop, "eval_batches", recording)
+    monkeypatch.setattr(ClassificationHead, "score", spy)
+    # The pretrained encoder, as in the test below: a random one predicts one label for every row,
+    # and any batching would give the same predictions.
+    config = _toy_config(tmp_path, minilm_dir, steps=1, eval_every=1, checkpoint_every=1, eval_batch_size=16)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, random_init=None))
+    trainer = Trainer(build_experiment(config), tmp_path / "w")
+    assert trainer.batchers["train"]["toy_csv"].batch_size == 8
+    trainer.run()
+    assert sizes == [16]  # one batch of the 16 validation rows
+    assert len(set(predicted[0])) == 2, predicted
+    assert main(["--no-compile-cache", "evaluate", "--workdir", str(tmp_path / "w"), "--batch-size", "3"]) == 0
+    assert sizes == [16, 3]  # six batches, the last with two filler rows
+    assert predicted[1] == predicted[0]
+    evaluate(tmp_path / "w", "validation")
+    assert sizes == [16, 3, 16]  # the workdir's config: --batch-size changed nothing it keeps
+    with pytest.raises(MtlError, match=r"key 'train\.eval_batch_size': must be positive, got 0"):
+        _toy_config(tmp_path, minilm_dir, eval_batch_size=0)
+    # Over two data-parallel devices, an evaluation batch must split as a training batch does.
+    monkeypatch.setattr("mtl.sharding.Layout.batch_divisor", 2)
+    with pytest.raises(MtlError, match="^train.eval_batch_size 3 does not split evenly over the mesh's 2 "):
+        Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, eval_batch_size=3)), tmp_path / "other")
+
+
 def test_evaluation_scores_each_row_as_predict_predicts_its_text(tmp_path, isolated_cache, minilm_dir, monkeypatch):
     """Evaluation batches rows shortest first; each is still scored against its own label."""
     from mtl.data.pipeline import column, load_raw_splits

@@ -394,10 +394,11 @@ class Trainer(TrainLoop):
         if unscored:
             log.warning("%s: %s have no %r split; evaluations leave them out", workdir, list(unscored), eval_split)
         pad = experiment.tokenizer.pad_token_id
+        eval_rows = cfg.train.eval_batch_size or cfg.train.batch_size
         self.batchers = {
             split: {
-                name: Batcher(data.splits[split], batch_size=cfg.train.batch_size, max_length=data.spec.max_length,
-                              pad_token_id=pad, buckets=cfg.train.buckets)
+                name: Batcher(data.splits[split], batch_size=cfg.train.batch_size if split == "train" else eval_rows,
+                              max_length=data.spec.max_length, pad_token_id=pad, buckets=cfg.train.buckets)
                 for name, data in experiment.tasks.items() if split in data.splits
             }
             for split in ("train", "validation", "test")
@@ -411,6 +412,7 @@ class Trainer(TrainLoop):
 
         self.layout = Layout(make_mesh(cfg.mesh))
         self.layout.check_batch(cfg.train.batch_size, "train.batch_size")
+        self.layout.check_batch(eval_rows, "train.eval_batch_size" if cfg.train.eval_batch_size else "train.batch_size")
         self.graphdef, params, self.rest = nnx.split(experiment.model, nnx.Param, ...)
         train_params = {"model": params, "log_vars": jnp.zeros((len(self.tasks),), jnp.float32)}
         self.tx = build_optimizer(cfg.optim, train_params, experiment.model.encoder.config, cfg.train.steps)
@@ -522,8 +524,10 @@ def train(config: ExperimentConfig, workdir: str | Path) -> dict[str, float]:
     return Trainer(experiment, workdir).run()
 
 
-def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str = "best") -> dict[str, float]:
-    """Restore a workdir's best (or latest) checkpoint and evaluate it on `split`."""
+def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str = "best",
+             batch_size: int | None = None) -> dict[str, float]:
+    """Restore a workdir's best (or latest) checkpoint and evaluate it on `split`, in batches of
+    `batch_size` rows (default: the config's train.eval_batch_size)."""
     from mtl.config import load_experiment
     from mtl.train.experiment import build_experiment
 
@@ -534,7 +538,8 @@ def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str = "
     if config.meta is not None:
         raise MtlError(f"{workdir}: is a meta-learning workdir; evaluate it with mtl meta-test")
     config = dataclasses.replace(config, mesh=fit_mesh(config.mesh),
-                                 train=dataclasses.replace(config.train, eval_split=split))
+                                 train=dataclasses.replace(config.train, eval_split=split,
+                                                           eval_batch_size=batch_size or config.train.eval_batch_size))
     trainer = Trainer(build_experiment(config), workdir)
     step = trainer.restore(checkpoint)
     results = trainer.evaluate(split)
