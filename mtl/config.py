@@ -243,7 +243,8 @@ def config_changes(before: str, after: str, *, ignore: Sequence[str] = (), defau
 
 # ----------------------------------------------------------------------- experiment schema
 # An experiment file (configs/*.yaml) is an ExperimentConfig; every key is documented in the
-# README's "Experiment configs" table. Defaults here are the defaults of every config.
+# README's "Experiment configs" table (tests/test_readme.py checks). Defaults here are the
+# defaults of every config.
 
 @dataclasses.dataclass
 class RandomEncoder:

@@ -1,4 +1,5 @@
-"""The README's code examples run as written."""
+"""The README's code examples run as written, and its reference tables name every config key,
+task-spec key and command-line option there is."""
 
 import re
 import subprocess
@@ -77,3 +78,100 @@ def test_from_python_example(tmp_path, monkeypatch, minilm_dir):
     exec(block, namespace)
     assert int(namespace["trainer"].state.step) == 1
     assert np.isfinite(float(namespace["metrics"]["loss"]))
+
+
+# ------------------------------------------------------------- the reference tables are whole
+
+def _fields(cls: type, prefix: str = "") -> dict[str, type]:
+    """Dotted key -> type of each field of a schema dataclass, nested dataclasses walked
+    (through `X | None` and `list[X]`)."""
+    import dataclasses
+    import typing
+
+    keys, hints = {}, typing.get_type_hints(cls)  # the modules' annotations are strings
+    for field in dataclasses.fields(cls):
+        key, kind = f"{prefix}{field.name}", hints[field.name]
+        inner = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+        inner = [typing.get_args(a)[0] if typing.get_origin(a) is list else a for a in inner]
+        nested = next((a for a in inner if dataclasses.is_dataclass(a)), None)
+        keys[key] = kind
+        if nested is not None:
+            keys.update(_fields(nested, f"{key}."))
+    return keys
+
+
+def _documented_config_keys() -> dict[str, str]:
+    """Dotted key -> its row, from the README's experiment-config tables. A row's first cell
+    lists keys of one section: `train.eval_every`, `eval_split`."""
+    rows = {}
+    for line in README.read_text().splitlines():
+        cells = line.split("|")
+        if not line.startswith("| `") or len(cells) < 4:
+            continue
+        names = re.findall(r"`([^`]+)`", cells[1])
+        if not names:  # a command row: its `...` holds an escaped \|
+            continue
+        section = names[0].split(".")[0] if "." in names[0] else None
+        if section not in {"model", "optim", "train", "meta", "mesh", "distributed"} and names[0] not in {"tasks", "meta"}:
+            continue
+        for name in names:
+            rows[name if "." in name or section is None else f"{section}.{name}"] = line
+    return rows
+
+
+def test_every_experiment_config_key_is_in_the_readme():
+    from mtl.config import ExperimentConfig
+
+    schema = _fields(ExperimentConfig)
+    rows = _documented_config_keys()
+    # Each section.key has a row, and so do `tasks` and `meta`; the fields of a list's items
+    # (tasks, meta.train) and of model.random_init are named in their parent's row.
+    own_rows = {k for k in schema if k.count(".") == 1 and not k.startswith("tasks.")} | {"tasks", "meta"}
+    assert sorted(own_rows - rows.keys()) == [], "keys the README's config tables leave out"
+    assert sorted(rows.keys() - schema.keys()) == [], "README config rows for keys the schema lacks"
+    for key in schema.keys() - own_rows:
+        parent, _, name = key.rpartition(".")
+        if parent in rows:  # not a section (model, optim, ...) nor one itself
+            assert re.search(rf"\b{name}\b", rows[parent]), f"the README's row for {parent} does not name {name}"
+
+
+def test_every_task_spec_key_is_in_the_readme_schema():
+    import yaml
+
+    from mtl.tasks import LOADER_KEYS, TaskSpec
+
+    block = re.search(r"### Task-spec schema\n\n```yaml\n(.*?)```", README.read_text(), flags=re.S).group(1)
+
+    def keys(node, prefix=""):
+        found = set()
+        for key, value in node.items():
+            found.add(f"{prefix}{key}")
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                if isinstance(item, dict) and key not in {"splits", "head_options", "file_sha256"}:  # free-form maps
+                    found |= keys(item, f"{prefix}{key}.")
+        return found
+
+    schema = set(_fields(TaskSpec)) - set(LOADER_KEYS)
+    assert keys(yaml.safe_load(block)) == schema
+
+
+def test_every_command_line_option_is_in_the_readme():
+    """Each subcommand's options appear in its usage (`mtl evaluate --workdir DIR [...]`, in a
+    table row or the text), and each global option as `mtl --option COMMAND`."""
+    import argparse
+
+    from mtl.cli import build_parser
+
+    text = README.read_text()
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        usage = " ".join(re.findall(rf"`mtl {name}\b([^`]*)`", text))
+        for action in command._actions:
+            longest = max(action.option_strings, key=len, default=None)
+            if longest not in (None, "--help"):
+                assert longest in usage, f"the README's usage of mtl {name} leaves out {longest}"
+    for action in parser._actions:
+        if action.option_strings and "--help" not in action.option_strings:
+            assert any(f"`mtl {o} COMMAND`" in text for o in action.option_strings), action.option_strings
