@@ -1,5 +1,5 @@
 """The README's code examples run as written, and its reference tables name every config key,
-task-spec key and command-line option there is."""
+task-spec key, command-line option and module there is."""
 
 import re
 import subprocess
@@ -175,3 +175,12 @@ def test_every_command_line_option_is_in_the_readme():
     for action in parser._actions:
         if action.option_strings and "--help" not in action.option_strings:
             assert any(f"`mtl {o} COMMAND`" in text for o in action.option_strings), action.option_strings
+
+
+def test_every_module_is_in_the_architecture_table():
+    text = README.read_text()
+    table = text[text.index("## Architecture"):text.index("## Quality")]
+    package = README.parent / "mtl"
+    modules = {str(p.relative_to(README.parent)) for p in package.rglob("*.py") if p.name != "__init__.py"}
+    rows = set(re.findall(r"^\| `(mtl/[^`]+\.py)` \|", table, flags=re.M))
+    assert rows == modules
