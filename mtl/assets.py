@@ -259,6 +259,16 @@ def _try_mirror(name: str) -> Path:
 _ANNOUNCED: set[tuple[str, Path]] = set()
 
 
+def _could_be_hub_name(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """Return a local directory holding config.json, weights and tokenizer files.
 
@@ -266,7 +276,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     itself (skipped when HF_HUB_OFFLINE is set); a packaged mirror (`MODEL_MIRRORS`).
 
     Raises:
-      MtlError: nothing worked; the message lists each source tried and its reason.
+      MtlError: nothing worked; the message lists each source tried and its reason (or, for a
+        name only a path could be, says there is no such directory).
     """
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -274,6 +285,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
             return path
         raise MtlError(f"{path}: is not a model directory (no config.json)")
     name = str(name_or_path)
+    if not _could_be_hub_name(name):  # "/models/x", "./x", "a/b/c": a path, and nothing else to try
+        raise MtlError(f"{path}: no such model directory")
     tried: list[str] = [f"local path: {path} does not exist"]
     sources = [
         ("mtl cache", _try_mirror_cache),

@@ -61,6 +61,14 @@ def test_unresolvable_name_lists_every_source(empty_cache):
         assert f"  - {source}:" in message
 
 
+@pytest.mark.parametrize("name", ["/no/such/model", "./no-such-model", "~/no-such-model", "a/b/c"])
+def test_a_missing_path_is_one_line_not_every_source(empty_cache, name):
+    """A name no hub could hold is a path: that it is missing is the whole answer."""
+    with pytest.raises(MtlError) as e:
+        resolve_model(name)
+    assert str(e.value) == f"{Path(name).expanduser()}: no such model directory"
+
+
 def test_offline_env_skips_the_hub(empty_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MtlError, match="Hugging Face hub: ConnectionError: HF_HUB_OFFLINE is set"):
