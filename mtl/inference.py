@@ -32,6 +32,7 @@ from mtl.config import load_experiment
 from mtl.data.batching import bucket_lengths
 from mtl.data.pipeline import first_subtoken_words
 from mtl.errors import MtlError
+from mtl.metrics import entity_spans
 from mtl.models.heads import build_head, decode_real_rows, get_head, head_option_defaults
 from mtl.models.model import MultiTaskModel
 from mtl.params import flatten
@@ -183,27 +184,37 @@ class Predictor:
                 probs: np.ndarray | None) -> dict[str, Any]:
         """The JSON-able result of one text (or pair): `item` is its head's decoded prediction,
         `probs` its class probabilities (classification heads)."""
-        labels = self.labels[task]
         result: dict[str, Any] = {"text": text} if text_pair is None else {"text": text, "text_pair": text_pair}
         if kind == "tags":
-            from seqeval.metrics.sequence_labeling import get_entities
+            result["tokens"] = words
+        return dict(result, **render_prediction(kind, self.labels[task], item, probs, words))
 
-            tags = [labels[t] for t in item]
-            result["tokens"], result["tags"] = words, tags
-            result["entities"] = [{"type": kind_, "start": s, "end": e + 1, "text": " ".join(words[s:e + 1])}
-                                  for kind_, s, e in get_entities(tags)]
-        elif kind == "class":
-            label = item[0] if isinstance(item, tuple) else item
-            result["label"] = labels[label]
+
+def render_prediction(kind: str, labels: Sequence[str], item: Any, probs: np.ndarray | None = None,
+                      words: Sequence[str] | None = None) -> dict[str, Any]:
+    """The JSON-able form of one decoded prediction (or a reference in the same form): `item` as
+    a head of label kind `kind` decodes it, `probs` its class probabilities where the head gives
+    them, `words` the words a token task tagged (for its entity spans)."""
+    result: dict[str, Any] = {}
+    if kind == "tags":
+        tags = [labels[t] for t in item]
+        result["tags"] = tags
+        result["entities"] = [{"type": type_, "start": start, "end": end, "text": " ".join(words[start:end])}
+                              for type_, start, end in entity_spans(tags)]
+    elif kind == "class":
+        label = item[0] if isinstance(item, tuple) else item
+        result["label"] = labels[label]
+        if probs is not None:
             result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs, strict=True)}
-            if isinstance(item, tuple):
-                result["score"] = round(item[1], 4)
-        elif kind == "scalar":
-            result["score"] = item
-        else:
-            result["labels"] = [label for label, on in zip(labels, item, strict=True) if on]
+        if isinstance(item, tuple):
+            result["score"] = round(item[1], 4)
+    elif kind == "scalar":
+        result["score"] = item
+    else:
+        result["labels"] = [label for label, on in zip(labels, item, strict=True) if on]
+        if probs is not None:
             result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs, strict=True)}
-        return result
+    return result
 
 
 # Where an export is written before it replaces OUT's files: inside OUT, so on its filesystem

@@ -1,7 +1,7 @@
 """Evaluation metrics, computed by the libraries that define them.
 
-scikit-learn for accuracy/F1/precision/recall, seqeval for entity-level scores (strict IOB2, as
-CoNLL's conlleval counts them), scipy for correlations. Each function returns a flat
+scikit-learn for accuracy/F1/precision/recall, seqeval for entity-level scores (strict IOB2:
+an entity starts at its B- tag), scipy for correlations. Each function returns a flat
 {name: float} dict so that a trainer can log it as one JSONL line; per-class and per-type
 scores use "metric/label" keys.
 """
@@ -29,6 +29,14 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
         out[f"recall/{label}"] = float(recall[i])
         out[f"f1/{label}"] = float(f1[i])
     return out
+
+
+def entity_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(type, start, end) of each entity in one sentence's IOB2 tags, `end` exclusive: the
+    entities `entity_metrics` counts (strict: an I-X with no B-X before it starts none)."""
+    from seqeval.scheme import IOB2, Entities
+
+    return [(e.tag, e.start, e.end) for e in Entities([list(tags)], IOB2).entities[0]]
 
 
 def entity_metrics(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]]) -> dict[str, float]:

@@ -121,7 +121,7 @@ class ExportedModel:
         return results
 
     def _tag(self, task: dict, linear, texts: list[str | list[str]]) -> list[dict]:
-        from seqeval.metrics.sequence_labeling import get_entities
+        from seqeval.scheme import IOB2, Entities  # strict, as mtl scores and prints entities
 
         labels = task["labels"]
         outside = labels.index("O") if "O" in labels else 0
@@ -141,8 +141,8 @@ class ExportedModel:
         results = []
         for text, ws, ids in zip(texts, words, tags, strict=True):
             names = [labels[t] for t in ids]
-            entities = [{"type": kind, "start": s, "end": e + 1, "text": " ".join(ws[s:e + 1])}
-                        for kind, s, e in get_entities(names)]
+            entities = [{"type": e.tag, "start": e.start, "end": e.end, "text": " ".join(ws[e.start:e.end])}
+                        for e in Entities([names], IOB2).entities[0]]
             results.append({"text": text if isinstance(text, str) else " ".join(text), "tokens": ws, "tags": names,
                             "entities": entities})
         return results

@@ -103,6 +103,10 @@ def test_seqeval_strict_iob2_does_not_repair_predictions():
     scores = metrics.entity_metrics(true, pred)
     assert scores["entity_precision"] == 1.0 and scores["entity_recall"] == 0.5
     assert scores["entity_f1/PER"] == 1.0 and scores["entity_f1/LOC"] == 0.0
+    # The spans mtl predict prints are the ones counted: the stray I-LOC is none.
+    assert metrics.entity_spans(pred[0]) == [("PER", 0, 2)]
+    assert metrics.entity_spans(["I-PER", "O", "B-LOC", "I-LOC", "B-PER", "I-LOC"]) == [("LOC", 2, 4), ("PER", 4, 5)]
+    assert metrics.entity_spans([]) == []
 
 
 def test_regression_loss_and_correlations():
