@@ -108,7 +108,7 @@ def _meta_test(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from mtl.train.loop import evaluate
 
-    _print_summary(evaluate(args.workdir, args.split, args.checkpoint, args.batch_size), args.all)
+    _print_summary(evaluate(args.workdir, args.split, args.checkpoint, args.batch_size, args.predictions), args.all)
 
 
 def _jsonl_texts(lines, tokens: bool = False, pairs: bool = False) -> Iterator[str | list[str] | tuple[str, str]]:
@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_option(evaluate)
     evaluate.add_argument("--batch-size", type=_positive_int,
                           help="rows per forward pass (default: the config's train.eval_batch_size, else batch_size)")
+    evaluate.add_argument("--predictions", metavar="FILE",
+                          help="also write each row's prediction and gold label to FILE as JSON lines")
     evaluate.add_argument("--all", action="store_true", help="print every metric (per class, per type)")
     evaluate.set_defaults(run=_evaluate)
 

@@ -794,14 +794,71 @@ def test_evaluation_scores_each_row_as_predict_predicts_its_text(tmp_path, isola
         return score(head, predicted, references)
 
     monkeypatch.setattr(ClassificationHead, "score", spy)
-    evaluate(tmp_path / "w", "validation")
+    results = evaluate(tmp_path / "w", "validation", predictions_file=tmp_path / "predictions.jsonl")
     validation = load_raw_splits(load_task(config.tasks[0].task))[0]["validation"]
     assert scored["references"] == column(validation, "label")
-    predicted = [r["label"] for r in Predictor.from_workdir(tmp_path / "w").predict("toy_csv", column(validation, "text"))]
+    predictions = Predictor.from_workdir(tmp_path / "w").predict("toy_csv", column(validation, "text"))
+    predicted = [r["label"] for r in predictions]
     assert len(set(predicted)) == 2, predicted  # else any order of the rows would pass
     assert scored["predicted"] == predicted
+    # The predictions file: each row as mtl predict prints it, beside its gold label and origin.
+    lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [line.pop("probs") for line in lines] == [pytest.approx(r.pop("probs"), abs=1e-4) for r in predictions]
+    assert lines == [dict(r, task="toy_csv", row=i, origin=origin, gold={"label": gold})
+                     for i, (r, origin, gold) in enumerate(zip(predictions, column(validation, "origin"),
+                                                               column(validation, "label"), strict=True))]
+    assert np.mean([line["label"] == line["gold"]["label"] for line in lines]) == results["toy_csv/accuracy"]
     with pytest.raises(MtlError, match=r"not a training workdir \(no config\.yaml and checkpoints/\); run mtl train first"):
         evaluate(tmp_path / "nothing")
+
+
+def test_predictions_file_of_a_token_task_and_a_cut_validation_split(tmp_path, isolated_cache, minilm_dir,
+                                                                      monkeypatch):
+    from mtl.data.pipeline import column, load_raw_splits
+    from mtl.tasks import load_task
+
+    dev = "Anne B-PER\nleft O\nRome B-LOC\n\nBob B-PER\nLee I-PER\nsaw O\nNew B-LOC\nYork I-LOC\n\nhi O\n"
+    ner = write_task(tmp_path / "ner", dict(CONLL_SPEC, max_length=16), {"train.txt": (CONLL_TRAIN + "\n") * 4, "dev.txt": dev})
+    config = _toy_config(tmp_path, minilm_dir, steps=2, eval_every=2, checkpoint_every=2)
+    config = dataclasses.replace(config, tasks=[dataclasses.replace(config.tasks[0], max_eval_examples=5),
+                                                dataclasses.replace(config.tasks[0], task=str(ner))])
+    Trainer(build_experiment(config), tmp_path / "w").run()
+    out = tmp_path / "predictions.jsonl"
+    results = evaluate(tmp_path / "w", "validation", predictions_file=out)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(line["task"], line["row"]) for line in lines] == [("toy_csv", i) for i in range(5)] + \
+        [("toy_ner", i) for i in range(3)]  # the first 5 of the cut split, as scored; then the tagging task
+    tagged = [line for line in lines if line["task"] == "toy_ner"]
+    raw = load_raw_splits(load_task(str(ner)))[0]["validation"]
+    assert [line["tokens"] for line in tagged] == column(raw, "tokens")
+    assert [line["gold"]["tags"] for line in tagged] == column(raw, "tags")
+    assert [line["origin"] for line in tagged] == column(raw, "origin")
+    assert tagged[1]["gold"]["entities"] == [{"type": "PER", "start": 0, "end": 2, "text": "Bob Lee"},
+                                             {"type": "LOC", "start": 3, "end": 5, "text": "New York"}]
+    assert all(len(line["tags"]) == len(line["tokens"]) for line in tagged)
+    # The entities printed are the ones the metric counts: their F1 is the reported one.
+    predicted = {(line["row"], e["type"], e["start"], e["end"]) for line in tagged for e in line["entities"]}
+    gold = {(line["row"], e["type"], e["start"], e["end"]) for line in tagged for e in line["gold"]["entities"]}
+    assert predicted, tagged  # a random tagger finds some: else any reading of the tags would pass
+    f1 = 2 * len(predicted & gold) / (len(predicted) + len(gold))
+    assert f1 == pytest.approx(results["toy_ner/entity_f1"])
+    # A file that cannot be written is refused before the evaluation; one that fails at the end
+    # is one error, and the scores are kept in metrics.jsonl.
+    with pytest.raises(MtlError, match=f"^{tmp_path}: is a directory; give a file to write the predictions to$"):
+        evaluate(tmp_path / "w", predictions_file=tmp_path)
+    with pytest.raises(MtlError, match=f"^{tmp_path / 'no' / 'p.jsonl'}: no directory {tmp_path / 'no'} to write"):
+        evaluate(tmp_path / "w", predictions_file=tmp_path / "no" / "p.jsonl")
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("mtl.train.loop.replace_whole", full_disk)
+    records = len(read_metrics(tmp_path / "w"))
+    with pytest.raises(MtlError, match=f"^{out}: cannot write the predictions \\(No space left on device\\); the "
+                                       f"scores are in {tmp_path / 'w' / 'metrics.jsonl'}$"):
+        evaluate(tmp_path / "w", predictions_file=out)
+    assert len(read_metrics(tmp_path / "w")) == records + 1
+    assert out.read_text().count("\n") == 8  # the earlier file, whole
 
 
 def test_bad_experiment_configs(tmp_path):

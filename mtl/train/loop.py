@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -482,30 +483,55 @@ class Trainer(TrainLoop):
 
     def evaluate(self, split: str = "validation") -> dict[str, float]:
         """Every task's metrics on `split` ("task/metric"), plus "aggregate": the mean of each
-        task's primary metric (negated where lower is better). Every process builds each
-        evaluation batch whole, runs its part, and decodes the gathered predictions."""
-        results: dict[str, float] = {}
-        primaries = []
+        task's primary metric (negated where lower is better)."""
+        return self.score(self.predict(split), split)
+
+    def predict(self, split: str) -> dict[str, SplitPredictions]:
+        """Each task's predictions for every row of `split` (tasks without the split left out).
+        Every process builds each batch whole, runs its part, and decodes the gathered predictions."""
+        out = {}
         model_params = self.state.params["model"]
         for name in self.tasks:
-            data = self.experiment.tasks[name]
-            if split not in data.splits:
+            if split not in self.experiment.tasks[name].splits:
                 continue
             head = self.experiment.model.head(name)
             batcher = self.batchers[split][name]
-            predicted = [None] * batcher.size  # by row of the split: the batches come shortest first
+            items, probs = [None] * batcher.size, None  # by row of the split: the batches come shortest first
             for batch in eval_batches(batcher):
                 on_mesh = self.layout.put_whole_batch(batch)
                 predictions = self.layout.gather(self.predict_steps[name](model_params, on_mesh))
-                items = decode_real_rows(name, head, predictions, batch)
-                for row, item in zip(batch["index"][real_rows(batch)], items, strict=True):
-                    predicted[row] = item
+                real = real_rows(batch)
+                rows = batch["index"][real]
+                for row, item in zip(rows, decode_real_rows(name, head, predictions, batch), strict=True):
+                    items[row] = item
+                if "probs" in predictions:
+                    if probs is None:
+                        probs = np.zeros((batcher.size, predictions["probs"].shape[-1]), np.float32)
+                    probs[rows] = np.asarray(predictions["probs"])[real]
+            out[name] = SplitPredictions(items, probs)
+        return out
+
+    def score(self, predictions: dict[str, SplitPredictions], split: str) -> dict[str, float]:
+        """`evaluate`'s metrics of predictions `predict(split)` made."""
+        results: dict[str, float] = {}
+        primaries = []
+        for name, predicted in predictions.items():
+            data, head = self.experiment.tasks[name], self.experiment.model.head(name)
             references = column(data.splits[split], "tags" if head.label_kind == "tags" else "labels")
-            scores = head.score(predicted, references)
+            scores = head.score(predicted.items, references)
             results.update({f"{name}/{k}": v for k, v in scores.items()})
             primaries.append(selection_value(data.spec.metric, scores[data.spec.metric]))
         results["aggregate"] = float(np.mean(primaries)) if primaries else float("nan")
         return results
+
+
+@dataclasses.dataclass
+class SplitPredictions:
+    """One task's predictions on a split, by row: each row's decoded item (`Head.decode`), and
+    each row's class probabilities where the head gives them (else None)."""
+
+    items: list[Any]
+    probs: np.ndarray | None
 
 
 def train(config: ExperimentConfig, workdir: str | Path) -> dict[str, float]:
@@ -525,15 +551,18 @@ def train(config: ExperimentConfig, workdir: str | Path) -> dict[str, float]:
 
 
 def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str = "best",
-             batch_size: int | None = None) -> dict[str, float]:
+             batch_size: int | None = None, predictions_file: str | Path | None = None) -> dict[str, float]:
     """Restore a workdir's best (or latest) checkpoint and evaluate it on `split`, in batches of
-    `batch_size` rows (default: the config's train.eval_batch_size)."""
+    `batch_size` rows (default: the config's train.eval_batch_size). With `predictions_file`,
+    also write each row's prediction there as JSON lines (see `write_predictions`)."""
     from mtl.config import load_experiment
     from mtl.train.experiment import build_experiment
 
     workdir = Path(workdir)
     if not (workdir / "config.yaml").is_file() or not (workdir / "checkpoints").is_dir():
         raise MtlError(f"{workdir}: not a training workdir (no config.yaml and checkpoints/); run mtl train first")
+    if predictions_file is not None:  # before the model loads and runs: a typo should not cost the evaluation
+        _check_writable(Path(predictions_file))
     config = load_experiment(workdir / "config.yaml")
     if config.meta is not None:
         raise MtlError(f"{workdir}: is a meta-learning workdir; evaluate it with mtl meta-test")
@@ -542,7 +571,57 @@ def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str = "
                                                            eval_batch_size=batch_size or config.train.eval_batch_size))
     trainer = Trainer(build_experiment(config), workdir)
     step = trainer.restore(checkpoint)
-    results = trainer.evaluate(split)
+    predictions = trainer.predict(split)
+    results = trainer.score(predictions, split)
     trainer.checkpointer.close()
     append_record(workdir, step, split, results)
+    if predictions_file is not None:
+        try:
+            write_predictions(Path(predictions_file), trainer.experiment, split, predictions)
+        except OSError as e:
+            raise MtlError(f"{predictions_file}: cannot write the predictions ({e.strerror}); the scores are in "
+                           f"{workdir / 'metrics.jsonl'}") from None
     return dict(results, checkpoint_step=step)
+
+
+def _check_writable(path: Path) -> None:
+    if path.is_dir():
+        raise MtlError(f"{path}: is a directory; give a file to write the predictions to")
+    parent = path.parent
+    if not parent.is_dir():
+        raise MtlError(f"{path}: no directory {parent} to write the predictions in")
+    if not os.access(parent, os.W_OK):
+        raise MtlError(f"{path}: cannot write in {parent} (permission denied)")
+
+
+def write_predictions(path: Path, experiment: Experiment, split: str,
+                      predictions: dict[str, SplitPredictions]) -> None:
+    """One JSON line per row of `split` and task, in the split's row order, tasks in config order:
+    {"task", "row", "origin" (the file and line, or hub split and row, it was read from), the
+    input ("text" and "text_pair", or "tokens"), the prediction as `mtl predict` prints it, and
+    "gold": the reference in the same form}. The file is replaced whole once every line is built."""
+    from mtl.data.pipeline import load_raw_splits
+    from mtl.inference import render_prediction
+
+    lines = []
+    for name, predicted in predictions.items():
+        data, head = experiment.tasks[name], experiment.model.head(name)
+        tokenized = data.splits[split]
+        raw = load_raw_splits(data.spec)[0][split]
+        raw = raw.select(range(len(tokenized)))  # validation may be cut to the config's max_eval_examples
+        origins = column(tokenized, "origin")
+        if column(raw, "origin") != origins:  # both come from the same files, read the same way
+            raise MtlError(f"{data.spec.origin}: the {split} rows read again differ from those evaluated; "
+                           "did the data change during the evaluation?")
+        kind, labels = head.label_kind, data.labels
+        references = column(tokenized, "tags" if kind == "tags" else "labels")
+        inputs = ({"tokens": column(raw, "tokens")} if kind == "tags" else
+                  {c: column(raw, c) for c in ("text", "text_pair") if c in raw.column_names})
+        for row, (item, reference) in enumerate(zip(predicted.items, references, strict=True)):
+            words = inputs["tokens"][row] if kind == "tags" else None
+            probs = predicted.probs[row] if predicted.probs is not None else None
+            record = {"task": name, "row": row, "origin": origins[row], **{c: v[row] for c, v in inputs.items()},
+                      **render_prediction(kind, labels, item, probs, words),
+                      "gold": render_prediction(kind, labels, reference, None, words)}
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    replace_whole(path, "".join(lines))
