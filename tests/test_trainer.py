@@ -867,7 +867,7 @@ def test_bad_experiment_configs(tmp_path):
     with pytest.raises(MtlError) as error:
         load_experiment(TINY, ["train.stpes=3"])
     assert str(error.value).startswith(f"{TINY} with override 'train.stpes=3': key 'train.stpes': Key 'stpes' not in "
-                                       "'TrainSection'. Did you mean: 'steps'? Keys: ['steps', 'batch_size', 'seed', ")
+                                       "'TrainSection'. Did you mean: 'steps'? Keys: ['steps', 'batch_size', 'eval_batch_size', 'seed', ")
     with pytest.raises(MtlError) as error:
         load_experiment(TINY, ["trian.steps=3"])
     assert str(error.value) == (f"{TINY} with override 'trian.steps=3': key 'trian': Key 'trian' not in 'ExperimentConfig'"
