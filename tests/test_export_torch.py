@@ -104,9 +104,10 @@ def test_torch_reader_predicts_what_mtl_predicts(exported, task):
 def test_tasks_json_states_every_head_option(exported):
     _, out = exported
     tasks = json.loads((out / "tasks.json").read_text())["tasks"]
-    assert tasks["toy_csv"]["head_options"] == {"pooling": "pooler", "dropout": 0.1, "class_weights": None}
+    assert tasks["toy_csv"]["head_options"] == {"pooling": "pooler", "dropout": 0.1, "class_weights": None,
+                                                "label_smoothing": 0.0}
     assert tasks["toy_multi"]["head_options"] == {"pooling": "cls", "dropout": 0.1, "threshold": 0.45}
-    assert tasks["toy_ner"]["head_options"] == {"dropout": 0.1}
+    assert tasks["toy_ner"]["head_options"] == {"dropout": 0.1, "label_smoothing": 0.0}
     assert [name for name, task in tasks.items() if task["text_pair"]] == ["toy_pair"]
 
 

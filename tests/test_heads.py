@@ -52,6 +52,31 @@ def test_class_weights_follow_torch_weighted_cross_entropy():
         ClassificationHead(4, ["a", "b", "c"], rngs=nnx.Rngs(0), class_weights=[1.0, 2.0])
 
 
+@pytest.mark.parametrize("class_weights", [None, [1.0, 0.5, 3.0]])
+def test_label_smoothing_follows_torch(class_weights):
+    import torch
+
+    logits = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    labels, weights = [0, 2, 1, 2, 0], [1.0, 1.0, 1.0, 1.0, 0.0]  # the last row is filler
+    expected = torch.nn.functional.cross_entropy(
+        torch.tensor(logits[:4]), torch.tensor(labels[:4]), label_smoothing=0.2,
+        weight=torch.tensor(class_weights) if class_weights else None)
+    for cls in (ClassificationHead, SentimentHead):
+        head = cls(4, ["a", "b", "c"], rngs=nnx.Rngs(0), class_weights=class_weights, label_smoothing=0.2)
+        assert float(head.loss(jnp.asarray(logits), _batch(labels=labels, weights=weights))) == \
+            pytest.approx(float(expected), rel=1e-6)
+    # Token tags: ignored sub-tokens and filler rows take no part, as torch's ignore_index.
+    tags = np.array([[0, IGNORE, 2, 1, 2], [1, 0, IGNORE, IGNORE, 0]])
+    token_logits = np.random.default_rng(1).normal(size=(2, 5, 3)).astype(np.float32)
+    expected = torch.nn.functional.cross_entropy(torch.tensor(token_logits[0]), torch.tensor(tags[0]),
+                                                 ignore_index=IGNORE, label_smoothing=0.2)
+    head = TokenClassificationHead(4, ["O", "B-X", "I-X"], rngs=nnx.Rngs(0), label_smoothing=0.2)
+    loss = head.loss(jnp.asarray(token_logits), _batch(labels=tags, weights=[1.0, 0.0]))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(MtlError, match=r"^label_smoothing 1.0 must be in \[0, 1\)$"):
+        ClassificationHead(4, ["a", "b"], rngs=nnx.Rngs(0), label_smoothing=1.0)
+
+
 def test_classification_decode_and_score():
     head = ClassificationHead(4, ["a", "b"], rngs=nnx.Rngs(0))
     predictions = head.predict(jnp.array([[3.0, 1.0], [0.0, 2.0], [9.0, 0.0]]), {})

@@ -169,6 +169,26 @@ def pool(encoded: EncoderOutput, attention_mask: jax.Array, how: str) -> jax.Arr
     return (encoded.last_hidden_state * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
 
 
+def _check_label_smoothing(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise MtlError(f"label_smoothing {value!r} must be in [0, 1)")
+    return float(value)
+
+
+def _smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float, row_weights: jax.Array,
+                            class_weights: jax.Array | None = None) -> jax.Array:
+    """torch's cross_entropy with `label_smoothing` (and `weight`): each row's loss is
+    (1 - e) w[y] (-log p_y) + e/K sum_k w_k (-log p_k), summed over rows by `row_weights` (0 for
+    filler and ignored positions) and divided by their sum of w[y]. Without class weights, w = 1:
+    cross-entropy against (1 - e) one_hot(y) + e/K."""
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
+    spread = -jnp.mean(log_p if class_weights is None else log_p * class_weights, axis=-1)
+    label_weights = row_weights if class_weights is None else row_weights * class_weights[labels]
+    total = jnp.sum((1.0 - smoothing) * nll * label_weights + smoothing * spread * row_weights)
+    return total / jnp.maximum(jnp.sum(label_weights), 1e-9)
+
+
 def _dense(d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(d_in, d_out, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
@@ -195,7 +215,9 @@ class ClassificationHead(_PooledHead):
     """Single-label classification: softmax over `labels`, cross-entropy loss.
 
     Options: pooling ("pooler", "cls" or "mean"), dropout, class_weights (one weight per label,
-    to counter imbalance: the loss is sum(w[y] * CE) / sum(w[y]), as torch's weighted CE).
+    to counter imbalance: the loss is sum(w[y] * CE) / sum(w[y]), as torch's weighted CE),
+    label_smoothing (e in [0, 1): the target puts 1 - e on the label and e/K on every class, as
+    torch's `label_smoothing`, with class weights as torch weighs them too).
     """
 
     label_kind = "class"
@@ -204,9 +226,11 @@ class ClassificationHead(_PooledHead):
     def __init__(
         self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs,
         pooling: str = "pooler", dropout: float = 0.1, class_weights: Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
     ):
         super().__init__(hidden_size, len(labels), pooling, dropout, rngs=rngs)
         self.labels = tuple(labels)
+        self.label_smoothing = _check_label_smoothing(label_smoothing)
         if class_weights is not None:
             if len(class_weights) != len(labels) or any(w < 0 for w in class_weights):
                 raise MtlError(
@@ -217,11 +241,14 @@ class ClassificationHead(_PooledHead):
             self.class_weights = None
 
     def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
-        labels = batch["labels"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(at_least_float32(logits), labels)
+        labels, logits = batch["labels"], at_least_float32(logits)
+        class_weights = self.class_weights[...] if self.class_weights is not None else None
+        if self.label_smoothing:
+            return _smoothed_cross_entropy(logits, labels, self.label_smoothing, batch["weights"], class_weights)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         weights = batch["weights"]
-        if self.class_weights is not None:
-            weights = weights * self.class_weights[...][labels]
+        if class_weights is not None:
+            weights = weights * class_weights[labels]
         return _weighted_mean(ce, weights)
 
     def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
@@ -253,10 +280,12 @@ class SentimentHead(ClassificationHead):
     def __init__(
         self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs,
         pooling: str = "pooler", dropout: float = 0.1, class_weights: Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
     ):
         if len(labels) < 2:
             raise MtlError(f"sentiment needs at least 2 ordered labels, got {list(labels)}")
-        super().__init__(hidden_size, labels, rngs=rngs, pooling=pooling, dropout=dropout, class_weights=class_weights)
+        super().__init__(hidden_size, labels, rngs=rngs, pooling=pooling, dropout=dropout, class_weights=class_weights,
+                         label_smoothing=label_smoothing)
         self.polarity = nnx.Variable(jnp.linspace(-1.0, 1.0, len(labels)))
 
     def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
@@ -282,17 +311,20 @@ class TokenClassificationHead(Head):
     Only the first sub-token of each word carries a label and a loss (the pipeline marks the
     rest IGNORE). `decode` returns one tag id per word, read from the first sub-token; words cut
     off by truncation are predicted "O" (or the first label if there is no "O"), so scores are
-    always over every gold word. Metrics are seqeval's strict IOB2 entity scores.
+    always over every gold word. Metrics are seqeval's strict IOB2 entity scores. Options:
+    dropout, label_smoothing (as `classification`'s, over the labelled sub-tokens).
     """
 
     label_kind = "tags"
     metric_names = ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
 
-    def __init__(self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs, dropout: float = 0.1):
+    def __init__(self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs, dropout: float = 0.1,
+                 label_smoothing: float = 0.0):
         if not 0.0 <= dropout < 1.0:
             raise MtlError(f"dropout {dropout!r} must be in [0, 1)")
         self.labels = tuple(labels)
         self.dropout = dropout
+        self.label_smoothing = _check_label_smoothing(label_smoothing)
         self.out = _dense(hidden_size, len(labels), rngs)
 
     def __call__(self, encoded: EncoderOutput, batch: Batch, *, dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -302,7 +334,10 @@ class TokenClassificationHead(Head):
     def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
         labels = batch["labels"]
         active = (labels != IGNORE) & (batch["weights"][:, None] > 0)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(active, labels, 0))
+        labels = jnp.where(active, labels, 0)
+        if self.label_smoothing:
+            return _smoothed_cross_entropy(logits, labels, self.label_smoothing, active.astype(jnp.float32))
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return _weighted_mean(ce, active.astype(jnp.float32))
 
     def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
