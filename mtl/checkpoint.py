@@ -83,6 +83,7 @@ class Checkpointer:
         _quiet_abandoned_io()  # a save fails in the background: its noise comes before _writing sees it
 
     def latest_step(self) -> int | None:
+        """The newest saved checkpoint's step (None before the first save)."""
         return self.manager.latest_step()
 
     def rerun_resumes(self) -> str:
@@ -91,6 +92,7 @@ class Checkpointer:
         return f"resumes from checkpoint {latest}" if latest is not None else "starts over (no checkpoint is saved)"
 
     def best_step(self) -> int | None:
+        """The step of the checkpoint with the best selection score (None if none is scored)."""
         return self.manager.best_step()
 
     def read_chosen(self, which: str, read: Callable[[int], T]) -> tuple[int, T]:
@@ -152,6 +154,7 @@ class Checkpointer:
         return restored["state"], meta
 
     def restore_meta(self, step: int) -> dict:
+        """Checkpoint `step`'s meta alone (positions, labels, config), without reading its arrays."""
         with self._reading(step):
             restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return restored["meta"]

@@ -71,6 +71,8 @@ class Predictor:
 
     @classmethod
     def from_workdir(cls, workdir: str | os.PathLike, which: str = "best", batch_size: int = 64) -> Predictor:
+        """The model of a workdir's best (or latest) checkpoint, rebuilt from its config.yaml with
+        every task's head and labels; the optimizer state is not read."""
         workdir = Path(workdir)
         if not (workdir / "config.yaml").is_file():
             raise MtlError(f"{workdir}: not a training workdir (no config.yaml); run mtl train first")

@@ -64,6 +64,7 @@ class Batcher:
             self._labels = labels.astype(np.float32 if labels.dtype.kind == "f" else np.int32)
 
     def bucket_for(self, length: int) -> int:
+        """The shortest padded length that holds `length` tokens."""
         for b in self.buckets:
             if length <= b:
                 return b
@@ -137,6 +138,7 @@ class TrainStream:
         return self._epoch_order[1]
 
     def rows(self, step: int) -> np.ndarray:
+        """The split rows of batch `step`: the next slice of its epoch's seeded permutation."""
         epoch, position = divmod(step, self.steps_per_epoch)
         order = self._order(epoch)
         start = position * self.batcher.batch_size
@@ -150,6 +152,7 @@ class TrainStream:
         return self.iterate(0)
 
     def iterate(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+        """Batches `start_step`, `start_step + 1`, ... without end."""
         step = start_step
         while True:
             yield self.batch(step)

@@ -24,6 +24,7 @@ class MultiTaskModel(nnx.Module):
         self.heads = nnx.Dict(dict(heads))
 
     def head(self, task: str) -> Head:
+        """`task`'s head; an unknown task is an MtlError listing the model's tasks."""
         if task not in self.heads:
             raise MtlError(f"task {task!r} has no head in this model; tasks: {sorted(self.heads)}")
         return self.heads[task]

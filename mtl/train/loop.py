@@ -179,6 +179,7 @@ class TrainLoop:
         raise NotImplementedError
 
     def evaluate(self, split: str = "validation") -> dict[str, float]:
+        """Scores on `split`, keyed as `selectable_metrics` names them."""
         raise NotImplementedError
 
     def progress(self) -> dict:
@@ -200,6 +201,7 @@ class TrainLoop:
     # ----------------------------------------------------------------------- state
 
     def meta(self) -> dict:
+        """What a checkpoint keeps beside the state: data positions, best score, counters, config."""
         return dict(self.progress(), best=self.best, evals_without_improvement=self.evals_without_improvement,
                     skipped_steps=self.skipped_steps, config=to_yaml(self.config))
 

@@ -45,6 +45,7 @@ class TaskSampler:
         self.probabilities = weights / weights.sum()
 
     def task_at(self, step: int) -> int:
+        """The index of the task `step` trains: a pure function of (seed, step), so resumes agree."""
         if self.strategy == "round_robin":
             return step % self.num_tasks
         u = np.random.default_rng([self.seed, step, 0x7A5C]).random()

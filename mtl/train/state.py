@@ -36,10 +36,12 @@ class TrainState:
 
     @classmethod
     def create(cls, params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+        """Step 0: `params`, the optimizer's initial state for them, and the RNG key of `seed`."""
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                    rng=jax.random.key_data(jax.random.key(seed)))
 
     def step_key(self) -> jax.Array:
+        """This step's key, folded from the run's: a resumed run draws the same dropout masks."""
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
