@@ -277,6 +277,7 @@ class TaskEntry:
 
     task: str = MISSING  # shipped task name or path to a task spec
     weight: float = 1.0  # static loss weight (loss_weighting: static)
+    rate: float | None = None  # sampling: rates: this task's share of the steps (normalised over the tasks)
     overrides: list[str] = dataclasses.field(default_factory=list)  # dotted task-spec overrides
     max_train_examples: int | None = None  # use a slice: the first N of the shuffled split
     max_eval_examples: int | None = None  # slice of validation (periodic evals); test stays whole
@@ -310,7 +311,7 @@ class TrainSection:
     batch_size: int = 32
     eval_batch_size: int | None = None  # rows per evaluation batch (no gradients held: can be larger); None: batch_size
     seed: int = 0
-    sampling: str = "proportional"  # proportional | temperature | uniform | round_robin
+    sampling: str = "proportional"  # proportional | temperature | uniform | round_robin | rates (tasks[].rate)
     temperature: float = 2.0  # sampling: temperature, p_t ~ n_t ** (1 / T)
     loss_weighting: str = "static"  # static | uncertainty
     dropout: bool = True
@@ -415,7 +416,7 @@ _CHOICES = {
     "model.remat_policy": REMAT_POLICIES,
     "optim.optimizer": ("adamw", "sgd"),
     "optim.schedule": ("linear", "cosine", "constant"),
-    "train.sampling": ("proportional", "temperature", "uniform", "round_robin"),
+    "train.sampling": ("proportional", "temperature", "uniform", "round_robin", "rates"),
     "train.loss_weighting": ("static", "uncertainty"),
     "train.nan_policy": ("stop", "skip"),
     "train.eval_split": ("validation", "test"),
@@ -440,6 +441,7 @@ _RANGES = {
     "model.random_init.intermediate_size": _POSITIVE,
     "model.random_init.max_position_embeddings": _POSITIVE,
     "tasks[].weight": _NON_NEGATIVE,
+    "tasks[].rate": _POSITIVE,
     "tasks[].max_train_examples": _POSITIVE,
     "tasks[].max_eval_examples": _POSITIVE,
     "optim.learning_rate": _POSITIVE,
@@ -512,6 +514,12 @@ def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] = (
     if not config.tasks:
         raise MtlError(f"{at_key(where, 'tasks', overrides)}: list at least one task")
     train = config.train
+    for i, entry in enumerate(config.tasks):  # a rate the sampling ignores would mislead whoever reads the config
+        if (entry.rate is None) == (train.sampling == "rates"):
+            key = f"tasks.{i}.rate"
+            raise MtlError(f"{at_key(where, key, overrides)}: " + (
+                "train.sampling is 'rates': give every task its rate" if entry.rate is None else
+                f"set, but train.sampling is {train.sampling!r}: rates are read only with sampling: rates"))
     if train.profile_steps and train.profile_start >= train.steps:
         raise MtlError(f"{at_key(where, 'train.profile_start', overrides)}: {train.profile_start} steps before the "
                        f"profile leave none of train.steps ({train.steps}) to trace")

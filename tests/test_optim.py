@@ -293,13 +293,16 @@ def test_uncertainty_weighting_learns_log_variances():
 
 @pytest.mark.parametrize("strategy,expected", [
     ("proportional", [0.9, 0.1]), ("temperature", [0.75, 0.25]), ("uniform", [0.5, 0.5]), ("round_robin", [0.5, 0.5]),
+    ("rates", [0.2, 0.8]),  # the rates below, 1 : 4, whatever the sizes
 ])
 def test_task_sampling(strategy, expected):
-    sampler = TaskSampler([900, 100], strategy=strategy, temperature=2.0, seed=0)
-    picks = [sampler.task_at(s) for s in range(4000)]
+    def sampler():
+        return TaskSampler([900, 100], strategy=strategy, temperature=2.0, seed=0, rates=[0.5, 2.0])
+
+    picks = [sampler().task_at(s) for s in range(4000)]
     counts = Counter(picks)
     assert [counts[0] / 4000, counts[1] / 4000] == pytest.approx(expected, abs=0.03)
-    assert picks == [TaskSampler([900, 100], strategy=strategy, temperature=2.0, seed=0).task_at(s) for s in range(4000)]
+    assert picks == [sampler().task_at(s) for s in range(4000)]
     if strategy == "round_robin":
         assert picks[:4] == [0, 1, 0, 1]
 

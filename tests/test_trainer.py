@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -873,8 +874,21 @@ def test_bad_experiment_configs(tmp_path):
     assert str(error.value) == (f"{TINY} with override 'trian.steps=3': key 'trian': Key 'trian' not in 'ExperimentConfig'"
                                 ". Did you mean: 'train'? Keys: ['model', 'tasks', 'optim', 'train', 'meta', 'mesh', "
                                 "'distributed']")
-    with pytest.raises(MtlError, match=r"key 'train.sampling': 'random' is not one of \['proportional', 'temperature', 'uniform', 'round_robin'\]"):
+    with pytest.raises(MtlError, match=r"key 'train.sampling': 'random' is not one of \['proportional', 'temperature', "
+                                       r"'uniform', 'round_robin', 'rates'\]"):
         load_experiment(TINY, ["train.sampling=random"])
+    # Mixing rates: every task has one with sampling: rates, and none has one otherwise.
+    rates = ["tasks.0.rate=2", "tasks.1.rate=1", "tasks.2.rate=1"]
+    assert [t.rate for t in load_experiment(TINY, ["train.sampling=rates", *rates]).tasks] == [2.0, 1.0, 1.0]
+    with pytest.raises(MtlError) as error:
+        load_experiment(TINY, ["train.sampling=rates", *rates[:2]])
+    assert str(error.value) == f"{TINY}: key 'tasks.2.rate': train.sampling is 'rates': give every task its rate"
+    with pytest.raises(MtlError) as error:
+        load_experiment(TINY, ["tasks.1.rate=3"])
+    assert str(error.value) == (f"{TINY} with override 'tasks.1.rate=3': key 'tasks.1.rate': set, but train.sampling "
+                                "is 'round_robin': rates are read only with sampling: rates")
+    with pytest.raises(MtlError, match=r"key 'tasks\[0\].rate': must be positive, got 0"):
+        load_experiment(TINY, ["train.sampling=rates", "tasks.0.rate=0", *rates[1:]])
     with pytest.raises(MtlError, match=r"tiny\.yaml with override 'model.dtype=bf16': key 'model.dtype': 'bf16' is not one of \['float32', 'bfloat16', 'float16'\]$"):
         load_experiment(TINY, ["model.dtype=bf16"])
     with pytest.raises(MtlError, match=r"tiny\.yaml with override 'model.remat_policy=dots': key 'model.remat_policy': 'dots' is not one of \['nothing_saveable', "):
@@ -889,7 +903,7 @@ def test_bad_experiment_configs(tmp_path):
     with pytest.raises(MtlError) as error:
         load_experiment(TINY, ["tasks.1.head=pooler"])
     assert str(error.value) == (f"{TINY} with override 'tasks.1.head=pooler': key 'tasks[1].head': Key 'head' not in "
-                                "'TaskEntry'. Keys: ['task', 'weight', 'overrides', 'max_train_examples', "
+                                "'TaskEntry'. Keys: ['task', 'weight', 'rate', 'overrides', 'max_train_examples', "
                                 "'max_eval_examples']")
     with pytest.raises(MtlError) as error:  # a trace that would never start
         load_experiment(TINY, ["train.profile_steps=2", "train.profile_start=40"])
@@ -1044,6 +1058,15 @@ def test_unknown_best_metric_is_refused_before_training(tmp_path, isolated_cache
     assert not (tmp_path / "w").exists()
     accepted = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, best_metric="toy_csv/macro_f1")), tmp_path / "m")
     accepted.checkpointer.close()
+
+
+def test_mixing_rates_choose_the_task_of_each_step(tmp_path, minilm_dir):
+    rates = ["train.sampling=rates", "tasks.0.rate=2", "tasks.1.rate=1", "tasks.2.rate=1"]
+    trainer = Trainer(build_experiment(load_experiment(TINY, rates)), tmp_path / "w")
+    trainer.checkpointer.close()
+    assert trainer.sampler.probabilities.tolist() == [0.5, 0.25, 0.25]  # not the tasks' sizes
+    tasks = Counter(trainer.tasks[trainer.sampler.task_at(step)] for step in range(4000))
+    assert tasks["tweet_sentiment"] / 4000 == pytest.approx(0.5, abs=0.03)
 
 
 def test_overrides_reach_list_items():

@@ -411,7 +411,8 @@ class Trainer(TrainLoop):
             for i, name in enumerate(self.tasks)
         }
         self.sampler = TaskSampler([self.batchers["train"][n].size for n in self.tasks],
-                                   strategy=cfg.train.sampling, temperature=cfg.train.temperature, seed=cfg.train.seed)
+                                   strategy=cfg.train.sampling, temperature=cfg.train.temperature, seed=cfg.train.seed,
+                                   rates=[t.rate for t in cfg.tasks] if cfg.train.sampling == "rates" else None)
 
         self.layout = Layout(make_mesh(cfg.mesh))
         self.layout.check_batch(cfg.train.batch_size, "train.batch_size")

@@ -28,10 +28,12 @@ class TaskSampler:
     """Picks the task of each step.
 
     proportional: p_t ~ n_t (train examples); temperature: p_t ~ n_t ** (1/T), which flattens
-    the mix as T grows (T=1 is proportional, T->inf uniform); uniform; round_robin: cycle.
+    the mix as T grows (T=1 is proportional, T->inf uniform); uniform; round_robin: cycle;
+    rates: p_t ~ the given `rates` (mixing rates set by hand).
     """
 
-    def __init__(self, sizes: Sequence[int], *, strategy: str, temperature: float, seed: int):
+    def __init__(self, sizes: Sequence[int], *, strategy: str, temperature: float, seed: int,
+                 rates: Sequence[float] | None = None):
         sizes = np.asarray(sizes, np.float64)
         self.strategy = strategy
         self.seed = seed
@@ -40,6 +42,10 @@ class TaskSampler:
             weights = sizes
         elif strategy == "temperature":
             weights = sizes ** (1.0 / temperature)
+        elif strategy == "rates":
+            if rates is None or len(rates) != len(sizes):
+                raise ValueError(f"sampling 'rates' needs one rate per task, got {rates}")
+            weights = np.asarray(rates, np.float64)
         else:
             weights = np.ones_like(sizes)
         self.probabilities = weights / weights.sum()
