@@ -203,19 +203,17 @@ def render_prediction(kind: str, labels: Sequence[str], item: Any, probs: np.nda
         result["tags"] = tags
         result["entities"] = [{"type": type_, "start": start, "end": end, "text": " ".join(words[start:end])}
                               for type_, start, end in entity_spans(tags)]
-    elif kind == "class":
-        label = item[0] if isinstance(item, tuple) else item
-        result["label"] = labels[label]
-        if probs is not None:
-            result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs, strict=True)}
-        if isinstance(item, tuple):
-            result["score"] = round(item[1], 4)
-    elif kind == "scalar":
-        result["score"] = item
+        return result
+    if kind == "scalar":
+        return {"score": item}
+    if kind == "class":
+        result["label"] = labels[item[0] if isinstance(item, tuple) else item]
     else:
         result["labels"] = [label for label, on in zip(labels, item, strict=True) if on]
-        if probs is not None:
-            result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs, strict=True)}
+    if probs is not None:
+        result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs, strict=True)}
+    if isinstance(item, tuple):  # sentiment: (label, signed score)
+        result["score"] = round(item[1], 4)
     return result
 
 

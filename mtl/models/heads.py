@@ -169,10 +169,11 @@ def pool(encoded: EncoderOutput, attention_mask: jax.Array, how: str) -> jax.Arr
     return (encoded.last_hidden_state * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
 
 
-def _check_label_smoothing(value: float) -> float:
+def _fraction(option: str, value: float) -> float:
+    """`value` of a head option that must lie in [0, 1) (dropout, label_smoothing)."""
     if not 0.0 <= value < 1.0:
-        raise MtlError(f"label_smoothing {value!r} must be in [0, 1)")
-    return float(value)
+        raise MtlError(f"{option} {value!r} must be in [0, 1)")
+    return value
 
 
 def _smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float, row_weights: jax.Array,
@@ -199,10 +200,8 @@ class _PooledHead(Head):
     def __init__(self, hidden_size: int, outputs: int, pooling: str, dropout: float, *, rngs: nnx.Rngs):
         if pooling not in POOLINGS:
             raise MtlError(f"pooling {pooling!r} is unknown; known: {list(POOLINGS)}")
-        if not 0.0 <= dropout < 1.0:
-            raise MtlError(f"dropout {dropout!r} must be in [0, 1)")
         self.pooling = pooling
-        self.dropout = dropout
+        self.dropout = _fraction("dropout", dropout)
         self.out = _dense(hidden_size, outputs, rngs)
 
     def __call__(self, encoded: EncoderOutput, batch: Batch, *, dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -230,7 +229,7 @@ class ClassificationHead(_PooledHead):
     ):
         super().__init__(hidden_size, len(labels), pooling, dropout, rngs=rngs)
         self.labels = tuple(labels)
-        self.label_smoothing = _check_label_smoothing(label_smoothing)
+        self.label_smoothing = _fraction("label_smoothing", label_smoothing)
         if class_weights is not None:
             if len(class_weights) != len(labels) or any(w < 0 for w in class_weights):
                 raise MtlError(
@@ -320,11 +319,9 @@ class TokenClassificationHead(Head):
 
     def __init__(self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs, dropout: float = 0.1,
                  label_smoothing: float = 0.0):
-        if not 0.0 <= dropout < 1.0:
-            raise MtlError(f"dropout {dropout!r} must be in [0, 1)")
         self.labels = tuple(labels)
-        self.dropout = dropout
-        self.label_smoothing = _check_label_smoothing(label_smoothing)
+        self.dropout = _fraction("dropout", dropout)
+        self.label_smoothing = _fraction("label_smoothing", label_smoothing)
         self.out = _dense(hidden_size, len(labels), rngs)
 
     def __call__(self, encoded: EncoderOutput, batch: Batch, *, dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -334,11 +331,10 @@ class TokenClassificationHead(Head):
     def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
         labels = batch["labels"]
         active = (labels != IGNORE) & (batch["weights"][:, None] > 0)
-        labels = jnp.where(active, labels, 0)
+        labels, weights = jnp.where(active, labels, 0), active.astype(jnp.float32)
         if self.label_smoothing:
-            return _smoothed_cross_entropy(logits, labels, self.label_smoothing, active.astype(jnp.float32))
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return _weighted_mean(ce, active.astype(jnp.float32))
+            return _smoothed_cross_entropy(logits, labels, self.label_smoothing, weights)
+        return _weighted_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), weights)
 
     def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         return {"tags": jnp.argmax(logits, axis=-1)}
