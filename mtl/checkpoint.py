@@ -30,6 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
+from mtl.config import checkpoint_choice
 from mtl.errors import MtlError
 
 T = TypeVar("T")
@@ -95,13 +96,18 @@ class Checkpointer:
         """The step of the checkpoint with the best selection score (None if none is scored)."""
         return self.manager.best_step()
 
-    def read_chosen(self, which: str, read: Callable[[int], T]) -> tuple[int, T]:
-        """(step, read(step)) for the best checkpoint (which="best"; the latest if none is scored)
-        or the latest one ("latest").
+    def read_chosen(self, which: str | int, read: Callable[[int], T]) -> tuple[int, T]:
+        """(step, read(step)) for the best checkpoint (which="best"; the latest if none is scored),
+        the latest one ("latest"), or the one saved at step `which` (an int, or its digits).
 
         A run training in the same workdir may remove that checkpoint while it is read (it keeps
         only its latest and best): then the checkpoints are listed again and the newer one read.
+        A step asked for by number is not swapped for another: its removal is an error.
         """
+        which = checkpoint_choice(which)
+        if isinstance(which, int):
+            self.require(which)
+            return which, read(which)
         for attempt in range(READ_ATTEMPTS):
             step = self.best_step() if which == "best" else None
             step = step if step is not None else self.latest_step()
@@ -116,6 +122,21 @@ class Checkpointer:
                                    "read; read it when the run ends") from None
                 _listing(self.manager.reload)
         raise AssertionError("unreachable")
+
+    def require(self, which: str | int) -> None:
+        """An MtlError naming the saved steps if `which` is a step number that is not saved: a
+        caller with a model to build first checks before it."""
+        which = checkpoint_choice(which)
+        if isinstance(which, int) and which not in self.manager.all_steps():
+            raise MtlError(f"{self.directory.parent}: no checkpoint at step {which}; {self.describe_saved()}")
+
+    def describe_saved(self) -> str:
+        """The saved steps in words, the best one marked: "saved: 250 (best), 500"."""
+        steps = sorted(self.manager.all_steps())
+        if not steps:
+            return "none is saved yet"
+        best = self.best_step()
+        return "saved: " + ", ".join(f"{s} (best)" if s == best else str(s) for s in steps)
 
     def save(self, step: int, state: Any, meta: dict, metrics: dict[str, float] | None = None) -> None:
         """Start an asynchronous save; `metrics` rank it for the best-checkpoint policy.
@@ -325,8 +346,9 @@ def _root_cause(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def load_trained(workdir: str | os.PathLike, which: str = "best") -> tuple[Any, dict, int]:
-    """(saved train params as a nested dict, meta, step) of a workdir's best or latest checkpoint."""
+def load_trained(workdir: str | os.PathLike, which: str | int = "best") -> tuple[Any, dict, int]:
+    """(saved train params as a nested dict, meta, step) of a workdir's best or latest checkpoint,
+    or the one saved at step `which`."""
     directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise MtlError(f"{workdir}: no checkpoints/ directory; is it a training workdir?")

@@ -108,7 +108,7 @@ def _meta_test(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from mtl.train.loop import evaluate
 
-    _print_summary(evaluate(args.workdir, args.split, args.checkpoint, args.batch_size, args.predictions), args.all)
+    _print_summary(evaluate(args.workdir, args.split, _checkpoint(args), args.batch_size, args.predictions), args.all)
 
 
 def _jsonl_texts(lines, tokens: bool = False, pairs: bool = False) -> Iterator[str | list[str] | tuple[str, str]]:
@@ -169,7 +169,7 @@ def _predict(args: argparse.Namespace) -> None:
 
     from mtl.inference import Predictor
 
-    predictor = Predictor.from_workdir(args.workdir, args.checkpoint, batch_size=args.batch_size)
+    predictor = Predictor.from_workdir(args.workdir, _checkpoint(args), batch_size=args.batch_size)
     tokens = predictor.takes_tokens(args.task)  # an unknown task is an error before stdin is read
     pairs = predictor.takes_pairs(args.task)
     if pairs and args.texts:
@@ -200,7 +200,7 @@ def _predict(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from mtl.inference import export
 
-    print(export(args.workdir, args.out, args.checkpoint))
+    print(export(args.workdir, args.out, _checkpoint(args)))
 
 
 def _positive_int(text: str) -> int:
@@ -217,9 +217,18 @@ def _positive_int(text: str) -> int:
 TRAINED_WORKDIR = "a workdir of mtl train"
 
 
+def _checkpoint(args: argparse.Namespace) -> str | int:
+    """--checkpoint as best, latest or a step number; checked before any workdir is read."""
+    from mtl.config import checkpoint_choice
+
+    return checkpoint_choice(args.checkpoint, "--checkpoint")
+
+
 def _add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default="best", choices=["best", "latest"],
-                        help="the best checkpoint by train.best_metric, or the latest (default: %(default)s)")
+    # The value is checked where it is used (mtl.config.checkpoint_choice): parsing imports no jax.
+    parser.add_argument("--checkpoint", default="best", metavar="{best,latest,STEP}",
+                        help="the best checkpoint by train.best_metric, the latest, or the one saved at step "
+                             "STEP (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -268,6 +268,7 @@ class ModelSection:
     scan_layers: bool = False  # true: nnx.scan over stacked layers (compile time flat in depth, slower steps)
     remat_policy: str | None = None
     init_from: str | None = None  # a workdir to transfer from: its encoder and matching heads
+    init_checkpoint: str = "best"  # which of init_from's checkpoints: best, latest, or a saved step's number
     reinit_heads: list[str] = dataclasses.field(default_factory=list)  # heads to start fresh
 
 
@@ -425,6 +426,20 @@ _CHOICES = {
     "meta.pooling": ("pooler", "cls", "mean"),
 }
 
+CHECKPOINT_CHOICES = ("best", "latest")  # or a saved checkpoint's step number
+
+
+def checkpoint_choice(value: str | int, where: str = "checkpoint") -> str | int:
+    """The checkpoint a user chose (`--checkpoint`, model.init_checkpoint): "best", "latest", or
+    a step number as an int. Anything else is an MtlError naming `where`."""
+    text = str(value).strip()
+    if text in CHECKPOINT_CHOICES:
+        return text
+    if text.isdigit():
+        return int(text)
+    raise MtlError(f"{where}: {value!r} is not best, latest or a saved checkpoint's step number")
+
+
 # The shortest sequence a task (or meta-learning's episodes) may be cut to: room for the special
 # tokens and a few words.
 MIN_MAX_LENGTH = 8
@@ -511,6 +526,10 @@ def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] = (
         for full_key, value in _values(config, key):
             if not holds(value):
                 raise MtlError(f"{at_key(where, full_key, overrides)}: must be {expected}, got {value}")
+    chosen = at_key(where, "model.init_checkpoint", overrides)
+    checkpoint_choice(config.model.init_checkpoint, chosen)
+    if config.model.init_checkpoint != "best" and config.model.init_from is None:
+        raise MtlError(f"{chosen}: set, but model.init_from is not: it chooses a checkpoint of that workdir")
     if not config.tasks:
         raise MtlError(f"{at_key(where, 'tasks', overrides)}: list at least one task")
     train = config.train

@@ -70,9 +70,9 @@ class Predictor:
         self._said_cut: set[str] = set()  # tasks whose truncated texts were reported
 
     @classmethod
-    def from_workdir(cls, workdir: str | os.PathLike, which: str = "best", batch_size: int = 64) -> Predictor:
-        """The model of a workdir's best (or latest) checkpoint, rebuilt from its config.yaml with
-        every task's head and labels; the optimizer state is not read."""
+    def from_workdir(cls, workdir: str | os.PathLike, which: str | int = "best", batch_size: int = 64) -> Predictor:
+        """The model of a workdir's best or latest checkpoint, or step `which`'s, rebuilt from its
+        config.yaml with every task's head and labels; the optimizer state is not read."""
         workdir = Path(workdir)
         if not (workdir / "config.yaml").is_file():
             raise MtlError(f"{workdir}: not a training workdir (no config.yaml); run mtl train first")
@@ -222,7 +222,7 @@ def render_prediction(kind: str, labels: Sequence[str], item: Any, probs: np.nda
 _STAGING_PREFIX = ".export-"
 
 
-def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = "best") -> Path:
+def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str | int = "best") -> Path:
     """Write a workdir's model for use without mtl.
 
     out/config.json + model.safetensors: the encoder, which `transformers.AutoModel` loads;

@@ -889,6 +889,15 @@ def test_bad_experiment_configs(tmp_path):
                                 "is 'round_robin': rates are read only with sampling: rates")
     with pytest.raises(MtlError, match=r"key 'tasks\[0\].rate': must be positive, got 0"):
         load_experiment(TINY, ["train.sampling=rates", "tasks.0.rate=0", *rates[1:]])
+    with pytest.raises(MtlError) as error:
+        load_experiment(TINY, ["model.init_checkpoint=-1"])
+    assert str(error.value) == (f"{TINY} with override 'model.init_checkpoint=-1': key 'model.init_checkpoint': '-1' "
+                                "is not best, latest or a saved checkpoint's step number")
+    assert load_experiment(TINY, ["model.init_from=w", "model.init_checkpoint=250"]).model.init_checkpoint == "250"
+    with pytest.raises(MtlError) as error:
+        load_experiment(TINY, ["model.init_checkpoint=latest"])
+    assert str(error.value) == (f"{TINY} with override 'model.init_checkpoint=latest': key 'model.init_checkpoint': "
+                                "set, but model.init_from is not: it chooses a checkpoint of that workdir")
     with pytest.raises(MtlError, match=r"tiny\.yaml with override 'model.dtype=bf16': key 'model.dtype': 'bf16' is not one of \['float32', 'bfloat16', 'float16'\]$"):
         load_experiment(TINY, ["model.dtype=bf16"])
     with pytest.raises(MtlError, match=r"tiny\.yaml with override 'model.remat_policy=dots': key 'model.remat_policy': 'dots' is not one of \['nothing_saveable', "):
@@ -1254,6 +1263,56 @@ def test_transfer_between_scanned_and_looped_layers(tmp_path, isolated_cache, mi
                       random_init=dataclasses_replace(config.model.random_init, num_layers=1))
     with pytest.raises(MtlError, match=r"the checkpoint has encoder parameter 'encoder.layers.1\..*', which this model lacks"):
         build_experiment(shallower)
+
+
+def test_a_checkpoint_chosen_by_its_step(tmp_path, isolated_cache, minilm_dir, monkeypatch, capsys):
+    """evaluate, predict, export and a transfer each read the checkpoint saved at a step they are
+    given; a step that is not saved is one error listing those that are, said before the model
+    and data load."""
+    import mtl.train.experiment
+    from mtl.cli import main
+    from mtl.inference import Predictor, export
+
+    _trained(tmp_path, minilm_dir)  # checkpoints 4 and 8, both evaluated
+    checkpointer = Checkpointer(tmp_path / "a" / "checkpoints")
+    best = checkpointer.best_step()
+    other = ({4, 8} - {best}).pop()
+    saved = checkpointer.restore_tree(other)["params"]["model"]
+    assert checkpointer.describe_saved() == f"saved: {'4 (best), 8' if best == 4 else '4, 8 (best)'}"
+    checkpointer.close()
+    kernel = np.asarray(saved["heads"]["toy_csv"]["out"]["kernel"]["value"])
+    assert not np.array_equal(kernel, load_trained(tmp_path / "a")[0]["model"]["heads"]["toy_csv"]["out"]["kernel"])
+
+    results = evaluate(tmp_path / "a", checkpoint=str(other), predictions_file=tmp_path / "p.jsonl")  # as --checkpoint
+    assert results["checkpoint_step"] == other
+    predictor = Predictor.from_workdir(tmp_path / "a", other)
+    np.testing.assert_array_equal(predictor.model.heads["toy_csv"].out.kernel[...], kernel)
+    lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    texts = [line["text"] for line in lines]
+    probs = [line["probs"]["pos"] for line in lines]
+    assert probs == pytest.approx([r["probs"]["pos"] for r in predictor.predict("toy_csv", texts)], abs=1e-6)
+    assert probs != pytest.approx([r["probs"]["pos"] for r in Predictor.from_workdir(tmp_path / "a").predict(
+        "toy_csv", texts)], abs=1e-6)  # the best checkpoint's differ: the step was read, not the best
+    out = export(tmp_path / "a", tmp_path / "exported", other)
+    assert json.loads((out / "tasks.json").read_text())["step"] == other
+    config = _with(_toy_config(tmp_path, minilm_dir, seed=3), init_from=str(tmp_path / "a"), init_checkpoint=str(other))
+    np.testing.assert_array_equal(build_experiment(config).model.heads["toy_csv"].out.kernel[...], kernel)
+
+    missing = rf"^{tmp_path / 'a'}: no checkpoint at step 5; saved: 4(?: \(best\))?, 8(?: \(best\))?$"
+    monkeypatch.setattr(mtl.train.experiment, "build_experiment", lambda *a: pytest.fail("built before the check"))
+    with pytest.raises(MtlError, match=missing):
+        evaluate(tmp_path / "a", checkpoint=5)
+    monkeypatch.undo()
+    with pytest.raises(MtlError, match=missing):
+        Predictor.from_workdir(tmp_path / "a", 5)
+    with pytest.raises(MtlError, match=missing):
+        build_experiment(_with(config, init_checkpoint="5"))
+    capsys.readouterr()
+    assert main(["--no-compile-cache", "export", "--workdir", str(tmp_path / "a"), "--out", str(tmp_path / "e2"),
+                 "--checkpoint", "last"]) == 2
+    assert capsys.readouterr().err == ("mtl: error: --checkpoint: 'last' is not best, latest or a saved checkpoint's "
+                                       "step number\n")
+    assert not (tmp_path / "e2").exists()
 
 
 def dataclasses_replace(obj, **changes):

@@ -96,7 +96,8 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
     heads = {name: _task_head(data, encoder.config.hidden_size, rngs) for name, data in tasks.items()}
     model = MultiTaskModel(encoder, heads)
     if config.model.init_from is not None:
-        transfer(model, config.model.init_from, {n: d.labels for n, d in tasks.items()}, config.model.reinit_heads)
+        transfer(model, config.model.init_from, {n: d.labels for n, d in tasks.items()}, config.model.reinit_heads,
+                 config.model.init_checkpoint)
     return Experiment(config, directory, tokenizer, tasks, model)
 
 
@@ -121,9 +122,10 @@ def assign_params(model: nnx.Module, flat: dict[str, Any], where: str = "the che
     nnx.update(model, state)
 
 
-def transfer(model: MultiTaskModel, workdir: str, labels: dict[str, list[str]], reinit: list[str]) -> int:
-    """Initialise `model` from a trained workdir's best checkpoint, logging what happened to each
-    part; returns the step of the checkpoint read.
+def transfer(model: MultiTaskModel, workdir: str, labels: dict[str, list[str]], reinit: list[str],
+             which: str | int = "best") -> int:
+    """Initialise `model` from a trained workdir's best checkpoint (or `which`: latest, a step),
+    logging what happened to each part; returns the step of the checkpoint read.
 
     The encoder must match parameter for parameter (the first mismatch is an error naming it).
     A head of the same name loads if its label vocabulary is unchanged; a changed one is an
@@ -137,7 +139,7 @@ def transfer(model: MultiTaskModel, workdir: str, labels: dict[str, list[str]], 
         hint = ("; it holds a config.json: a Hugging Face model directory, such as an mtl export, goes in model.encoder"
                 if (Path(workdir) / "config.json").is_file() else "")
         raise MtlError(f"key 'model.init_from': {workdir} is not a training workdir (no checkpoints/){hint}")
-    saved, meta, step = load_trained(workdir)
+    saved, meta, step = load_trained(workdir, which)
     # Compared and copied per layer: a run may scan its layers where the checkpoint's looped them.
     source = unstack_layers(flatten(saved["model"]), "encoder.layers.")
     state = nnx.state(model, nnx.Param)

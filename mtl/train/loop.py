@@ -228,8 +228,8 @@ class TrainLoop:
         log.info("resumed %s at step %d", self.workdir, step)
         return step
 
-    def restore(self, which: str = "best") -> int:
-        """Load the best (or latest) checkpoint's state, for evaluation; returns its step."""
+    def restore(self, which: str | int = "best") -> int:
+        """Load the best or latest checkpoint's state, or step `which`'s, for evaluation; returns its step."""
         def read(step: int) -> TrainState:
             self.restore_progress(self.checkpointer.restore_meta(step))  # the same tasks and labels as trained
             return self.checkpointer.restore(step, self.state)[0]
@@ -553,11 +553,12 @@ def train(config: ExperimentConfig, workdir: str | Path) -> dict[str, float]:
     return Trainer(experiment, workdir).run()
 
 
-def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str = "best",
+def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str | int = "best",
              batch_size: int | None = None, predictions_file: str | Path | None = None) -> dict[str, float]:
-    """Restore a workdir's best (or latest) checkpoint and evaluate it on `split`, in batches of
-    `batch_size` rows (default: the config's train.eval_batch_size). With `predictions_file`,
-    also write each row's prediction there as JSON lines (see `write_predictions`)."""
+    """Restore a workdir's best or latest checkpoint, or the one saved at step `checkpoint`, and
+    evaluate it on `split`, in batches of `batch_size` rows (default: the config's
+    train.eval_batch_size). With `predictions_file`, also write each row's prediction there as
+    JSON lines (see `write_predictions`)."""
     from mtl.config import load_experiment
     from mtl.train.experiment import build_experiment
 
@@ -569,6 +570,8 @@ def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str = "
     config = load_experiment(workdir / "config.yaml")
     if config.meta is not None:
         raise MtlError(f"{workdir}: is a meta-learning workdir; evaluate it with mtl meta-test")
+    with contextlib.closing(Checkpointer(workdir / "checkpoints")) as checkpointer:
+        checkpointer.require(checkpoint)  # a step that is not saved: said before the model and data load
     config = dataclasses.replace(config, mesh=fit_mesh(config.mesh),
                                  train=dataclasses.replace(config.train, eval_split=split,
                                                            eval_batch_size=batch_size or config.train.eval_batch_size))

@@ -115,7 +115,8 @@ def build_meta_experiment(config: ExperimentConfig, tested: tuple[MetaSection, s
     model = MultiTaskModel(encoder, {HEAD: head})
     initial = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     if config.model.init_from is not None:
-        transfer(model, config.model.init_from, {HEAD: labels}, config.model.reinit_heads)
+        transfer(model, config.model.init_from, {HEAD: labels}, config.model.reinit_heads,
+                 config.model.init_checkpoint)
     return MetaExperiment(config, tokenizer, tasks, model, initial, samplers)
 
 
