@@ -346,6 +346,13 @@ def _root_cause(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def require_kept(workdir: str | os.PathLike, which: str | int) -> None:
+    """An MtlError naming the kept steps if `which` is a step number `workdir` does not keep: a
+    command with a model and data to load checks before it loads them."""
+    with contextlib.closing(Checkpointer(Path(workdir) / "checkpoints")) as checkpointer:
+        checkpointer.require(which)
+
+
 def load_trained(workdir: str | os.PathLike, which: str | int = "best") -> tuple[Any, dict, int]:
     """(saved train params as a nested dict, meta, step) of a workdir's best or latest checkpoint,
     or the one saved at step `which`."""

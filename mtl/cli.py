@@ -96,7 +96,7 @@ def _meta_test(args: argparse.Namespace) -> None:
     from mtl.train.meta_trainer import meta_test
 
     report = meta_test(args.workdir, split=args.split, episodes=args.episodes, ways=args.ways, shots=args.shots,
-                       queries=args.queries, baseline_from=args.baseline_from)
+                       queries=args.queries, baseline_from=args.baseline_from, checkpoint=_checkpoint(args))
     print(f"{report['algorithm']}: {report['ways']}-way {report['shots']}-shot, {report['queries']} queries, "
           f"{report['inner_steps']} adaptation steps, split {report['split']} (checkpoint step {report['step']})")
     for row, result in report["results"].items():
@@ -277,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     meta_test.add_argument("--shots", type=_positive_int, help="support examples per class")
     meta_test.add_argument("--queries", type=_positive_int, help="query examples per class")
     meta_test.add_argument("--baseline-from", help="multi-task workdir for baseline (b) (default: meta.baseline_from)")
+    _add_checkpoint_option(meta_test)
     meta_test.set_defaults(run=_meta_test)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a workdir's best (or latest) checkpoint")

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,12 @@ def test_meta_cli(meta_run, capsys):
     assert main(["meta-test", "--workdir", str(reference), "--episodes", "4", "--shots", "1", "--queries", "1"]) == 0
     out = capsys.readouterr().out
     assert "maml: 3-way 1-shot, 1 queries, 3 adaptation steps" in out and "pretrained (no meta-training)" in out
+    # A kept checkpoint chosen by its step; a step not kept is named beside those that are.
+    assert main(["meta-test", "--workdir", str(reference), "--episodes", "2", "--checkpoint", "5"]) == 0
+    assert "(checkpoint step 5)" in capsys.readouterr().out
+    assert main(["meta-test", "--workdir", str(reference), "--checkpoint", "7"]) == 2
+    assert re.fullmatch(rf"mtl: error: {reference}: no checkpoint at step 7; saved: 5(?: \(best\))?, 10(?: \(best\))?\n",
+                        capsys.readouterr().err)
     # A learned 3-way head cannot answer 2-way episodes.
     assert main(["meta-test", "--workdir", str(reference), "--ways", "2"]) == 2
     assert "head was meta-learned for 3 ways; --ways 2 needs protonet or proto_init" in capsys.readouterr().err

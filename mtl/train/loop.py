@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from mtl.checkpoint import SELECTION, Checkpointer
+from mtl.checkpoint import SELECTION, Checkpointer, require_kept
 from mtl.config import ExperimentConfig, config_changes, schema_defaults, to_yaml
 from mtl.data.batching import Batcher, TrainStream, eval_batches
 from mtl.data.pipeline import column
@@ -570,8 +570,7 @@ def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str | i
     config = load_experiment(workdir / "config.yaml")
     if config.meta is not None:
         raise MtlError(f"{workdir}: is a meta-learning workdir; evaluate it with mtl meta-test")
-    with contextlib.closing(Checkpointer(workdir / "checkpoints")) as checkpointer:
-        checkpointer.require(checkpoint)  # a step that is not saved: said before the model and data load
+    require_kept(workdir, checkpoint)  # before the model and data load
     config = dataclasses.replace(config, mesh=fit_mesh(config.mesh),
                                  train=dataclasses.replace(config.train, eval_split=split,
                                                            eval_batch_size=batch_size or config.train.eval_batch_size))

@@ -24,6 +24,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from mtl.assets import resolve_model
+from mtl.checkpoint import require_kept
 from mtl.config import ExperimentConfig, MetaSection, load_experiment
 from mtl.data.episodes import EpisodeSampler, check_disjoint, make_source
 from mtl.data.pipeline import TaskData
@@ -233,8 +234,9 @@ def meta_train(config: ExperimentConfig, workdir: str | Path) -> dict[str, float
 
 def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None = None, ways: int | None = None,
               shots: int | None = None, queries: int | None = None,
-              baseline_from: str | None = None) -> dict[str, dict[str, float]]:
-    """Meta-test a workdir's best checkpoint beside baselines (a) and (b); see the module doc.
+              baseline_from: str | None = None, checkpoint: str | int = "best") -> dict[str, dict[str, float]]:
+    """Meta-test a workdir's best checkpoint (or `checkpoint`: latest, a saved step) beside
+    baselines (a) and (b); see the module doc.
 
     Returns {row: {metric, metric_ci95, episodes}} for rows "meta-trained", "pretrained (no
     meta-training)" and, with a baseline workdir, "multi-task (no meta-training)"; also writes
@@ -264,6 +266,7 @@ def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None 
     if baseline_from is not None and _is_meta_workdir(Path(baseline_from)):
         raise MtlError(f"{baseline_from}: is a meta-learning workdir; baseline (b) is a multi-task one (mtl train), "
                        "whose encoder saw no episodes")
+    require_kept(workdir, checkpoint)  # before the model and data load
     # Built without model.init_from: its initial params are baseline (a), the pretrained encoder as
     # it was; the workdir's meta-trained params are loaded below.
     fresh = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=None))
@@ -274,10 +277,10 @@ def meta_test(workdir: str | Path, *, split: str = "test", episodes: int | None 
         labels = trainer.samplers[split].episode_labels
         if new_ways:  # the saved head has another shape: take the meta-trained encoder only
             model = nnx.merge(trainer.graphdef, experiment.initial_params, trainer.learner.rest)
-            step = transfer(model, str(workdir), {HEAD: labels}, [HEAD])
+            step = transfer(model, str(workdir), {HEAD: labels}, [HEAD], checkpoint)
             trained_params = trainer.learner.init_params(nnx.state(model, nnx.Param))
         else:
-            step = trainer.restore("best")
+            step = trainer.restore(checkpoint)
             trained_params = trainer.state.params
         rows = {"meta-trained": trained_params, "pretrained (no meta-training)": initial}
         if baseline_from is not None:
