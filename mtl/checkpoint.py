@@ -241,6 +241,7 @@ class Checkpointer:
                            f"the same command {self.rerun_resumes()}") from None
 
     def wait(self) -> None:
+        """Block until the save in flight (if any) is on disk; a failed one raises here, once."""
         with self._writing():
             self.manager.wait_until_finished()
 

@@ -262,14 +262,17 @@ class Layout:
 
     @property
     def replicated(self) -> NamedSharding:
+        """Whole on every device: scalars, RNG keys, the step."""
         return NamedSharding(self.mesh, P())
 
     @property
     def batch(self) -> NamedSharding:
+        """Rows split over the data-parallel axes (BATCH_AXES), everything else whole."""
         return NamedSharding(self.mesh, P(BATCH_AXES))
 
     @property
     def batch_divisor(self) -> int:
+        """The number of data-parallel shards: every batch's rows must be a multiple of it."""
         return math.prod(self.mesh.shape[a] for a in BATCH_AXES)
 
     def tree(self, tree: Any) -> Any:
@@ -278,6 +281,7 @@ class Layout:
             lambda path, x: NamedSharding(self.mesh, spec_for(path_name(path), np.shape(x), self.mesh)), tree)
 
     def step_shardings(self, state: Any) -> StepShardings:
+        """The shardings a jitted step takes and returns: the state's by PARAM_RULES, the batch's."""
         return StepShardings(self.tree(state), self.batch, self.replicated)
 
     def put(self, tree: Any) -> Any:
@@ -313,6 +317,7 @@ class Layout:
         return multihost_utils.process_allgather(tree, tiled=True)
 
     def check_batch(self, rows: int, what: str) -> None:
+        """An MtlError naming `what` (a config key) unless `rows` splits over the data shards."""
         if rows % self.batch_divisor:
             raise MtlError(f"{what} {rows} does not split evenly over the mesh's {self.batch_divisor} "
                            f"data-parallel devices (mesh.data x mesh.fsdp)")

@@ -104,6 +104,7 @@ class TaskSpec:
 
     @property
     def base_dir(self) -> Path:
+        """The directory relative data paths in the spec start from: the spec file's own."""
         return Path(self.origin).parent if self.origin else Path.cwd()
 
     def at(self, key: str) -> str:
@@ -123,6 +124,7 @@ class TaskHead:
 
     @classmethod
     def of(cls, spec: TaskSpec) -> TaskHead:
+        """The head part of a task spec, as a checkpoint's meta saves it."""
         # Through JSON, the form a checkpoint's meta keeps: a saved and a fresh one compare equal.
         return cls(spec.head, json.loads(json.dumps(spec.head_options)), spec.max_length,
                    spec.columns.text_pair is not None)

@@ -78,6 +78,7 @@ class MetricsWriter:
             self._events = _TensorBoardEvents.open(Path(workdir) / "events")
 
     def write(self, step: int, kind: str, values: dict[str, float]) -> None:
+        """Append one record {"step", "kind", **values}; a write that fails is RecordNotWritten."""
         if self._file is None:
             return
         record = {"step": int(step), "kind": kind}
@@ -92,6 +93,7 @@ class MetricsWriter:
             self._events = None
 
     def close(self) -> None:
+        """Close metrics.jsonl and the TensorBoard events."""
         if self._file is None:
             return
         self._file.close()
@@ -241,9 +243,11 @@ class Progress:
         self.lines = enabled and self.bar.disable  # tqdm's own test: stderr is not a terminal
 
     def step(self) -> None:
+        """One more step done (the bar moves; lines print only at `logged`)."""
         self.bar.update(1)
 
     def logged(self, step: int, losses: dict[str, float], steps_per_second: float) -> None:
+        """A logged step's losses and rate: on the bar, or as one line where stderr is a file."""
         self.bar.set_postfix({name: f"{value:.4f}" for name, value in losses.items()}, refresh=False)
         if self.lines:
             # The ETA runs at the mean rate since the start, which counts the compiles and evaluations
@@ -254,6 +258,7 @@ class Progress:
             self._print(f"step {step}/{self.total}: loss {shown}; {steps_per_second:.2f} steps/s, ETA {eta}")
 
     def evaluated(self, step: int, split: str, results: dict[str, float]) -> None:
+        """One line of an evaluation's headline scores."""
         if self.enabled:
             shown = ", ".join(f"{key} {value:.4f}" for key, value in headline(results).items())
             self._print(f"step {step}/{self.total}: {split}: {shown}")
@@ -264,6 +269,7 @@ class Progress:
         tqdm.write(line + "\n", file=sys.stderr, end="")
 
     def close(self) -> None:
+        """Take the bar down."""
         self.bar.close()
 
 

@@ -38,6 +38,7 @@ class EpisodeSource:
 
     @property
     def name(self) -> str:
+        """"task/split", as errors and a checkpoint's meta name the source."""
         return f"{self.task.spec.name}/{self.split}"
 
 
@@ -132,6 +133,8 @@ class EpisodeSampler:
         return ["O"] + [f"{p}-{i}" for i in range(self.ways) for p in ("B", "I")]
 
     def episode(self, index: int) -> dict:
+        """Episode `index` ({"support": batch, "query": batch}): a pure function of (seed, index),
+        so resuming at a step draws the episodes an uninterrupted run would have."""
         rng = np.random.default_rng([self.seed, index, 0xE715])
         s = int(rng.integers(len(self.sources)))
         source = self.sources[s]

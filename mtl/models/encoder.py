@@ -224,6 +224,7 @@ class EncoderConfig:
 
     @property
     def head_dim(self) -> int:
+        """Each attention head's width."""
         return self.hidden_size // self.num_heads
 
     @property
@@ -234,6 +235,7 @@ class EncoderConfig:
         return self.max_position_embeddings
 
     def replace(self, **changes: Any) -> EncoderConfig:
+        """A copy with `changes` (dtype, dropout, scan_layers, ...); the config is frozen."""
         return dataclasses.replace(self, **changes)
 
 
@@ -339,6 +341,7 @@ class Embeddings(nnx.Module):
         self.norm = _norm(cfg, rngs)
 
     def position_ids(self, input_ids: jax.Array) -> jax.Array:
+        """[B, T] position ids: 0..T-1 in every row, or counted past padding (RoBERTa)."""
         if self.cfg.padding_aware_positions:
             # RoBERTa: real tokens count up from pad_token_id + 1, padding sits at pad_token_id.
             not_pad = (input_ids != self.cfg.pad_token_id).astype(jnp.int32)
@@ -347,6 +350,8 @@ class Embeddings(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None, dropout_rng: jax.Array | None,
                  vocab: jax.Array | None = None) -> jax.Array:
+        """[B, T, H] embeddings: word + position (+ token type), normalised, dropped out with
+        `dropout_rng`. `vocab`: the token ids whose rows the word table holds (see Encoder.embed)."""
         cfg = self.cfg
         x = _frozen_row(_lookup(self.word, input_ids, cfg.dtype, vocab), input_ids == cfg.pad_token_id)
         position_ids = self.position_ids(input_ids)
@@ -382,6 +387,7 @@ class Layer(nnx.Module):
         self.ffn_norm = _norm(cfg, rngs)
 
     def __call__(self, x: jax.Array, mask_bias: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+        """[B, T, H] -> [B, T, H]; `mask_bias` [B, 1, 1, T] is 0 on tokens and very negative on padding."""
         cfg = self.cfg
         k_attn, k_out, k_ffn = (
             jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None, None, None)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from typing_extensions import override
 
 from mtl import metrics
 from mtl.errors import MtlError
@@ -116,12 +117,15 @@ class Head(nnx.Module):
     needs_declared_labels: ClassVar[bool] = False
 
     def __call__(self, encoded: EncoderOutput, batch: Batch, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """The task's logits from the encoder's output; dropout only when `dropout_rng` is given."""
         raise NotImplementedError
 
     def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
+        """The scalar training loss of a batch; padding rows (weight 0) count for nothing."""
         raise NotImplementedError
 
     def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+        """On-device predictions, {name: [B, ...]}, which `decode` reads on the host."""
         raise NotImplementedError
 
     def decode(self, predictions: HostBatch, batch: HostBatch) -> list[Any]:
@@ -204,6 +208,7 @@ class _PooledHead(Head):
         self.dropout = _fraction("dropout", dropout)
         self.out = _dense(hidden_size, outputs, rngs)
 
+    @override
     def __call__(self, encoded: EncoderOutput, batch: Batch, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         pooled = at_least_float32(pool(encoded, batch["attention_mask"], self.pooling))
         return self.out(dropout(pooled, self.dropout, dropout_rng))
@@ -239,6 +244,7 @@ class ClassificationHead(_PooledHead):
         else:
             self.class_weights = None
 
+    @override
     def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
         labels, logits = batch["labels"], at_least_float32(logits)
         class_weights = self.class_weights[...] if self.class_weights is not None else None
@@ -250,13 +256,16 @@ class ClassificationHead(_PooledHead):
             weights = weights * class_weights[labels]
         return _weighted_mean(ce, weights)
 
+    @override
     def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         probs = jax.nn.softmax(at_least_float32(logits), axis=-1)
         return {"label": jnp.argmax(probs, axis=-1), "probs": probs}
 
+    @override
     def decode(self, predictions: HostBatch, batch: HostBatch) -> list[int]:
         return [int(predictions["label"][i]) for i in real_rows(batch)]
 
+    @override
     def score(self, predicted: Sequence[int], references: Sequence[int]) -> dict[str, float]:
         return metrics.classification_metrics(references, predicted, self.labels)
 
@@ -287,14 +296,17 @@ class SentimentHead(ClassificationHead):
                          label_smoothing=label_smoothing)
         self.polarity = nnx.Variable(jnp.linspace(-1.0, 1.0, len(labels)))
 
+    @override
     def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         out = super().predict(logits, batch)
         out["score"] = out["probs"] @ self.polarity[...]
         return out
 
+    @override
     def decode(self, predictions: HostBatch, batch: HostBatch) -> list[tuple[int, float]]:
         return [(int(predictions["label"][i]), float(predictions["score"][i])) for i in real_rows(batch)]
 
+    @override
     def score(self, predicted: Sequence[tuple[int, float]], references: Sequence[int]) -> dict[str, float]:
         labels = [p[0] for p in predicted]
         out = super().score(labels, references)
@@ -324,10 +336,12 @@ class TokenClassificationHead(Head):
         self.label_smoothing = _fraction("label_smoothing", label_smoothing)
         self.out = _dense(hidden_size, len(labels), rngs)
 
+    @override
     def __call__(self, encoded: EncoderOutput, batch: Batch, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         hidden = at_least_float32(encoded.last_hidden_state)
         return self.out(dropout(hidden, self.dropout, dropout_rng))
 
+    @override
     def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
         labels = batch["labels"]
         active = (labels != IGNORE) & (batch["weights"][:, None] > 0)
@@ -336,9 +350,11 @@ class TokenClassificationHead(Head):
             return _smoothed_cross_entropy(logits, labels, self.label_smoothing, weights)
         return _weighted_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), weights)
 
+    @override
     def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         return {"tags": jnp.argmax(logits, axis=-1)}
 
+    @override
     def decode(self, predictions: HostBatch, batch: HostBatch) -> list[list[int]]:
         outside = self.labels.index("O") if "O" in self.labels else 0
         out = []
@@ -351,6 +367,7 @@ class TokenClassificationHead(Head):
             out.append(tags.tolist())
         return out
 
+    @override
     def score(self, predicted: Sequence[list[int]], references: Sequence[list[int]]) -> dict[str, float]:
         names = self.labels
         return metrics.entity_metrics(
@@ -374,15 +391,19 @@ class RegressionHead(_PooledHead):
         super().__init__(hidden_size, 1, pooling, dropout, rngs=rngs)
         self.labels = tuple(labels)
 
+    @override
     def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
         return _weighted_mean(jnp.square(logits[:, 0] - batch["labels"]), batch["weights"])
 
+    @override
     def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         return {"score": logits[:, 0]}
 
+    @override
     def decode(self, predictions: HostBatch, batch: HostBatch) -> list[float]:
         return [float(predictions["score"][i]) for i in real_rows(batch)]
 
+    @override
     def score(self, predicted: Sequence[float], references: Sequence[float]) -> dict[str, float]:
         return metrics.regression_metrics(references, predicted)
 
@@ -407,16 +428,20 @@ class MultiLabelHead(_PooledHead):
         self.labels = tuple(labels)
         self.threshold = threshold
 
+    @override
     def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
         bce = optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean(axis=-1)
         return _weighted_mean(bce, batch["weights"])
 
+    @override
     def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         probs = jax.nn.sigmoid(logits)
         return {"labels": probs > self.threshold, "probs": probs}
 
+    @override
     def decode(self, predictions: HostBatch, batch: HostBatch) -> list[list[int]]:
         return [np.asarray(predictions["labels"][i], np.int64).tolist() for i in real_rows(batch)]
 
+    @override
     def score(self, predicted: Sequence[list[int]], references: Sequence[list[int]]) -> dict[str, float]:
         return metrics.multilabel_metrics(np.asarray(references), np.asarray(predicted), self.labels)

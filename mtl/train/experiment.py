@@ -44,6 +44,7 @@ class Experiment:
 
     @property
     def task_names(self) -> list[str]:
+        """The tasks' names, in config order (the order of their heads and their loss weights)."""
         return list(self.tasks)
 
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
+from typing_extensions import override
 
 from mtl.checkpoint import SELECTION, Checkpointer, require_kept
 from mtl.config import ExperimentConfig, config_changes, schema_defaults, to_yaml
@@ -432,6 +433,7 @@ class Trainer(TrainLoop):
         self.positions = {name: 0 for name in self.tasks}
         super().__init__(cfg, workdir)  # last: opens the checkpoint manager
 
+    @override
     def next_batch(self, step: int) -> tuple[str, dict]:
         task = self.tasks[self.sampler.task_at(step)]
         rows = self.config.train.batch_size
@@ -439,16 +441,19 @@ class Trainer(TrainLoop):
         self.positions[task] += 1
         return task, self.layout.put_batch(batch, rows)
 
+    @override
     def selectable_metrics(self) -> list[str]:
         heads = self.experiment.model.heads
         return ["aggregate"] + [f"{task}/{metric}" for task in self.tasks for metric in heads[task].metric_names]
 
+    @override
     def progress(self) -> dict:
         tasks = self.experiment.tasks.items()
         return {"positions": self.positions, "tasks": self.tasks,
                 "labels": {name: data.labels for name, data in tasks},
                 "heads": {name: dataclasses.asdict(TaskHead.of(data.spec)) for name, data in tasks}}
 
+    @override
     def restore_progress(self, meta: dict) -> None:
         if meta.get("tasks") != self.tasks:
             raise MtlError(f"{self.workdir}: its checkpoints were trained on tasks {meta.get('tasks')}, not this "
@@ -478,12 +483,14 @@ class Trainer(TrainLoop):
                 )
         self.positions = {name: int(meta["positions"][name]) for name in self.tasks}
 
+    @override
     def log_extras(self) -> dict[str, float]:
         if self.config.train.loss_weighting != "uncertainty":
             return {}
         log_vars = np.asarray(self.state.params["log_vars"])
         return {f"{t}/log_var": float(v) for t, v in zip(self.tasks, log_vars, strict=True)}
 
+    @override
     def evaluate(self, split: str = "validation") -> dict[str, float]:
         """Every task's metrics on `split` ("task/metric"), plus "aggregate": the mean of each
         task's primary metric (negated where lower is better)."""

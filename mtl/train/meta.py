@@ -166,6 +166,7 @@ class MetaLearner:
         return self._model(params).head(HEAD).loss(logits, batch)
 
     def num_classes(self, params: nnx.State) -> int:
+        """The episode head's outputs: the ways, or the IOB2 tags over them for NER."""
         return len(self._model(params).head(HEAD).labels)
 
     # ----------------------------------------------------------------- prototypes
@@ -306,6 +307,7 @@ class MetaLearner:
     # ----------------------------------------------------------------- meta objective
 
     def query_accuracy(self, logits: jax.Array, query: Batch) -> jax.Array:
+        """The fraction of the query's real labels (tokens, for NER) that `logits` rank first."""
         labels = query["labels"]
         valid = (labels != IGNORE) & (jnp.broadcast_to(self._weights_of(query), labels.shape) > 0)
         return jnp.sum((jnp.argmax(logits, -1) == labels) * valid) / jnp.maximum(valid.sum(), 1)

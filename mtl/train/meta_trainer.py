@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
+from typing_extensions import override
 
 from mtl.assets import resolve_model
 from mtl.checkpoint import require_kept
@@ -193,19 +194,23 @@ class MetaTrainer(TrainLoop):
         self.predict = make_adapt_predict(self.learner, cfg.meta.test_inner_steps or cfg.meta.inner_steps, shardings)
         super().__init__(cfg, workdir)  # last: opens the checkpoint manager
 
+    @override
     def next_batch(self, step: int) -> tuple[str, dict]:
         size = self.config.meta.meta_batch  # each process samples only its own tasks
         episodes = self.samplers["train"].meta_batch(step, size, part=self.layout.process_rows(size))
         return "meta", self.layout.put_batch(episodes, size)
 
+    @override
     def selectable_metrics(self) -> list[str]:
         return ["aggregate", self.metric]
 
+    @override
     def progress(self) -> dict:
         # The episode of step s is a pure function of (seed, s): the step is the data position.
         return {"sources": [s.name for s in self.samplers["train"].sources],
                 "labels": {HEAD: self.samplers["train"].episode_labels}}
 
+    @override
     def restore_progress(self, meta: dict) -> None:
         mine = self.progress()
         if meta.get("sources") != mine["sources"] or meta.get("labels") != mine["labels"]:
@@ -213,11 +218,14 @@ class MetaTrainer(TrainLoop):
                            f"labels {meta.get('labels')}, not this config's; use a new --workdir")
 
     def scores(self, split: str, meta_params: dict | None = None, episodes: int | None = None) -> list[float]:
+        """One score per episode of `split` (accuracy, or entity F1 for NER), each adapted from
+        `meta_params` (default: the current state's); `episodes` defaults to the config's count."""
         meta = self.config.meta
         episodes = episodes or (meta.eval_episodes if split == "validation" else meta.test_episodes)
         return episode_scores(self.predict, meta_params or self.state.params, self.samplers[split], episodes,
                               meta.meta_batch, self.layout, desc=f"{split} episodes")
 
+    @override
     def evaluate(self, split: str = "validation") -> dict[str, float]:
         """Mean query score over the split's episodes (held-out classes), with its 95% CI."""
         mean, ci = _mean_ci(self.scores(split))
