@@ -236,6 +236,8 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str | int 
     """
     out = Path(out)
     created, earlier = not out.exists(), (out / "tasks.json").is_file()
+    if out.exists() and not out.is_dir():  # before the model loads
+        raise MtlError(f"{out}: is a file; --out names the directory to export into")
     # Checked first: save_pretrained would overwrite another model's config.json and weights.
     if out.is_dir() and not earlier:
         others = sorted(p.name for p in out.iterdir() if not p.name.startswith(_STAGING_PREFIX))

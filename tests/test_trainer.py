@@ -1099,6 +1099,10 @@ def test_a_workdir_that_cannot_be_created_is_one_error(tmp_path, isolated_cache,
     (tmp_path / "file").write_text("")
     with pytest.raises(MtlError, match=r"/file/w: cannot create the workdir \(Not a directory\)$"):
         Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "file" / "w")
+    with pytest.raises(MtlError) as error:
+        Trainer(build_experiment(_toy_config(tmp_path, minilm_dir)), tmp_path / "file")
+    assert str(error.value) == f"{tmp_path / 'file'}: is a file; --workdir names the run's directory"
+    assert (tmp_path / "file").read_text() == ""
 
 
 def test_a_workdir_another_process_trains_in_is_refused_and_left_as_it_was(tmp_path, isolated_cache, minilm_dir):
@@ -1353,6 +1357,9 @@ def test_predict_and_export(tmp_path, isolated_cache, minilm_dir):
                                        "export into a new or empty directory, or one an earlier mtl export wrote$"):
         export(tmp_path / "a", tmp_path / "other")
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["config.json"]
+    with pytest.raises(MtlError) as error:
+        export(tmp_path / "a", tmp_path / "other" / "config.json")
+    assert str(error.value) == f"{tmp_path / 'other' / 'config.json'}: is a file; --out names the directory to export into"
     assert (tmp_path / "other" / "config.json").read_text() == "{}"
     assert export(tmp_path / "a", out) == out
     assert trainer.tasks == ["toy_csv"]

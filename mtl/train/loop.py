@@ -162,6 +162,8 @@ class TrainLoop:
         if config.train.best_metric not in self.selectable_metrics():
             raise MtlError(f"key 'train.best_metric': {config.train.best_metric!r} is not one of "
                            f"{self.selectable_metrics()}")
+        if self.workdir.exists() and not self.workdir.is_dir():
+            raise MtlError(f"{self.workdir}: is a file; --workdir names the run's directory")
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
