@@ -1269,7 +1269,7 @@ def test_transfer_between_scanned_and_looped_layers(tmp_path, isolated_cache, mi
         build_experiment(shallower)
 
 
-def test_a_checkpoint_chosen_by_its_step(tmp_path, isolated_cache, minilm_dir, monkeypatch, capsys):
+def test_a_checkpoint_chosen_by_its_step(tmp_path, isolated_cache, minilm_dir, monkeypatch, capsys, caplog):
     """evaluate, predict, export and a transfer each read the checkpoint saved at a step they are
     given; a step that is not saved is one error listing those that are, said before the model
     and data load."""
@@ -1277,9 +1277,12 @@ def test_a_checkpoint_chosen_by_its_step(tmp_path, isolated_cache, minilm_dir, m
     from mtl.cli import main
     from mtl.inference import Predictor, export
 
-    _trained(tmp_path, minilm_dir)  # checkpoints 4 and 8, both evaluated
+    with caplog.at_level("INFO", logger="mtl"):
+        _trained(tmp_path, minilm_dir)  # checkpoints 4 and 8, both evaluated
     checkpointer = Checkpointer(tmp_path / "a" / "checkpoints")
     best = checkpointer.best_step()
+    assert caplog.messages[-1] == (f"the best checkpoint by train.best_metric (aggregate) is step {best}, the one "
+                                   "later commands read unless given --checkpoint")
     other = ({4, 8} - {best}).pop()
     saved = checkpointer.restore_tree(other)["params"]["model"]
     assert checkpointer.describe_saved() == f"saved: {'4 (best), 8' if best == 4 else '4, 8 (best)'}"

@@ -364,6 +364,10 @@ class TrainLoop:
                     log.info("early stop at step %d: no improvement in %d evaluations", done,
                              cfg.early_stopping_patience)
                     break
+            best = self.checkpointer.best_step()
+            if best is not None:  # the printed results are the last evaluation's, which need not be the best
+                log.info("the best checkpoint by train.best_metric (%s) is step %d, the one later commands read "
+                         "unless given --checkpoint", cfg.best_metric, best)
             profiler.stop(done, self.state)  # a run that ends inside the traced range
         except KeyboardInterrupt:
             progress.close()
