@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_option(meta_test)
     meta_test.set_defaults(run=_meta_test)
 
-    evaluate = sub.add_parser("evaluate", help="evaluate a workdir's best (or latest) checkpoint")
+    evaluate = sub.add_parser("evaluate", help="score a workdir's best checkpoint (or one chosen) on every task")
     evaluate.add_argument("--workdir", required=True, help=TRAINED_WORKDIR)
     evaluate.add_argument("--split", default="validation", choices=["validation", "test"],
                           help="the split to score (default: %(default)s)")
