@@ -106,7 +106,7 @@ class Checkpointer:
         """
         which = checkpoint_choice(which)
         if isinstance(which, int):
-            self.require(which)
+            self.require_kept(which)
             return which, read(which)
         for attempt in range(READ_ATTEMPTS):
             step = self.best_step() if which == "best" else None
@@ -123,7 +123,7 @@ class Checkpointer:
                 _listing(self.manager.reload)
         raise AssertionError("unreachable")
 
-    def require(self, which: str | int) -> None:
+    def require_kept(self, which: str | int) -> None:
         """An MtlError naming the saved steps if `which` is a step number that is not saved: a
         caller with a model to build first checks before it."""
         which = checkpoint_choice(which)
@@ -351,7 +351,7 @@ def require_kept(workdir: str | os.PathLike, which: str | int) -> None:
     """An MtlError naming the kept steps if `which` is a step number `workdir` does not keep: a
     command with a model and data to load checks before it loads them."""
     with contextlib.closing(Checkpointer(Path(workdir) / "checkpoints")) as checkpointer:
-        checkpointer.require(which)
+        checkpointer.require_kept(which)
 
 
 def load_trained(workdir: str | os.PathLike, which: str | int = "best") -> tuple[Any, dict, int]:
