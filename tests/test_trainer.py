@@ -432,13 +432,13 @@ def test_a_full_disk_under_metrics_jsonl_stops_the_run_naming_the_checkpoint_to_
         def close(self):
             self.file.close()
 
-    monkeypatch.setattr(mtl.tracking, "open", FullAtStep6, raising=False)
     config = _toy_config(tmp_path, minilm_dir, checkpoint_every=4)
-    with pytest.raises(MtlError) as error:
-        Trainer(build_experiment(config), tmp_path / "w").run()
+    with monkeypatch.context() as patch:  # not monkeypatch.undo(): that would undo isolated_cache's too
+        patch.setattr(mtl.tracking, "open", FullAtStep6, raising=False)
+        with pytest.raises(MtlError) as error:
+            Trainer(build_experiment(config), tmp_path / "w").run()
     assert str(error.value) == (f"{tmp_path / 'w' / 'metrics.jsonl'}: cannot append the step 6 record (No space left "
                                 "on device); once the cause is fixed, the same command resumes from checkpoint 4")
-    monkeypatch.undo()
     Trainer(build_experiment(config), tmp_path / "w").run()
     assert [r["step"] for r in read_metrics(tmp_path / "w") if r["kind"] == "train"] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
 
@@ -1306,10 +1306,10 @@ def test_a_checkpoint_chosen_by_its_step(tmp_path, isolated_cache, minilm_dir, m
     np.testing.assert_array_equal(build_experiment(config).model.heads["toy_csv"].out.kernel[...], kernel)
 
     missing = rf"^{tmp_path / 'a'}: no checkpoint at step 5; saved: 4(?: \(best\))?, 8(?: \(best\))?$"
-    monkeypatch.setattr(mtl.train.experiment, "build_experiment", lambda *a: pytest.fail("built before the check"))
-    with pytest.raises(MtlError, match=missing):
-        evaluate(tmp_path / "a", checkpoint=5)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:  # not monkeypatch.undo(): that would undo isolated_cache's too
+        patch.setattr(mtl.train.experiment, "build_experiment", lambda *a: pytest.fail("built before the check"))
+        with pytest.raises(MtlError, match=missing):
+            evaluate(tmp_path / "a", checkpoint=5)
     with pytest.raises(MtlError, match=missing):
         Predictor.from_workdir(tmp_path / "a", 5)
     with pytest.raises(MtlError, match=missing):
