@@ -350,6 +350,8 @@ def _root_cause(e: BaseException) -> str:
 def require_kept(workdir: str | os.PathLike, which: str | int) -> None:
     """An MtlError naming the kept steps if `which` is a step number `workdir` does not keep: a
     command with a model and data to load checks before it loads them."""
+    if not isinstance(checkpoint_choice(which), int):  # best and latest: no checkpoint manager to open
+        return
     with contextlib.closing(Checkpointer(Path(workdir) / "checkpoints")) as checkpointer:
         checkpointer.require_kept(which)
 
