@@ -244,10 +244,12 @@ def main() -> None:
         return
     from mtl import resolve_model
 
+    from timing import cpu_description  # scripts/timing.py
+
     directory = None if args.random_init else str(resolve_model(args.model))
     name = f"random {args.random_init}" if args.random_init else args.model
     print(f"{name}: {WAYS}-way {SHOTS}-shot {QUERIES}-query, meta-batch {META_BATCH}, seq {SEQ}, "
-          f"1 inner step over all params, {os.cpu_count()} cores"
+          f"1 inner step over all params, {cpu_description()}"
           f"{', freed memory retained (both sides)' if args.retain_memory else ''}"
           f"{', malloc huge pages (both sides)' if asks_for_huge_pages() else ', default malloc pages'}"
           f"{', encoder frozen in the outer update' if args.freeze_encoder else ''}"

@@ -65,6 +65,7 @@ from timing import (  # scripts/timing.py
     SHAPES,
     VOCAB,
     StepCost,
+    cpu_description,
     device_memory_peak_gb,
     device_peak,
     parse_mesh,
@@ -126,7 +127,7 @@ def main() -> None:
         setup.append("freed memory retained")
     setup += ["malloc huge pages" if asks_for_huge_pages() else "default malloc pages",
               f"prng {jax.config.jax_default_prng_impl}", f"jax {jax.__version__} on {jax.devices()[0].device_kind}",
-              f"torch {torch.__version__} on {torch_device}", f"{os.cpu_count()} cores"]
+              f"torch {torch.__version__} on {torch_device}", cpu_description()]
     print(f"{name}: {', '.join(setup)}")
 
     peak_before, _ = device_peak(args.dtype)  # measured again after the steps; the higher is kept

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
 import resource
 import statistics
 import time
@@ -23,6 +25,38 @@ SPEC_PEAKS = {
     ("NVIDIA H200", "bfloat16"): 989.4e12,
     ("NVIDIA H200", "float32"): 494.7e12,
 }
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The CPU as the benchmark records name it: "AMD EPYC, family 25 model 1, AVX2 (no AVX-512),
+    2 cores". The same code runs at different ratios on different CPUs of one name (AVX-512 or
+    not, AMX or not), so every benchmark prints this with its figures. `cpuinfo`: the text of
+    /proc/cpuinfo, read when None; elsewhere than Linux, what `platform` knows."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    cores = f"{os.cpu_count()} cores"
+    if not fields:
+        return f"{platform.processor() or platform.machine()}, {cores}"
+    name = fields.get("model name", "unknown CPU")
+    flags = set(fields.get("flags", "").split())
+    isa = ("AVX-512" if "avx512f" in flags else "AVX2 (no AVX-512)" if "avx2" in flags
+           else "neither AVX2 nor AVX-512")
+    if "amx_tile" in flags:
+        isa += ", AMX"
+    family = f", family {fields['cpu family']} model {fields.get('model', '?')}" if "cpu family" in fields else ""
+    return f"{name}{family}, {isa}, {cores}"
 
 
 def call_times(fn: Callable[[], object], iters: int, warm_up: bool = True) -> list[float]:

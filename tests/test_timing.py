@@ -35,3 +35,36 @@ def test_a_data_sheet_peak_is_not_measured(monkeypatch):
 
 def test_matmul_peak_measures_a_positive_rate():
     assert 1e9 < timing.matmul_peak("float32") < 1e16
+
+
+def _cpuinfo(flags: str, **fields) -> str:
+    lines = [f"{key.replace('_', ' ')}\t: {value}" for key, value in fields.items()] + [f"flags\t\t: {flags}"]
+    block = "processor\t: 0\n" + "\n".join(lines) + "\n"
+    return block + "\n" + block.replace("processor\t: 0", "processor\t: 1").replace(flags, "other")
+
+
+@pytest.mark.parametrize(
+    ("flags", "fields", "expected"),
+    [
+        ("fpu avx avx2 fma", dict(model_name="AMD EPYC", cpu_family=25, model=1),
+         "AMD EPYC, family 25 model 1, AVX2 (no AVX-512)"),
+        ("avx2 avx512f avx512bw", dict(model_name="AMD EPYC", cpu_family=25, model=17),
+         "AMD EPYC, family 25 model 17, AVX-512"),
+        ("avx2 avx512f amx_bf16 amx_tile", dict(model_name="Intel(R) Xeon(R) Processor", cpu_family=6, model=143),
+         "Intel(R) Xeon(R) Processor, family 6 model 143, AVX-512, AMX"),
+        ("fp asimd", dict(CPU_implementer="0x41"), "unknown CPU, neither AVX2 nor AVX-512"),
+    ],
+)
+def test_the_cpu_is_described_by_its_first_processor(flags, fields, expected):
+    # What tells the benchmark records' machines apart: the same code runs at other ratios without AVX-512.
+    import os
+
+    assert timing.cpu_description(_cpuinfo(flags, **fields)) == f"{expected}, {os.cpu_count()} cores"
+
+
+def test_a_cpu_without_proc_cpuinfo_is_named_by_platform(monkeypatch):
+    import os
+    import platform
+
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert timing.cpu_description("") == f"arm, {os.cpu_count()} cores"
