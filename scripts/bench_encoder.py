@@ -2,6 +2,7 @@
 
     python scripts/bench_encoder.py                 # MiniLM, batch 32, seq 128
     python scripts/bench_encoder.py --batch 8 --seq 64 --iters 5
+    python scripts/bench_encoder.py --no-huge-pages  # malloc as the system sets it, as before mtl used huge pages
 
 Prints, for the real all-MiniLM-L6-v2 on this machine's CPU:
   - forward and forward+backward step time for mtl (jit, scanned and looped layers) and for
@@ -11,6 +12,9 @@ Prints, for the real all-MiniLM-L6-v2 on this machine's CPU:
     MiniLM and a 24-layer encoder of the same width, to show how each grows with depth.
 The loss for the backward pass is mean(last_hidden_state ** 2): a stand-in that exercises
 every parameter without a task head.
+
+The process runs as every `mtl` command does, with glibc asking for transparent huge pages for
+large blocks (mtl.hostmem.reexec_with_huge_pages), so both sides run with them.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import transformers
 from flax import nnx
 
 from mtl import DEFAULT_MODEL, Encoder, resolve_model
+from mtl.hostmem import asks_for_huge_pages, reexec_with_huge_pages
 
-from timing import median_time  # scripts/timing.py
+from timing import cpu_description, median_time  # scripts/timing.py
 
 
 def mtl_steps(encoder: Encoder, ids, mask):
@@ -68,7 +73,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--deep-layers", type=int, default=24, help="depth of the compile-time comparison model")
+    parser.add_argument("--no-huge-pages", action="store_true", help="both sides map memory in the system's "
+                        "default pages, not the huge pages every mtl command asks for (mtl.hostmem)")
     args = parser.parse_args()
+    if not args.no_huge_pages:  # as the mtl command decides
+        reexec_with_huge_pages()  # this script again, from the start, with huge pages
     torch.set_num_threads(os.cpu_count())
 
     directory = resolve_model(args.model)
@@ -77,7 +86,8 @@ def main() -> None:
     mask_np = np.ones_like(ids_np)
     ids, mask = jnp.asarray(ids_np), jnp.asarray(mask_np)
     print(f"{args.model}: batch {args.batch}, seq {args.seq}, {jax.devices()[0].platform}, "
-          f"{os.cpu_count()} cores, jax {jax.__version__}, torch {torch.__version__}")
+          f"{cpu_description()}, {'malloc huge pages' if asks_for_huge_pages() else 'default malloc pages'}, "
+          f"jax {jax.__version__}, torch {torch.__version__}")
 
     model = transformers.AutoModel.from_pretrained(directory).eval()
     t_ids, t_mask = torch.tensor(ids_np), torch.tensor(mask_np)
