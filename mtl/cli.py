@@ -111,10 +111,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     _print_summary(evaluate(args.workdir, args.split, _checkpoint(args), args.batch_size, args.predictions), args.all)
 
 
-def _jsonl_texts(lines, tokens: bool = False, pairs: bool = False) -> Iterator[str | list[str] | tuple[str, str]]:
+def _jsonl_texts(lines, tokens: bool = False, pairs: bool = False,
+                 choices: int = 0) -> Iterator[str | list[str] | tuple[str, str] | tuple[str, list[str]]]:
     """The "text" of each non-blank {"text": ...} line; with `tokens` (for a token task) also the
     words of a {"tokens": [...]} line; with `pairs` (a task on pairs of texts) the (text,
-    text_pair) of a {"text": ..., "text_pair": ...} line. A bad line is an error naming its number."""
+    text_pair) of a {"text": ..., "text_pair": ...} line; with `choices` K (a multiple-choice task)
+    the (text, choices) of a {"text": ..., "choices": [K texts]} line. A bad line is an error
+    naming its number."""
     import json
 
     from mtl.data.readers import parse_json_line
@@ -129,6 +132,17 @@ def _jsonl_texts(lines, tokens: bool = False, pairs: bool = False) -> Iterator[s
             continue
         where = f"stdin:{number}"
         item = parse_json_line(line, where)
+        if choices:
+            if not (isinstance(item, dict) and "text" in item and "choices" in item):
+                raise MtlError(f"{where}: expected a JSON object with \"text\" and \"choices\" keys: this task "
+                               "picks one of several choices")
+            options = item["choices"]
+            if not (isinstance(options, list) and len(options) == choices and all(isinstance(c, str) for c in options)):
+                raise MtlError(f"{where}: \"choices\" must be a list of {choices} texts (this task picks one of "
+                               f"{choices}), got {json.dumps(options)[:80]}")
+            yield (string(item, "text", where),
+                   [_unicode(c, f"{where}: \"choices\" text {i}") for i, c in enumerate(options, start=1)])
+            continue
         if pairs:
             if not (isinstance(item, dict) and "text" in item and "text_pair" in item):
                 raise MtlError(f"{where}: expected a JSON object with \"text\" and \"text_pair\" keys: this task "
@@ -137,6 +151,8 @@ def _jsonl_texts(lines, tokens: bool = False, pairs: bool = False) -> Iterator[s
             continue
         if isinstance(item, dict) and "text_pair" in item:  # it would be dropped without a word
             raise MtlError(f"{where}: \"text_pair\" is for tasks on pairs of texts; this task reads one text")
+        if isinstance(item, dict) and "choices" in item:
+            raise MtlError(f"{where}: \"choices\" are for multiple-choice tasks; this task reads one text")
         key = next((k for k in ("text", "tokens") if k in item), None) if isinstance(item, dict) else None
         if key is None:
             raise MtlError(f"{where}: expected a JSON object with a \"text\" key"
@@ -172,14 +188,18 @@ def _predict(args: argparse.Namespace) -> None:
     predictor = Predictor.from_workdir(args.workdir, _checkpoint(args), batch_size=args.batch_size)
     tokens = predictor.takes_tokens(args.task)  # an unknown task is an error before stdin is read
     pairs = predictor.takes_pairs(args.task)
+    choices = predictor.num_choices(args.task)
     if pairs and args.texts:
         raise MtlError(f"task {args.task!r} reads pairs of texts: give them as {{\"text\": ..., \"text_pair\": "
                        f"...}} lines on stdin, not as arguments")
+    if choices and args.texts:
+        raise MtlError(f"task {args.task!r} picks one of several choices: give {{\"text\": ..., \"choices\": "
+                       f"[...]}} lines on stdin, not arguments")
     # stdin is read and answered a chunk at a time: a file of any size streams through in
     # bounded memory, and results appear while later lines are still being read. A bad line
     # stops the run after every line before it has its result.
     texts = (iter([_unicode(t, f'text argument {i}') for i, t in enumerate(args.texts, start=1)]) if args.texts
-             else _jsonl_texts(sys.stdin, tokens, pairs))
+             else _jsonl_texts(sys.stdin, tokens, pairs, choices))
     bad_line = None
     while bad_line is None:
         chunk = []

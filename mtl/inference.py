@@ -112,20 +112,32 @@ class Predictor:
         self._label_kind(task)  # an unknown task is an error
         return self.tasks[task].text_pair
 
+    def num_choices(self, task: str) -> int:
+        """How many choices `task` picks one of: K for a multiple-choice head, else 0."""
+        return len(self.labels[task]) if self._label_kind(task) == "choice" else 0
+
     def predict(self, task: str, texts: Sequence[str | Sequence[str]]) -> list[dict[str, Any]]:
         """One result dict per text, in order: label (+probabilities, score), tags and entity spans, ...
 
         A token task also takes a text as its list of words (tokenized as its training data was,
         e.g. with punctuation apart); a string is split at whitespace. A task on pairs of texts
-        takes each input as a (text, text_pair) pair.
+        takes each input as a (text, text_pair) pair, a multiple-choice task as (text, [choice, ...])
+        with as many choices as it was trained with.
         """
         kind = self._label_kind(task)
         texts = list(texts)
         if not texts:
             return []
         trained, head = self.tasks[task], self.model.head(task)
-        pairs = None
-        if trained.text_pair:
+        pairs = choices = None
+        if kind == "choice":
+            k = len(self.labels[task])
+            if not all(isinstance(t, Sequence) and not isinstance(t, str) and len(t) == 2 and isinstance(t[0], str)
+                       and isinstance(t[1], Sequence) and not isinstance(t[1], str) and len(t[1]) == k
+                       and all(isinstance(c, str) for c in t[1]) for t in texts):
+                raise MtlError(f"task {task!r} picks one of {k} choices: give each input as (text, [{k} choice texts])")
+            texts, choices = [t[0] for t in texts], [list(t[1]) for t in texts]
+        elif trained.text_pair:
             if not all(isinstance(t, Sequence) and not isinstance(t, str) and len(t) == 2
                        and all(isinstance(x, str) for x in t) for t in texts):
                 raise MtlError(f"task {task!r} reads pairs of texts: give each input as (text, text_pair)")
@@ -136,12 +148,21 @@ class Predictor:
         texts = [t if isinstance(t, str) else " ".join(t) for t in texts]
         if words is not None:
             enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=trained.max_length)
+        elif choices is not None:  # each choice is a pair with the text, K rows an input, as in training
+            k = len(self.labels[task])
+            enc = self.tokenizer([t for t in texts for _ in range(k)], [c for cs in choices for c in cs],
+                                 truncation=True, max_length=trained.max_length)
         else:  # a pair is cut as its training data was (longest text first)
             enc = self.tokenizer(texts, pairs, truncation=True, max_length=trained.max_length)
-        cut = sum(bool(e.overflowing) for e in enc.encodings)
+        sequences = len(enc["input_ids"]) // len(texts)  # K for a multiple-choice task, else 1
+        cut = len({i // sequences for i, e in enumerate(enc.encodings) if e.overflowing})
         if cut and task not in self._said_cut:  # once per task: a stream of chunks would repeat it
             self._said_cut.add(task)
-            if pairs is not None:
+            if choices is not None:
+                log.warning("%d of %d inputs have a choice that, with the text, is longer than task %r's max_length "
+                            "of %d tokens; each such pair is cut to %d, the longer text first (said once per task)",
+                            cut, len(texts), task, trained.max_length, trained.max_length)
+            elif pairs is not None:
                 log.warning("%d of %d pairs are longer than task %r's max_length of %d tokens; each is cut to %d, "
                             "the longer text first (said once per task)", cut, len(texts), task, trained.max_length,
                             trained.max_length)
@@ -150,53 +171,65 @@ class Predictor:
                             "are read%s (said once per task)", cut, len(texts), task, trained.max_length,
                             trained.max_length, ", later words tagged O" if kind == "tags" else "")
         rows = self.batch_size if len(texts) >= self.batch_size else 1 << (len(texts) - 1).bit_length()
-        order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
+        lengths = np.asarray([len(ids) for ids in enc["input_ids"]]).reshape(len(texts), sequences).max(axis=1)
+        order = np.argsort(lengths, kind="stable")
         results: list[dict[str, Any]] = [{}] * len(texts)
         for start in range(0, len(texts), rows):
             chosen = order[start:start + rows]
-            batch = self._batch(trained.max_length, enc, chosen, rows, words)
+            batch = self._batch(trained.max_length, enc, chosen, rows, words, sequences if choices else None)
             predictions = jax.device_get(self._steps[task](self._params, batch))
             probs = predictions.get("probs")
             for row, (i, item) in enumerate(zip(chosen, decode_real_rows(task, head, predictions, batch), strict=True)):
-                results[i] = self._result(task, kind, texts[i], pairs[i] if pairs is not None else None,
-                                          words[i] if words else None, item, probs[row] if probs is not None else None)
+                second = pairs[i] if pairs is not None else choices[i] if choices is not None else None
+                results[i] = self._result(task, kind, texts[i], second, words[i] if words else None, item,
+                                          probs[row] if probs is not None else None)
         return results
 
-    def _batch(self, max_length: int, enc, chosen: np.ndarray, rows: int,
-               words: list[list[str]] | None) -> dict[str, np.ndarray]:
-        """Rows `chosen` of the tokenized texts as one padded batch of `rows` rows (the rest weight 0)."""
-        longest = max(len(enc["input_ids"][i]) for i in chosen)
+    def _batch(self, max_length: int, enc, chosen: np.ndarray, rows: int, words: list[list[str]] | None,
+               choices: int | None = None) -> dict[str, np.ndarray]:
+        """Inputs `chosen` of the tokenized texts as one padded batch of `rows` rows (the rest weight
+        0); with `choices` K, input i is sequences i*K..i*K+K-1 and the batch [rows, K, length]."""
+        k = choices or 1
+        longest = max(len(enc["input_ids"][i * k + j]) for i in chosen for j in range(k))
         length = min(b for b in bucket_lengths(max_length) if b >= longest)
-        out = {k: np.zeros((rows, length), np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        shape = (rows, k, length) if choices else (rows, length)
+        out = {key: np.zeros(shape, np.int32) for key in ("input_ids", "attention_mask", "token_type_ids")}
         out["input_ids"][:] = self.tokenizer.pad_token_id
         out["weights"] = (np.arange(rows) < len(chosen)).astype(np.float32)
         out["word_index"] = np.full((rows, length), -1, np.int32)
         out["num_words"] = np.zeros((rows,), np.int32)
         for row, i in enumerate(chosen):
             for key in ("input_ids", "attention_mask", "token_type_ids"):
-                values = enc[key][i] if key in enc else [0] * len(enc["input_ids"][i])
-                out[key][row, : len(values)] = values
+                target = out[key].reshape(rows * k, length)
+                for j in range(k):
+                    seq = i * k + j
+                    values = enc[key][seq] if key in enc else [0] * len(enc["input_ids"][seq])
+                    target[row * k + j, : len(values)] = values
             if words is not None:
                 index = first_subtoken_words(enc.word_ids(int(i)))
                 out["word_index"][row, : len(index)] = index
                 out["num_words"][row] = len(words[i])
         return out
 
-    def _result(self, task: str, kind: str, text: str, text_pair: str | None, words: list[str] | None, item: Any,
-                probs: np.ndarray | None) -> dict[str, Any]:
-        """The JSON-able result of one text (or pair): `item` is its head's decoded prediction,
-        `probs` its class probabilities (classification heads)."""
-        result: dict[str, Any] = {"text": text} if text_pair is None else {"text": text, "text_pair": text_pair}
+    def _result(self, task: str, kind: str, text: str, second: str | list[str] | None, words: list[str] | None,
+                item: Any, probs: np.ndarray | None) -> dict[str, Any]:
+        """The JSON-able result of one input: `second` is its text_pair or its choices, `item` its
+        head's decoded prediction, `probs` its class probabilities (classification heads)."""
+        result: dict[str, Any] = {"text": text}
+        if second is not None:
+            result["choices" if kind == "choice" else "text_pair"] = second
         if kind == "tags":
             result["tokens"] = words
-        return dict(result, **render_prediction(kind, self.labels[task], item, probs, words))
+        choices = second if kind == "choice" else None
+        return dict(result, **render_prediction(kind, self.labels[task], item, probs, words, choices))
 
 
 def render_prediction(kind: str, labels: Sequence[str], item: Any, probs: np.ndarray | None = None,
-                      words: Sequence[str] | None = None) -> dict[str, Any]:
+                      words: Sequence[str] | None = None, choices: Sequence[str] | None = None) -> dict[str, Any]:
     """The JSON-able form of one decoded prediction (or a reference in the same form): `item` as
     a head of label kind `kind` decodes it, `probs` its class probabilities where the head gives
-    them, `words` the words a token task tagged (for its entity spans)."""
+    them, `words` the words a token task tagged (for its entity spans), `choices` a multiple-choice
+    input's choices (the chosen one's text is its "answer")."""
     result: dict[str, Any] = {}
     if kind == "tags":
         tags = [labels[t] for t in item]
@@ -206,8 +239,10 @@ def render_prediction(kind: str, labels: Sequence[str], item: Any, probs: np.nda
         return result
     if kind == "scalar":
         return {"score": item}
-    if kind == "class":
+    if kind in ("class", "choice"):
         result["label"] = labels[item[0] if isinstance(item, tuple) else item]
+        if choices is not None:
+            result["answer"] = choices[item]
     else:
         result["labels"] = [label for label, on in zip(labels, item, strict=True) if on]
     if probs is not None:

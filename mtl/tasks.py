@@ -56,12 +56,16 @@ class SourceSpec:
 
 @dataclasses.dataclass
 class ColumnSpec:
-    """Which columns (csv header names, jsonl keys, hub columns) hold the text and the label, and
-    for a task on pairs of texts (entailment, paraphrase, similarity) the pair's second text."""
+    """Which columns (csv header names, jsonl keys, hub columns) hold the text and the label, for
+    a task on pairs of texts (entailment, paraphrase, similarity) the pair's second text, and for
+    a multiple-choice task its choices."""
 
     text: str = "text"
     label: str = "label"
     text_pair: str | None = None  # the second text, encoded after the first as BERT's segment B
+    # Multiple choice: one column per choice ([ending0, ending1, ...]), or one column that holds
+    # each example's list of choices ([choices]; jsonl and hub).
+    choices: list[str] | None = None
 
 
 @dataclasses.dataclass
@@ -182,6 +186,7 @@ def _validate(spec: TaskSpec, where: str) -> None:
         if spec.columns.text_pair in (spec.columns.text, spec.columns.label):
             raise MtlError(f"{at('columns.text_pair')}: {spec.columns.text_pair!r} is already the text or the "
                            "label column")
+    _validate_choices(spec, head, at)
     if spec.filters and source.format not in ("csv", "jsonl"):
         raise MtlError(f"{at('filters')}: only csv and jsonl rows have columns to filter on")
     if spec.bio not in ("reject", "repair"):
@@ -190,6 +195,39 @@ def _validate(spec: TaskSpec, where: str) -> None:
         raise MtlError(f"{at('max_length')}: {spec.max_length} is too small (at least {MIN_MAX_LENGTH})")
     if head.label_kind == "multi" and source.format in ("csv",) and not spec.label_separator:
         raise MtlError(f"{at('label_separator')}: a multi_label task read from csv needs one")
+
+
+def _validate_choices(spec: TaskSpec, head: type, at) -> None:
+    """`columns.choices` goes with a multiple-choice head, and only with one."""
+    choices = spec.columns.choices
+    if head.label_kind != "choice":
+        if choices is not None:
+            raise MtlError(f"{at('columns.choices')}: head {spec.head!r} does not read choices; they go with a "
+                           "multiple-choice head (multiple_choice)")
+        return
+    if choices is None:
+        raise MtlError(f"{at('columns.choices')}: head {spec.head!r} needs the columns of its choices: one per "
+                       "choice ([ending0, ending1, ...]), or one that holds each example's list ([choices])")
+    if spec.source.format not in ("csv", "jsonl", "hub"):
+        raise MtlError(f"{at('columns.choices')}: format {spec.source.format!r} has no columns; choices come "
+                       "from csv, jsonl or hub sources")
+    if spec.columns.text_pair is not None:
+        raise MtlError(f"{at('columns.text_pair')}: a multiple-choice task pairs its text with each choice; "
+                       "it takes no text_pair")
+    if not choices:
+        raise MtlError(f"{at('columns.choices')}: empty; name the column of each choice, or the one column "
+                       "that holds them")
+    if len(set(choices)) != len(choices):
+        raise MtlError(f"{at('columns.choices')}: {sorted({c for c in choices if choices.count(c) > 1})} "
+                       "named twice")
+    taken = sorted(set(choices) & {spec.columns.text, spec.columns.label})
+    if taken:
+        raise MtlError(f"{at('columns.choices')}: {taken} is already the text or the label column")
+    if len(choices) == 1 and spec.source.format == "csv":
+        raise MtlError(f"{at('columns.choices')}: a csv cell holds one text; name one column per choice")
+    if len(choices) > 1 and spec.labels is not None and len(spec.labels) != len(choices):
+        raise MtlError(f"{at('labels')}: {len(spec.labels)} labels for {len(choices)} choice columns; a "
+                       "multiple-choice task's labels name its choices in order, one each")
 
 
 # TaskSpec fields the loader fills in, not keys of the file.

@@ -7,7 +7,8 @@
 It prints one JSON line per text, as `mtl predict` does, and needs only torch, transformers,
 safetensors and, for a token task's entity spans, seqeval. Texts come as arguments, or as
 {"text": ...} lines on stdin ({"tokens": [...]} for a token task, {"text": ..., "text_pair": ...}
-for a task on pairs of texts). tests/test_export_torch.py checks that its predictions are mtl's.
+for a task on pairs of texts, {"text": ..., "choices": [...]} for a multiple-choice task).
+tests/test_export_torch.py checks that its predictions are mtl's.
 
 An export holds:
 - config.json, model.safetensors and the tokenizer files: the encoder, for transformers.AutoModel;
@@ -20,6 +21,9 @@ Each shipped head is that one linear layer, applied to:
 - classification, sentiment, regression, multi_label: one vector per text, by head_options.pooling:
   "pooler" (the encoder's pooler output), "cls" (the first token's last hidden state) or "mean"
   (the mean of the real tokens' last hidden states);
+- multiple_choice: the same pooled vector of each (text, choice) pair, encoded as a pair; its one
+  output is the choice's score, and a softmax over an input's choices picks one (labels name the
+  choice positions);
 - token_classification: every token's last hidden state; a word's tag is read at its first
   sub-token, and words cut off at max_length are tagged "O".
 The outputs are then a softmax over labels (classification; sentiment adds score, the expected
@@ -39,7 +43,7 @@ import transformers
 from safetensors.torch import load_file
 
 POOLED_HEADS = ("classification", "sentiment", "regression", "multi_label")
-HEADS = POOLED_HEADS + ("token_classification",)
+HEADS = POOLED_HEADS + ("token_classification", "multiple_choice")
 
 
 class ExportError(Exception):
@@ -69,12 +73,13 @@ class ExportedModel:
 
     @torch.no_grad()
     def predict(self, name: str, texts: list, batch_size: int = 32) -> list[dict]:
-        """One result per text, in order; a token task also takes a text as its list of words, and
-        a task on pairs of texts takes (text, text_pair) pairs."""
+        """One result per text, in order; a token task also takes a text as its list of words, a
+        task on pairs of texts takes (text, text_pair) pairs, and a multiple-choice task (text,
+        [choice, ...]) pairs."""
         task = self.task(name)
         kernel, bias = self.heads[f"{name}.out.kernel"], self.heads[f"{name}.out.bias"]
         linear = lambda x: x.float() @ kernel + bias  # noqa: E731
-        read = self._tag if task["head"] == "token_classification" else self._classify
+        read = {"token_classification": self._tag, "multiple_choice": self._choose}.get(task["head"], self._classify)
         results = []
         for start in range(0, len(texts), batch_size):
             results += read(task, linear, texts[start:start + batch_size])
@@ -89,18 +94,7 @@ class ExportedModel:
             texts, pairs = [t[0] for t in texts], [t[1] for t in texts]
         elif not all(isinstance(t, str) for t in texts):
             raise ExportError(f"head {task['head']!r} reads whole texts: give strings, not lists of words")
-        enc = self.tokenizer(texts, pairs, padding=True, truncation=True, max_length=task["max_length"],
-                             return_tensors="pt")
-        out = self.encoder(**enc)
-        pooling = task["head_options"]["pooling"]
-        if pooling == "pooler":
-            pooled = out.pooler_output
-        elif pooling == "cls":
-            pooled = out.last_hidden_state[:, 0]
-        else:
-            mask = enc["attention_mask"][..., None].to(out.last_hidden_state.dtype)
-            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        outputs, labels, head = linear(pooled), task["labels"], task["head"]
+        outputs, labels, head = linear(self._pooled(task, texts, pairs)), task["labels"], task["head"]
         results = []
         for i, (text, row) in enumerate(zip(texts, outputs, strict=True)):
             result = {"text": text} if pairs is None else {"text": text, "text_pair": pairs[i]}
@@ -118,6 +112,34 @@ class ExportedModel:
                 if head == "sentiment":
                     result["score"] = round(float(probs @ torch.linspace(-1.0, 1.0, len(labels))), 4)
             results.append(result)
+        return results
+
+    def _pooled(self, task: dict, texts: list[str], pairs: list[str] | None) -> torch.Tensor:
+        """One vector per text (or pair), by head_options.pooling."""
+        enc = self.tokenizer(texts, pairs, padding=True, truncation=True, max_length=task["max_length"],
+                             return_tensors="pt")
+        out = self.encoder(**enc)
+        pooling = task["head_options"]["pooling"]
+        if pooling == "pooler":
+            return out.pooler_output
+        if pooling == "cls":
+            return out.last_hidden_state[:, 0]
+        mask = enc["attention_mask"][..., None].to(out.last_hidden_state.dtype)
+        return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def _choose(self, task: dict, linear, inputs: list) -> list[dict]:
+        labels = task["labels"]
+        k = len(labels)
+        if not all(isinstance(x, (list, tuple)) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], list)
+                   and len(x[1]) == k and all(isinstance(c, str) for c in x[1]) for x in inputs):
+            raise ExportError(f"this task picks one of {k} choices: give each input as (text, [{k} choice texts])")
+        firsts = [text for text, _ in inputs for _ in range(k)]
+        scores = linear(self._pooled(task, firsts, [c for _, choices in inputs for c in choices])).reshape(-1, k)
+        results = []
+        for (text, choices), row in zip(inputs, torch.softmax(scores, -1), strict=True):
+            best = int(row.argmax())
+            results.append({"text": text, "choices": choices, "label": labels[best], "answer": choices[best],
+                            "probs": {label: round(float(p), 4) for label, p in zip(labels, row, strict=True)}})
         return results
 
     def _tag(self, task: dict, linear, texts: list[str | list[str]]) -> list[dict]:
@@ -148,7 +170,7 @@ class ExportedModel:
         return results
 
 
-def _stdin_texts(lines, token_task: bool, pair_task: bool) -> list:
+def _stdin_texts(lines, token_task: bool, pair_task: bool, choice_task: bool = False) -> list:
     texts = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -157,7 +179,13 @@ def _stdin_texts(lines, token_task: bool, pair_task: bool) -> list:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise ExportError(f"stdin:{number}: not a JSON line ({e.msg})") from None
-        if pair_task:
+        if choice_task:
+            if not (isinstance(item, dict) and isinstance(item.get("text"), str)
+                    and isinstance(item.get("choices"), list)):
+                raise ExportError(f'stdin:{number}: expected {{"text": "...", "choices": [...]}}, got '
+                                  f"{line.strip()[:80]}")
+            texts.append((item["text"], item["choices"]))
+        elif pair_task:
             if not (isinstance(item, dict) and isinstance(item.get("text"), str)
                     and isinstance(item.get("text_pair"), str)):
                 raise ExportError(f'stdin:{number}: expected {{"text": "...", "text_pair": "..."}}, got '
@@ -185,10 +213,14 @@ def main(argv: list[str] | None = None) -> None:
         model = ExportedModel(args.export)
         task = model.task(args.task)
         pair_task = task.get("text_pair", False)
+        choice_task = task["head"] == "multiple_choice"
         if pair_task and args.texts:
             raise ExportError(f'task {args.task!r} reads pairs of texts: give {{"text": ..., "text_pair": ...}} '
                               "lines on stdin")
-        texts = args.texts or _stdin_texts(sys.stdin, task["head"] == "token_classification", pair_task)
+        if choice_task and args.texts:
+            raise ExportError(f'task {args.task!r} picks one of several choices: give {{"text": ..., "choices": '
+                              '[...]} lines on stdin')
+        texts = args.texts or _stdin_texts(sys.stdin, task["head"] == "token_classification", pair_task, choice_task)
         for result in model.predict(args.task, texts, args.batch_size):
             print(json.dumps(result, ensure_ascii=False))
     except ExportError as e:

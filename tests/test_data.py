@@ -388,3 +388,73 @@ def test_a_hub_split_without_labels_is_left_out_and_a_row_without_one_is_named(t
     with pytest.raises(MtlError) as error:
         load_task_data(load_task(path), tokenizer)
     assert str(error.value) == f"{path}: hub dataset 'nyu-mll/glue' has no train split; it has ['test', 'validation']"
+
+
+CHOICE_SPEC = dict(CSV_SPEC, name="toy_choice", head="multiple_choice", labels=None, max_length=16,
+                   columns={"text": "question", "choices": ["a", "b", "c"], "label": "answer"})
+CHOICES = [("which animal barks", ["a cat", "a dog", "a fish"], 1), ("which is cold", ["ice", "fire", "sun"], 0),
+           ("what do bees make " * 4, ["honey", "milk", "bread that is long enough to be cut here"], 0),
+           ("which one flies", ["a stone", "a chair", "a bird"], 2)] * 2
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl columns", "jsonl list", "hub"])
+def test_multiple_choice_pairs_the_text_with_each_choice(tmp_path, tokenizer, monkeypatch, fmt):
+    import datasets
+
+    spec = dict(CHOICE_SPEC)
+    if fmt == "csv":
+        files = {"data.csv": "question,a,b,c,answer\n" + "\n".join(f"{q},{a},{b},{c},{y}" for q, (a, b, c), y in CHOICES)}
+    elif fmt == "jsonl columns":
+        files = {"data.jsonl": "\n".join(json.dumps({"question": q, "a": a, "b": b, "c": c, "answer": y})
+                                         for q, (a, b, c), y in CHOICES)}
+    elif fmt == "jsonl list":
+        files = {"data.jsonl": "\n".join(json.dumps({"question": q, "options": cs, "answer": y}) for q, cs, y in CHOICES)}
+        spec["columns"] = dict(spec["columns"], choices=["options"])
+    else:  # as SWAG on the hub: one column per ending, an integer label
+        rows = {"question": [q for q, _, _ in CHOICES], **{k: [cs[i] for _, cs, _ in CHOICES] for i, k in enumerate("abc")},
+                "answer": [y for _, _, y in CHOICES]}
+        hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                                    "validation": datasets.Dataset.from_dict({k: v[:4] for k, v in rows.items()})})
+        monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, **kw: hub)
+        files, spec["source"] = {}, {"format": "hub", "hub": "toy/swag"}
+        spec.pop("split")
+    if fmt != "hub":
+        spec["source"] = {"format": fmt.split()[0], "files": [f"data.{fmt.split()[0]}"]}
+    path = write_task(tmp_path, spec, files)
+    raw, _ = load_raw_splits(load_task(path))
+    data = load_task_data(load_task(path), tokenizer)
+    assert data.labels == ["0", "1", "2"] and data.label_kind == "choice"
+    read = []
+    for name, split in data.splits.items():
+        texts, choices = column(raw[name], "text"), column(raw[name], "choices")
+        read += zip(texts, map(tuple, choices), strict=True)
+        for row, (text, options) in enumerate(zip(texts, choices, strict=True)):
+            expected = tokenizer([text] * 3, options, truncation=True, max_length=16)
+            assert split[row]["input_ids"] == expected["input_ids"]
+            assert split[row]["token_type_ids"] == expected["token_type_ids"]
+            assert split[row]["length"] == max(map(len, expected["input_ids"]))
+            gold = next(y for q, cs, y in CHOICES if q == text and cs == options)
+            assert split[row]["labels"] == gold
+    assert sorted(read) == sorted((q, tuple(cs)) for q, cs, _ in CHOICES + (CHOICES[:4] if fmt == "hub" else []))
+    # A batch is [B, K, T]: each example's K pairs, padded to the bucket; filler rows are all padding.
+    train = data.splits["train"]
+    batcher = Batcher(train, batch_size=4, max_length=16, pad_token_id=tokenizer.pad_token_id, buckets=(8, 16))
+    batch = batcher.batch(np.array([1, 0, 2]))
+    assert batch["input_ids"].shape == batch["token_type_ids"].shape == (4, 3, 16)
+    for position, row in enumerate([1, 0, 2]):
+        for k, ids in enumerate(train[row]["input_ids"]):
+            assert batch["input_ids"][position, k, :len(ids)].tolist() == ids
+            assert batch["attention_mask"][position, k].sum() == len(ids)
+            assert (batch["input_ids"][position, k, len(ids):] == tokenizer.pad_token_id).all()
+    assert batch["labels"].tolist()[:3] == [train[r]["labels"] for r in (1, 0, 2)]
+    assert batch["weights"].tolist() == [1, 1, 1, 0] and batch["attention_mask"][3].sum() == 0
+
+
+def test_multiple_choice_labels_may_name_the_choices(tmp_path, tokenizer):
+    rows = "\n".join(json.dumps({"question": q, "options": cs, "answer": "ABC"[y]}) for q, cs, y in CHOICES)
+    spec = dict(CHOICE_SPEC, labels=["A", "B", "C"], source={"format": "jsonl", "files": ["d.jsonl"]},
+                columns=dict(CHOICE_SPEC["columns"], choices=["options"]))
+    data = load_task_data(load_task(write_task(tmp_path, spec, {"d.jsonl": rows})), tokenizer)
+    assert data.labels == ["A", "B", "C"]
+    assert sorted(column(data.splits["train"], "labels") + column(data.splits["validation"], "labels")
+                  + column(data.splits["test"], "labels")) == sorted(y for _, _, y in CHOICES)

@@ -91,3 +91,35 @@ def test_jit_matches_eager(tiny_hf):
     graphdef, state = nnx.split(encoder)
     jitted = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a).last_hidden_state)
     np.testing.assert_allclose(jitted(state, ids, mask, types), encoder(ids, mask, types).last_hidden_state, atol=1e-6)
+
+
+def test_multiple_choice_matches_bert_for_multiple_choice(tmp_path):
+    """The model flattens [B, K, T] choices into B*K encoder rows and the multiple_choice head
+    regroups their scores: logits and loss equal transformers' BertForMultipleChoice."""
+    import transformers
+    from flax import nnx
+
+    from mtl.models.heads import MultipleChoiceHead
+    from mtl.models.model import MultiTaskModel
+
+    from conftest import BERT_LIKE
+
+    torch.manual_seed(0)
+    hf = transformers.BertForMultipleChoice(transformers.BertConfig(**BERT_LIKE)).eval()
+    hf.save_pretrained(tmp_path)
+    ids, mask, token_types = (np.stack([a, np.roll(a, 1, axis=0)]) for a in padded_batch(hf.config.pad_token_id))
+    labels = np.array([2, 0])  # two examples of three choices each, some padded
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                      token_type_ids=torch.tensor(token_types), labels=torch.tensor(labels))
+
+    head = MultipleChoiceHead(32, ["a", "b", "c"], rngs=nnx.Rngs(0))
+    head.out.kernel[...] = jnp.asarray(hf.classifier.weight.detach().numpy().T)
+    head.out.bias[...] = jnp.asarray(hf.classifier.bias.detach().numpy())
+    model = MultiTaskModel(Encoder.from_pretrained(tmp_path), {"choose": head})
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+             "token_type_ids": jnp.asarray(token_types), "labels": jnp.asarray(labels), "weights": jnp.ones(2)}
+    loss, logits = model.loss("choose", batch)
+    assert logits.shape == (2, 3)
+    np.testing.assert_allclose(logits, expected.logits.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(loss, expected.loss.numpy(), atol=TOL, rtol=0)

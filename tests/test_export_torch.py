@@ -25,6 +25,8 @@ TEXTS = ["good good film", "alpha film", "a long review " * 12, "beta", "alpha b
 WORDS = ["John visited Paris", ["Mary", "lives", "in", "New", "York"], "", "Anne " * 20]
 PAIRS = [("good film", "good"), ("alpha film", "beta film"), ("a long review " * 12, "good"),  # cut longest first
          ("beta", "a long reply " * 12), ("", "good")]
+CHOICES = [("alpha film", ["alpha", "beta", "good"]), ("a long review " * 12, ["good", "beta", "alpha"]),
+           ("beta", ["good", "a long reply " * 12, "beta"]), ("", ["alpha", "beta", "good"])]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,14 @@ def exported(tmp_path_factory, minilm_dir):
     specs.append(dict(CSV_SPEC, name="toy_pair", labels=["no", "yes"], split=SPLIT, max_length=16,
                       columns={"text": "premise", "text_pair": "hypothesis", "label": "gold"}))
     files.append({"data.csv": pairs})
+    # A multiple-choice task, one column per choice, with named choices: which choice is the text's first word?
+    words = ["alpha", "beta", "good"]
+    choices = "\n".join(json.dumps({"q": f"{words[i % 3]} film {i}", "gold": "XYZ"[(i % 3 - i // 3) % 3],
+                                    **{c: words[(i // 3 + j) % 3] for j, c in enumerate("xyz")}}) for i in range(32))
+    specs.append(dict(CSV_SPEC, name="toy_choice", head="multiple_choice", labels=["X", "Y", "Z"], split=SPLIT,
+                      max_length=16, source={"format": "jsonl", "files": ["d.jsonl"]},
+                      columns={"text": "q", "choices": ["x", "y", "z"], "label": "gold"}))
+    files.append({"d.jsonl": choices})
     tasks = [{"task": str(write_task(tmp / spec["name"], spec, data))} for spec, data in zip(specs, files, strict=True)]
     config = load_experiment(None, data={
         "model": {"encoder": str(minilm_dir), "random_init": {"hidden_size": 16, "num_layers": 2, "num_heads": 2,
@@ -81,10 +91,11 @@ def _assert_same(ours: dict, theirs: dict):
             assert theirs[key] == value, key
 
 
-@pytest.mark.parametrize("task", ["toy_csv", "toy_sentiment", "toy_multi", "toy_score", "toy_ner", "toy_pair"])
+@pytest.mark.parametrize("task", ["toy_csv", "toy_sentiment", "toy_multi", "toy_score", "toy_ner", "toy_pair",
+                                  "toy_choice"])
 def test_torch_reader_predicts_what_mtl_predicts(exported, task):
     predictor, out = exported
-    texts = {"toy_ner": WORDS, "toy_pair": PAIRS}.get(task, TEXTS)
+    texts = {"toy_ner": WORDS, "toy_pair": PAIRS, "toy_choice": CHOICES}.get(task, TEXTS)
     ours = predictor.predict(task, texts)
     theirs = torch_predict.ExportedModel(out).predict(task, texts, batch_size=3)
     assert len(theirs) == len(texts)
@@ -96,9 +107,32 @@ def test_torch_reader_predicts_what_mtl_predicts(exported, task):
         # reader blind to it would fail.
         changed = [r["probs"]["yes"] for r in predictor.predict(task, [(PAIRS[0][0], p) for _, p in PAIRS])]
         assert max(changed) - min(changed) > 2e-3
+    if task == "toy_choice":
+        assert [(r["text"], r["choices"]) for r in ours] == CHOICES
+        assert all(r["answer"] == r["choices"]["XYZ".index(r["label"])] for r in ours)
     if task == "toy_ner":
         assert theirs[2] == {"text": "", "tokens": [], "tags": [], "entities": []}
         assert len(theirs[3]["tags"]) == 20  # words past max_length are tagged too ("O")
+
+
+def test_a_multiple_choice_export_is_transformers_bert_for_multiple_choice(exported):
+    """The encoder and the head's one output are BertForMultipleChoice's encoder and classifier."""
+    import torch
+    import transformers
+
+    predictor, out = exported
+    model = transformers.BertForMultipleChoice.from_pretrained(out).eval()
+    heads = torch_predict.load_file(out / "heads.safetensors")
+    with torch.no_grad():
+        model.classifier.weight.copy_(heads["toy_choice.out.kernel"].T)
+        model.classifier.bias.copy_(heads["toy_choice.out.bias"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    for text, choices in CHOICES:
+        enc = tokenizer([text] * 3, choices, padding=True, truncation=True, max_length=16, return_tensors="pt")
+        with torch.no_grad():
+            probs = torch.softmax(model(**{k: v[None] for k, v in enc.items()}).logits[0], -1)
+        ours = predictor.predict("toy_choice", [(text, choices)])[0]["probs"]
+        assert [ours[label] for label in "XYZ"] == pytest.approx(probs.tolist(), abs=1.5e-4)
 
 
 def test_tasks_json_states_every_head_option(exported):
@@ -127,8 +161,17 @@ def test_torch_reader_runs_alone_on_stdin_and_names_bad_input(exported):
                                                                                 ["John", "visited", "Paris"]]
     proc = run("--task", "nope", "x")
     assert proc.returncode == 1
-    assert proc.stderr.strip() == ("torch_predict: task 'nope' is not in this export; tasks: ['toy_csv', 'toy_multi', "
-                                   "'toy_ner', 'toy_pair', 'toy_score', 'toy_sentiment']")
+    assert proc.stderr.strip() == ("torch_predict: task 'nope' is not in this export; tasks: ['toy_choice', 'toy_csv', "
+                                   "'toy_multi', 'toy_ner', 'toy_pair', 'toy_score', 'toy_sentiment']")
+    proc = run("--task", "toy_choice", stdin='{"text": "alpha film", "choices": ["alpha", "beta", "good"]}\n')
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["choices"] == ["alpha", "beta", "good"]
+    proc = run("--task", "toy_choice", stdin='{"text": "alpha film", "choices": ["alpha", "beta"]}\n')
+    assert proc.stderr.strip() == ("torch_predict: this task picks one of 3 choices: give each input as (text, [3 "
+                                   "choice texts])")
+    proc = run("--task", "toy_choice", "alpha film")
+    assert proc.stderr.strip() == ('torch_predict: task \'toy_choice\' picks one of several choices: give {"text": ..., '
+                                   '"choices": [...]} lines on stdin')
     proc = run("--task", "toy_pair", stdin='{"text": "good film", "text_pair": "good"}\n')
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["text_pair"] == "good"

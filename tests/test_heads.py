@@ -15,6 +15,7 @@ from mtl.models.heads import (
     ClassificationHead,
     Head,
     MultiLabelHead,
+    MultipleChoiceHead,
     RegressionHead,
     SentimentHead,
     TokenClassificationHead,
@@ -157,6 +158,27 @@ def test_multi_label_bce_and_f1():
     assert scores["macro_f1"] == pytest.approx((1 + 2 / 3) / 2)
 
 
+def test_multiple_choice_scores_each_choice_and_picks_by_softmax_over_them():
+    head = MultipleChoiceHead(2, ["A", "B", "C"], rngs=nnx.Rngs(0), pooling="mean", dropout=0.0)
+    head.out.kernel[...] = jnp.array([[1.0], [-1.0]])
+    head.out.bias[...] = jnp.array([0.5])
+    # Two examples of three choices, as the encoder sees them: six rows of two tokens.
+    hidden = jnp.arange(6 * 2 * 2, dtype=jnp.float32).reshape(6, 2, 2) % 5
+    mask = jnp.array([[[1, 1], [1, 0], [1, 1]], [[1, 0], [1, 1], [1, 1]]])
+    batch = _batch(attention_mask=mask, labels=[2, 0], weights=[1.0, 0.0])  # the second row is filler
+    logits = head(EncoderOutput(hidden), batch)
+    pooled = [np.asarray(hidden[r, : int(mask.reshape(6, 2)[r].sum())]).mean(0) for r in range(6)]
+    expected = np.array([p[0] - p[1] + 0.5 for p in pooled]).reshape(2, 3)
+    np.testing.assert_allclose(logits, expected, rtol=1e-6)
+    assert float(head.loss(logits, batch)) == pytest.approx(-_log_softmax(expected[0])[2], rel=1e-6)
+    predictions = head.predict(logits, batch)
+    np.testing.assert_allclose(predictions["probs"].sum(-1), 1.0, rtol=1e-6)
+    assert head.decode(predictions, batch) == [int(np.argmax(expected[0]))]  # real rows only
+    assert head.score([2, 0, 1, 2], [2, 1, 1, 2]) == {"accuracy": 0.75}
+    with pytest.raises(MtlError, match=r"multiple_choice needs at least 2 choices, got labels \['A'\]"):
+        MultipleChoiceHead(2, ["A"], rngs=nnx.Rngs(0))
+
+
 def test_pooling_choices():
     hidden = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2)
     encoded = EncoderOutput(hidden, pooler_output=jnp.ones((2, 2)))
@@ -171,7 +193,7 @@ def test_pooling_choices():
 def test_registry_rejects_duplicates_and_lists_known_heads():
     with pytest.raises(MtlError, match=r"head 'classification' is already registered \(by mtl\.models\.heads\.ClassificationHead\)"):
         register_head("classification")(type("Another", (ClassificationHead,), {}))
-    with pytest.raises(MtlError, match=r"head 'nope' is unknown; known: \['classification', 'multi_label', 'regression', 'sentiment', 'token_classification'"):
+    with pytest.raises(MtlError, match=r"head 'nope' is unknown; known: \['classification', 'multi_label', 'multiple_choice', 'regression', 'sentiment', 'token_classification'"):
         get_head("nope")
     with pytest.raises(MtlError, match=r"cannot import module 'no_such_module'"):
         get_head("no_such_module:Head")

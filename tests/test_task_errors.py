@@ -313,3 +313,79 @@ def test_a_pair_task_names_its_missing_or_malformed_second_text(tmp_path, tokeni
     rows = '{"review": "good", "reply": "yes", "stars": "pos"}\n{"review": "bad", "stars": "neg"}\n'
     with pytest.raises(MtlError, match=r"d\.jsonl:2: missing key\(s\) \['reply'\]; the object has \['review', 'stars'\]$"):
         _load(tmp_path / "k", tokenizer, spec, {"d.jsonl": rows})
+
+
+CHOICE_SPEC = dict(CSV_SPEC, name="toy_choice", head="multiple_choice", labels=None,
+                   columns={"text": "question", "choices": ["a", "b", "c"], "label": "answer"})
+CHOICE_COLUMNS = CHOICE_SPEC["columns"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(CSV_SPEC, columns=dict(CSV_SPEC["columns"], choices=["a", "b"])),
+     "key 'columns.choices': head 'classification' does not read choices; they go with a multiple-choice head "
+     "(multiple_choice)"),
+    (dict(CHOICE_SPEC, columns={"text": "question", "label": "answer"}),
+     "key 'columns.choices': head 'multiple_choice' needs the columns of its choices: one per choice ([ending0, "
+     "ending1, ...]), or one that holds each example's list ([choices])"),
+    (dict(CHOICE_SPEC, source={"format": "folder", "files": ["d"]}),
+     "key 'columns.choices': format 'folder' has no columns; choices come from csv, jsonl or hub sources"),
+    (dict(CHOICE_SPEC, columns=dict(CHOICE_COLUMNS, text_pair="context")),
+     "key 'columns.text_pair': a multiple-choice task pairs its text with each choice; it takes no text_pair"),
+    (dict(CHOICE_SPEC, columns=dict(CHOICE_COLUMNS, choices=[])),
+     "key 'columns.choices': empty; name the column of each choice, or the one column that holds them"),
+    (dict(CHOICE_SPEC, columns=dict(CHOICE_COLUMNS, choices=["a", "b", "a"])),
+     "key 'columns.choices': ['a'] named twice"),
+    (dict(CHOICE_SPEC, columns=dict(CHOICE_COLUMNS, choices=["a", "answer"])),
+     "key 'columns.choices': ['answer'] is already the text or the label column"),
+    (dict(CHOICE_SPEC, columns=dict(CHOICE_COLUMNS, choices=["options"])),
+     "key 'columns.choices': a csv cell holds one text; name one column per choice"),
+    (dict(CHOICE_SPEC, labels=["A", "B"]),
+     "key 'labels': 2 labels for 3 choice columns; a multiple-choice task's labels name its choices in order, one each"),
+])
+def test_a_multiple_choice_spec_names_what_is_wrong(tmp_path, spec, message):
+    path = write_task(tmp_path, spec, {})
+    with pytest.raises(MtlError) as error:
+        load_task(path)
+    assert str(error.value) == f"{path}: {message}"
+
+
+def _choice_lines(*rows):
+    import json
+
+    return "\n".join(json.dumps(row) for row in rows) + "\n"
+
+
+GOOD_CHOICE = {"question": "which barks", "options": ["a cat", "a dog", "a fish"], "answer": 1}
+
+
+@pytest.mark.parametrize("labels, bad, message", [
+    (None, dict(GOOD_CHOICE, options=["a cat", "a dog"]),
+     "d.jsonl:3: 2 choices, where the task has 3 (as 7 of the 8 examples have); every example of a multiple-choice "
+     "task has the same number of choices"),
+    (["A", "B", "C", "D"], GOOD_CHOICE,
+     "d.jsonl:1: 3 choices, where the task has 4 (the 4 declared labels ['A', 'B', 'C', 'D']) (8 such examples); "
+     "every example of a multiple-choice task has the same number of choices"),
+    (None, dict(GOOD_CHOICE, answer=3),
+     "d.jsonl:3: label '3' is not in the choice positions (declare labels to name them otherwise): ['0', '1', '2']"),
+    (None, dict(GOOD_CHOICE, options="a cat"), "d.jsonl:3: choices 'options' must be a list of texts, got \"a cat\""),
+    (None, dict(GOOD_CHOICE, options=["a cat", 2, "a fish"]),
+     "d.jsonl:3: choices 'options' must be a list of texts, got [\"a cat\", 2, \"a fish\"]"),
+])
+def test_a_multiple_choice_example_that_does_not_fit_is_named(tmp_path, tokenizer, labels, bad, message):
+    rows = [GOOD_CHOICE] * 2 + [bad] + [GOOD_CHOICE] * 5
+    spec = dict(CHOICE_SPEC, labels=labels, source={"format": "jsonl", "files": ["d.jsonl"]},
+                columns=dict(CHOICE_COLUMNS, choices=["options"]))
+    with pytest.raises(MtlError) as error:
+        _load(tmp_path, tokenizer, spec, {"d.jsonl": _choice_lines(*rows)})
+    assert str(error.value) == f"{tmp_path}/{message}"
+
+
+def test_a_choice_column_that_is_missing_or_not_text_is_named(tmp_path, tokenizer):
+    with pytest.raises(MtlError, match=r"data\.csv: column\(s\) \['a', 'b', 'c'\] not found; the header has "
+                                       r"\['review', 'stars'\]$"):
+        _load(tmp_path, tokenizer, dict(CHOICE_SPEC, columns=dict(CHOICE_COLUMNS, text="review", label="stars")),
+              {"data.csv": CSV_DATA})
+    row = {"question": "which barks", "a": "a cat", "b": None, "c": "a fish", "answer": 1}
+    spec = dict(CHOICE_SPEC, source={"format": "jsonl", "files": ["d.jsonl"]})
+    with pytest.raises(MtlError, match=r"d\.jsonl:1: choice 'b' must be a string, got null$"):
+        _load(tmp_path / "j", tokenizer, spec, {"d.jsonl": _choice_lines(row)})

@@ -1562,6 +1562,73 @@ def test_a_pair_task_is_scored_as_predict_predicts_its_pairs_and_its_spec_cannot
                                 "(model.init_from transfers the encoder)")
 
 
+def test_a_multiple_choice_task_trains_and_is_scored_as_predict_predicts_its_choices(
+        tmp_path, isolated_cache, minilm_dir, monkeypatch, capsys):
+    import io
+    from unittest.mock import ANY
+
+    from mtl.cli import main
+    from mtl.data.pipeline import column, load_raw_splits
+    from mtl.inference import Predictor
+    from mtl.models.heads import MultipleChoiceHead
+    from mtl.tasks import load_task
+
+    animals = ["cat", "dog", "bird", "fish"]
+    rows = [{"story": f"day {i}: the {animals[i % 4]} went out",
+             "endings": [f"the {a} came back" for a in animals[i % 3:] + animals[:i % 3]],
+             "answer": (i % 4 - i % 3) % 4} for i in range(64)]
+    spec = write_task(tmp_path / "task", dict(CSV_SPEC, name="toy_choice", head="multiple_choice", labels=None,
+                                              source={"format": "jsonl", "files": ["d.jsonl"]},
+                                              columns={"text": "story", "choices": ["endings"], "label": "answer"}),
+                      {"d.jsonl": "\n".join(json.dumps(r) for r in rows)})
+    # The pretrained encoder with a fast head learns in a few steps to pick the ending that names the animal.
+    config = load_experiment(None, data={
+        "model": {"encoder": str(minilm_dir)}, "tasks": [{"task": str(spec)}],
+        "optim": {"learning_rate": 1e-4, "head_lr_scale": 100},
+        "train": {"steps": 12, "batch_size": 8, "buckets": [16, 32], "eval_every": 12, "checkpoint_every": 12,
+                  "tensorboard": False}})
+    results = Trainer(build_experiment(config), tmp_path / "w").run()
+    assert results["toy_choice/accuracy"] > 0.5  # of 16 validation examples; chance is 0.25
+    scored = {}
+    score = MultipleChoiceHead.score
+
+    def spy(head, predicted, references):
+        scored.update(predicted=[head.labels[i] for i in predicted])
+        return score(head, predicted, references)
+
+    monkeypatch.setattr(MultipleChoiceHead, "score", spy)
+    evaluate(tmp_path / "w", "validation", predictions_file=tmp_path / "p.jsonl")
+    validation = load_raw_splits(load_task(spec))[0]["validation"]
+    inputs = list(zip(column(validation, "text"), column(validation, "choices"), strict=True))
+    predicted = Predictor.from_workdir(tmp_path / "w").predict("toy_choice", inputs)
+    assert len({r["label"] for r in predicted}) > 1  # else any reading of the rows would pass
+    assert scored["predicted"] == [r["label"] for r in predicted]
+    written = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [(w["text"], w["choices"], w["label"], w["answer"]) for w in written] == [
+        (r["text"], r["choices"], r["label"], r["answer"]) for r in predicted]
+    assert all(w["gold"]["answer"] == w["choices"][int(w["gold"]["label"])] for w in written)
+    with pytest.raises(MtlError, match=r"^task 'toy_choice' picks one of 4 choices: give each input as \(text, "
+                                       r"\[4 choice texts\]\)$"):
+        Predictor.from_workdir(tmp_path / "w").predict("toy_choice", [("the cat went out", ["a", "b", "c"])])
+    # mtl predict takes {"text", "choices"} lines; a line with the wrong number of choices is named.
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({"text": "the dog went out", "choices": [
+        "the cat came back", "the dog came back", "the bird came back", "the fish came back"]}) + "\n"))
+    capsys.readouterr()
+    predict = ["--no-compile-cache", "predict", "--workdir", str(tmp_path / "w"), "--task", "toy_choice"]
+    assert main(predict) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {"text": "the dog went out", "choices": ANY, "label": ANY, "answer": ANY, "probs": ANY}
+    assert printed["answer"] == printed["choices"][int(printed["label"])]
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"text": "x", "choices": ["a", "b"]}\n'))
+    assert main(predict) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == ('mtl: error: stdin:1: "choices" must be a list of 4 texts '
+                                                        '(this task picks one of 4), got ["a", "b"]')
+    assert main([*predict, "the dog went out"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == ('mtl: error: task \'toy_choice\' picks one of several '
+                                                        'choices: give {"text": ..., "choices": [...]} lines on stdin, '
+                                                        'not arguments')
+
+
 def test_predict_and_export_refuse_a_config_edited_to_another_model(tmp_path, isolated_cache, minilm_dir):
     from mtl.inference import Predictor, export
 

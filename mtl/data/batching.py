@@ -10,7 +10,8 @@ needs nothing but s, with no replay of the stream. In a multi-process run every 
 the same global order and builds only its own block of each batch (`part`).
 
 A batch is a dict of numpy arrays:
-  input_ids, attention_mask, token_type_ids  int32 [B, T]
+  input_ids, attention_mask, token_type_ids  int32 [B, T], or [B, K, T] for a multiple-choice
+             task (one sequence per choice)
   labels     int32 [B] | int32 [B, T] (IGNORE off first sub-tokens) | float32 [B] | float32 [B, C]
   weights    float32 [B]: 1 for real rows, 0 for filler
   index      int32 [B]: row of the example in its split, -1 for filler
@@ -23,6 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
 
 from mtl.data.pipeline import column
 from mtl.errors import MtlError
@@ -51,6 +53,8 @@ class Batcher:
         self.size = len(split)
         self.lengths = np.asarray(column(split, "length"), np.int64)
         self.token_task = "word_index" in split.column_names
+        # A multiple-choice split holds K sequences an example (checked equal for all when loaded).
+        self.num_choices = _choices_per_row(split)
         ragged = ["input_ids", "attention_mask", "token_type_ids"]
         if self.token_task:
             ragged += ["labels", "word_index"]
@@ -86,10 +90,12 @@ class Batcher:
             raise MtlError(f"a batch part must be one block of positions, got {part}")
         rows = rows[positions.start:positions.stop]  # positions past the rows are filler
         b = len(positions)
+        k = self.num_choices or 1
+        sequences = (b, k, t) if self.num_choices else (b, t)
         out = {
-            "input_ids": np.full((b, t), self.pad_token_id, np.int32),
-            "attention_mask": np.zeros((b, t), np.int32),
-            "token_type_ids": np.zeros((b, t), np.int32),
+            "input_ids": np.full(sequences, self.pad_token_id, np.int32),
+            "attention_mask": np.zeros(sequences, np.int32),
+            "token_type_ids": np.zeros(sequences, np.int32),
             "weights": np.zeros((b,), np.float32),
             "index": np.full((b,), -1, np.int32),
         }
@@ -104,15 +110,33 @@ class Batcher:
             shape = (b,) + self._labels.shape[1:]
             out["labels"] = np.zeros(shape, self._labels.dtype)
             out["labels"][: len(rows)] = self._labels[rows]
+        # Sequence j of row r is r * k + j in the flat column; it fills row i * k + j of the [b * k, t] view.
+        sequences = (rows[:, None] * k + np.arange(k)).reshape(-1)
         for name, (values, offsets) in self._ragged.items():
-            for i, row in enumerate(rows):
-                out[name][i, : offsets[row + 1] - offsets[row]] = values[offsets[row]:offsets[row + 1]]
+            target = out[name].reshape(-1, t)
+            for i, seq in enumerate(sequences):
+                target[i, : offsets[seq + 1] - offsets[seq]] = values[offsets[seq]:offsets[seq + 1]]
         return out
 
 
+def _choices_per_row(split: datasets.Dataset) -> int | None:
+    """K for a split whose rows hold K sequences each (multiple choice), else None."""
+    column = split.with_format("arrow")["input_ids"].combine_chunks()
+    if not pa.types.is_list(column.type.value_type):
+        return None
+    counts = np.diff(column.offsets.to_numpy())
+    if len(counts) and (counts != counts[0]).any():
+        raise MtlError(f"rows of {counts.min()} to {counts.max()} choices in one split; a multiple-choice batch "
+                       "needs the same number in every row")
+    return int(counts[0]) if len(counts) else None
+
+
 def _flat_column(split: datasets.Dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(values, offsets) of a list column, from arrow with the split's row selection applied."""
+    """(values, offsets) of a list column, from arrow with the split's row selection applied; a
+    column of lists of sequences (multiple choice) is read as its sequences, K per row in order."""
     column = split.with_format("arrow")[name].combine_chunks()
+    if pa.types.is_list(column.type.value_type):
+        column = column.flatten()
     offsets = np.asarray(column.offsets.to_numpy(), np.int64)
     # flatten() honours slicing; the offsets of a sliced array start where its values start.
     return np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.int32), offsets - offsets[0]

@@ -45,7 +45,9 @@ class TaskData:
       labels: the label vocabulary (declared, or inferred from train), in id order.
       label_kind: how labels are encoded (the head's label_kind).
       splits: {"train"/"validation"/"test": Dataset} with columns input_ids, attention_mask,
-        token_type_ids, labels, length (and word_index, num_words, tags for token tasks).
+        token_type_ids, labels, length (and word_index, num_words, tags for token tasks). For a
+        multiple-choice task the first three hold one sequence per choice, and length is the
+        longest choice's.
       stats: counts for reports: rows read and kept, examples and label_counts per split,
         truncated examples (at max_length) per split, tokens (words) per split for token tasks.
     """
@@ -103,11 +105,13 @@ def _signature(files: Sequence[Path]) -> list[tuple[str, int, int]]:
 
 
 def _generate(files: list[str], fmt: str, columns: tuple[str, ...], rename: dict[str, str], label_kind: str,
-              encoding: str, fallback: str | None, delimiter: str | None, signature: tuple) -> Any:
+              encoding: str, fallback: str | None, delimiter: str | None, signature: tuple,
+              choices: tuple[str, ...] = ()) -> Any:
     """Dataset.from_generator body: every record of `files`, with its origin.
 
-    `rename` maps spec column names to record fields ("text", "text_pair", "label"); `signature`
-    (file sizes and mtimes) is unused here but part of the cache key.
+    `rename` maps spec column names to record fields ("text", "text_pair", "label"); `choices`
+    names a multiple-choice task's choice columns; `signature` (file sizes and mtimes) is unused
+    here but part of the cache key.
     """
     del signature
     for name in files:
@@ -125,13 +129,17 @@ def _generate(files: list[str], fmt: str, columns: tuple[str, ...], rename: dict
         else:
             rows = readers.read_conll(path, text, delimiter)
         for origin, record in rows:
-            yield {"origin": origin, "fallback": fell_back, **_record_fields(origin, record, rename, label_kind)}
+            yield {"origin": origin, "fallback": fell_back,
+                   **_record_fields(origin, record, rename, label_kind, choices)}
 
 
-def _record_fields(origin: str, record: dict[str, Any], rename: dict[str, str], label_kind: str) -> dict[str, Any]:
-    """A csv or jsonl record as dataset fields; a text or label of the wrong shape is an error
-    naming its line (the string column would otherwise turn null or [..] into a "label")."""
-    fields = {rename.get(k, k): v for k, v in record.items()}
+def _record_fields(origin: str, record: dict[str, Any], rename: dict[str, str], label_kind: str,
+                   choices: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A csv or jsonl record as dataset fields; a text, label or choice of the wrong shape is an
+    error naming its line (the string column would otherwise turn null or [..] into a "label")."""
+    fields = {rename.get(k, k): v for k, v in record.items() if k not in choices}
+    if choices:
+        fields["choices"] = _choice_texts(origin, record, choices)
     column = {field: name for name, field in rename.items()}
     for field in ("text", "text_pair"):
         if field in fields and not isinstance(fields[field], str):
@@ -146,6 +154,19 @@ def _record_fields(origin: str, record: dict[str, Any], rename: dict[str, str], 
     return fields
 
 
+def _choice_texts(origin: str, record: dict[str, Any], columns: Sequence[str]) -> list[str]:
+    """A record's choices: the texts of its choice columns, or the list its one choices column holds."""
+    if len(columns) == 1:
+        value = record[columns[0]]
+        if not (isinstance(value, list) and all(isinstance(c, str) for c in value)):
+            raise MtlError(f"{origin}: choices {columns[0]!r} must be a list of texts, got {json.dumps(value)[:80]}")
+        return value
+    for c in columns:
+        if not isinstance(record[c], str):
+            raise MtlError(f"{origin}: choice {c!r} must be a string, got {json.dumps(record[c])[:80]}")
+    return [record[c] for c in columns]
+
+
 def _features(spec: TaskSpec, label_kind: str) -> datasets.Features:
     base = {"origin": datasets.Value("string"), "fallback": datasets.Value("bool")}
     if label_kind == "tags":
@@ -154,6 +175,8 @@ def _features(spec: TaskSpec, label_kind: str) -> datasets.Features:
     fields = {"text": datasets.Value("string")}
     if spec.columns.text_pair is not None:
         fields["text_pair"] = datasets.Value("string")
+    if spec.columns.choices is not None:
+        fields["choices"] = datasets.Sequence(datasets.Value("string"))
     if spec.source.format == "jsonl" and label_kind == "multi":
         fields["label"] = datasets.Sequence(datasets.Value("string"))
     else:
@@ -171,12 +194,13 @@ def _rename_columns(spec: TaskSpec) -> dict[str, str]:
 
 def _read(spec: TaskSpec, files: list[Path], label_kind: str) -> datasets.Dataset:
     source = spec.source
-    columns = list(dict.fromkeys([*_rename_columns(spec), *(f.column for f in spec.filters)]))
+    choices = tuple(spec.columns.choices or ())
+    columns = list(dict.fromkeys([*_rename_columns(spec), *choices, *(f.column for f in spec.filters)]))
     # datasets reads every list in gen_kwargs as shardable sources: only `files` may be one.
     kwargs = dict(files=[str(f) for f in files], fmt=source.format, columns=tuple(columns),
                   rename=_rename_columns(spec), label_kind=label_kind, encoding=source.encoding,
                   fallback=source.fallback_encoding, delimiter=source.delimiter,
-                  signature=tuple(_signature(files)))
+                  signature=tuple(_signature(files)), choices=choices)
     try:
         return datasets.Dataset.from_generator(
             _generate, gen_kwargs=kwargs, features=_features(spec, label_kind),
@@ -237,28 +261,42 @@ def _hub(spec: TaskSpec) -> dict[str, datasets.Dataset]:
         raise MtlError(f"{spec.at('source.hub')}: cannot load {spec.source.hub!r} ({type(e).__name__}: {e})") from None
     token_task = get_head(spec.head).label_kind == "tags"
     rename = ({spec.columns.text: "tokens", spec.columns.label: "tags"} if token_task else _rename_columns(spec))
+    choices = list(spec.columns.choices or ())
     out = {}
     for split in SPLITS:
         if split not in loaded:
             continue
         ds = loaded[split]
-        missing = [c for c in rename if c not in ds.column_names]
+        missing = [c for c in [*rename, *choices] if c not in ds.column_names]
         if missing:
             raise MtlError(f"{spec.origin}: hub dataset {spec.source.hub!r} split {split!r} has no column(s) "
                            f"{missing}; it has {ds.column_names}")
         where = f"{spec.source.hub}[{split}]"
-        named = _label_names(ds.select_columns(list(rename)), spec.columns.label, where)
+        named = _label_names(ds.select_columns([*rename, *choices]), spec.columns.label, where)
         if named is None:
             log.warning("%s: hub dataset %r split %r has no labels (every one is -1, a hidden test set); it is left "
                         "out", spec.origin, spec.source.hub, split)
             continue
         ds = named.rename_columns(rename)
+        if choices:
+            ds = _gather_choices(ds, choices, where)
         out[split] = ds.add_column("origin", [f"{where}:{i}" for i in range(len(ds))])
     if "train" not in out:
         unlabelled = " with labels" if "train" in loaded else ""
         raise MtlError(f"{spec.origin}: hub dataset {spec.source.hub!r} has no train split{unlabelled}; it has "
                        f"{sorted(loaded)}")
     return out
+
+
+def _gather_choices(ds: datasets.Dataset, columns: Sequence[str], where: str) -> datasets.Dataset:
+    """A hub split with its choice columns gathered into one "choices" list per row."""
+    def gather(batch: dict[str, list], rows: list[int]) -> dict[str, list]:
+        return {"choices": [_choice_texts(f"{where}:{row}", {c: batch[c][i] for c in columns}, columns)
+                            for i, row in enumerate(rows)]}
+
+    kept = {name: f for name, f in ds.features.items() if name not in columns}
+    features = datasets.Features({**kept, "choices": datasets.Sequence(datasets.Value("string"))})
+    return ds.map(gather, batched=True, with_indices=True, remove_columns=list(columns), features=features)
 
 
 # ---------------------------------------------------------------------------- checking
@@ -367,8 +405,32 @@ def _label_values(kind: str, ds: datasets.Dataset, spec: TaskSpec):
     return ((o, [v]) for o, v in zip(column(ds, "origin"), column(ds, "label"), strict=True))
 
 
-def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Dataset]) -> tuple[list[str], dict]:
-    """The label vocabulary (declared or inferred from train), after checking every split."""
+def _count_choices(spec: TaskSpec, splits: dict[str, datasets.Dataset]) -> int:
+    """A multiple-choice task's number of choices, K: every example must have the same K (the
+    model scores a [B, K, T] batch), which is the number of labels where they are declared."""
+    counts = [(origin, len(choices)) for ds in splits.values()
+              for origin, choices in zip(column(ds, "origin"), column(ds, "choices"), strict=True)]
+    if spec.labels is not None:
+        k, whose = len(spec.labels), f"the {len(spec.labels)} declared labels {list(spec.labels)}"
+    else:  # the count most examples have: the others are then the ones to fix
+        k, n = Counter(n for _, n in counts).most_common(1)[0]
+        whose = f"as {n} of the {len(counts)} examples have"
+    bad = [(origin, n) for origin, n in counts if n != k]
+    if bad:
+        origin, n = min(bad, key=lambda item: _file_order(item[0]))
+        others = f" ({len(bad)} such examples)" if len(bad) > 1 else ""
+        raise MtlError(f"{origin}: {n} choices, where the task has {k} ({whose}){others}; every example of a "
+                       "multiple-choice task has the same number of choices")
+    if k < 2:
+        raise MtlError(f"{spec.origin}: task {spec.name!r} has {k} choice per example; multiple choice needs 2 or more")
+    return k
+
+
+def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Dataset],
+                    num_choices: int | None = None) -> tuple[list[str], dict]:
+    """The label vocabulary (declared or inferred from train), after checking every split.
+
+    A multiple-choice task's labels name its `num_choices` positions: declared, or "0".."K-1"."""
     counts = {name: Counter(x for _, vals in _label_values(kind, ds, spec) for x in vals)
               for name, ds in splits.items()}
     if kind == "scalar":
@@ -380,6 +442,9 @@ def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Datase
         return list(spec.labels or [spec.columns.label]), {}
     if spec.labels is not None:
         labels, known, what = list(spec.labels), set(spec.labels), "the declared labels"
+    elif num_choices is not None:
+        labels = [str(i) for i in range(num_choices)]
+        known, what = set(labels), "the choice positions (declare labels to name them otherwise)"
     else:
         labels = sorted(counts["train"])
         known, what = set(labels), "the labels seen in train (labels are inferred; declare them to allow more)"
@@ -454,6 +519,23 @@ def _encode(spec: TaskSpec, kind: str, labels: list[str], tokenizer, ds: dataset
         out["length"] = [len(x) for x in enc["input_ids"]]
         return out
 
+    def choice_batch(batch):
+        # Each choice is a pair with the example's text, [CLS] text [SEP] choice [SEP], cut longest
+        # text first, as transformers' multiple-choice examples encode them; K rows per example.
+        k = len(batch["choices"][0])  # the same for every example (_count_choices)
+        firsts = [text for text, choices in zip(batch["text"], batch["choices"], strict=True) for _ in choices]
+        enc = tokenizer(firsts, [c for choices in batch["choices"] for c in choices], truncation=True,
+                        max_length=max_length)
+
+        def by_example(rows):
+            return [rows[i:i + k] for i in range(0, len(rows), k)]
+
+        types = enc.get("token_type_ids", [[0] * len(x) for x in enc["input_ids"]])
+        ids = by_example(enc["input_ids"])
+        return {"input_ids": ids, "attention_mask": by_example(enc["attention_mask"]),
+                "token_type_ids": by_example(types), "labels": [label_id[v] for v in batch["label"]],
+                "length": [max(len(x) for x in choices) for choices in ids]}
+
     def token_batch(batch):
         enc = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_length)
         token_labels, word_index, tags = [], [], []
@@ -468,7 +550,7 @@ def _encode(spec: TaskSpec, kind: str, labels: list[str], tokenizer, ds: dataset
                 "labels": token_labels, "word_index": word_index, "tags": tags,
                 "num_words": [len(t) for t in tags], "length": [len(x) for x in enc["input_ids"]]}
 
-    fn = token_batch if kind == "tags" else sequence_batch
+    fn = {"tags": token_batch, "choice": choice_batch}.get(kind, sequence_batch)
     keep = {"origin"}
     return ds.map(fn, batched=True, remove_columns=[c for c in ds.column_names if c not in keep],
                   desc=f"tokenizing {spec.name}")
@@ -478,7 +560,8 @@ def load_raw_splits(spec: TaskSpec) -> tuple[dict[str, datasets.Dataset], dict[s
     """Read, filter and split a task's data, before any checking or tokenizing.
 
     Returns ({"train"/"validation"/"test": Dataset with columns origin, text (and text_pair, for a
-    task on pairs of texts) and label, or tokens and tags for token tasks}, stats with rows_read,
+    task on pairs of texts, or choices, a list of texts, for a multiple-choice task) and label, or
+    tokens and tags for token tasks}, stats with rows_read,
     and for split-by-fraction sources rows_kept and fallback_decoded). These are the exact rows
     `load_task_data` tokenizes, which is what a peer model outside mtl must train and be scored on
     (scripts/peer_tfidf.py).
@@ -524,7 +607,8 @@ def load_task_data(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_po
     splits, stats = load_raw_splits(spec)
     if kind == "tags":
         splits = _check_tags(spec, splits)
-    labels, label_counts = _resolve_labels(spec, kind, splits)
+    num_choices = _count_choices(spec, splits) if kind == "choice" else None
+    labels, label_counts = _resolve_labels(spec, kind, splits, num_choices)
     encoded = {name: _encode(spec, kind, labels, tokenizer, ds) for name, ds in splits.items()}
     stats["examples"] = {name: len(ds) for name, ds in encoded.items()}
     stats["label_counts"] = label_counts

@@ -49,7 +49,9 @@ HostBatch = Mapping[str, np.ndarray]  # the same batch on the host, as `decode` 
 #   "tags":   one tag per word (token tasks)        -> labels int32 [B, T], -100 off first sub-tokens
 #   "scalar": one number per example               -> labels float32 [B]
 #   "multi":  a set of labels per example          -> labels float32 [B, num_labels] (multi-hot)
-LABEL_KINDS = ("class", "tags", "scalar", "multi")
+#   "choice": the right one of K choices            -> labels int32 [B]; the inputs are [B, K, T],
+#             each choice encoded with the example's text as a pair (multiple choice)
+LABEL_KINDS = ("class", "tags", "scalar", "multi", "choice")
 IGNORE = -100  # label id of tokens that carry no loss (special tokens, later sub-tokens, padding)
 
 HEADS: dict[str, type[Head]] = {}
@@ -445,3 +447,55 @@ class MultiLabelHead(_PooledHead):
     @override
     def score(self, predicted: Sequence[list[int]], references: Sequence[list[int]]) -> dict[str, float]:
         return metrics.multilabel_metrics(np.asarray(references), np.asarray(predicted), self.labels)
+
+
+@register_head("multiple_choice")
+class MultipleChoiceHead(Head):
+    """The right answer among K choices (SWAG, COPA, PIQA, HellaSwag), as BERT's multiple-choice head.
+
+    Each choice is encoded with the example's text as one pair, [CLS] text [SEP] choice [SEP], so
+    the encoder reads K rows per example (the model flattens the [B, K, T] inputs to B*K rows). The
+    head scores each row with one linear output and takes a softmax over the example's K scores;
+    the loss is cross-entropy against the right choice. `labels` name the choice positions, in
+    order ("0".."K-1" unless the spec declares names such as [A, B, C, D]). Options: pooling
+    ("pooler", as transformers' BertForMultipleChoice, "cls" or "mean"), dropout.
+    """
+
+    label_kind = "choice"
+    metric_names = ("accuracy",)
+
+    def __init__(self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs, pooling: str = "pooler",
+                 dropout: float = 0.1):
+        if len(labels) < 2:
+            raise MtlError(f"multiple_choice needs at least 2 choices, got labels {list(labels)}")
+        if pooling not in POOLINGS:
+            raise MtlError(f"pooling {pooling!r} is unknown; known: {list(POOLINGS)}")
+        self.labels = tuple(labels)
+        self.pooling = pooling
+        self.dropout = _fraction("dropout", dropout)
+        self.out = _dense(hidden_size, 1, rngs)
+
+    @override
+    def __call__(self, encoded: EncoderOutput, batch: Batch, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+        rows, choices, length = batch["attention_mask"].shape
+        mask = batch["attention_mask"].reshape(rows * choices, length)  # as the encoder read them
+        pooled = at_least_float32(pool(encoded, mask, self.pooling))
+        return self.out(dropout(pooled, self.dropout, dropout_rng)).reshape(rows, choices)
+
+    @override
+    def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
+        ce = optax.softmax_cross_entropy_with_integer_labels(at_least_float32(logits), batch["labels"])
+        return _weighted_mean(ce, batch["weights"])
+
+    @override
+    def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+        probs = jax.nn.softmax(at_least_float32(logits), axis=-1)
+        return {"label": jnp.argmax(probs, axis=-1), "probs": probs}
+
+    @override
+    def decode(self, predictions: HostBatch, batch: HostBatch) -> list[int]:
+        return [int(predictions["label"][i]) for i in real_rows(batch)]
+
+    @override
+    def score(self, predicted: Sequence[int], references: Sequence[int]) -> dict[str, float]:
+        return {"accuracy": float(np.mean(np.asarray(predicted) == np.asarray(references)))}

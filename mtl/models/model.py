@@ -31,17 +31,18 @@ class MultiTaskModel(nnx.Module):
 
     def __call__(self, task: str, batch: Batch, *, dropout_rng: jax.Array | None = None,
                  frozen_below: int = 0) -> jax.Array:
-        """The task head's logits for a batch (see mtl.data for the batch's arrays).
+        """The task head's logits for a batch (see mtl.data for the batch's arrays). A multiple-choice
+        batch's [B, K, T] inputs are encoded as B*K rows, which its head regroups.
 
         `frozen_below`: the encoder's (its embeddings and lowest N layers take no gradient)."""
         head = self.head(task)
         encoder_rng = head_rng = None
         if dropout_rng is not None:
             encoder_rng, head_rng = jax.random.split(dropout_rng)
-        encoded = self.encoder(
-            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), dropout_rng=encoder_rng,
-            frozen_below=frozen_below,
-        )
+        inputs = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        if inputs[0].ndim == 3:  # multiple choice, [B, K, T]: each choice is a row of its own
+            inputs = tuple(None if x is None else x.reshape(-1, x.shape[-1]) for x in inputs)
+        encoded = self.encoder(*inputs, dropout_rng=encoder_rng, frozen_below=frozen_below)
         return head(encoded, batch, dropout_rng=head_rng)
 
     def loss(self, task: str, batch: Batch, *, dropout_rng: jax.Array | None = None,

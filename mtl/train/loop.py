@@ -616,7 +616,7 @@ def write_predictions(path: Path, experiment: Experiment, split: str,
                       predictions: dict[str, SplitPredictions]) -> None:
     """One JSON line per row of `split` and task, in the split's row order, tasks in config order:
     {"task", "row", "origin" (the file and line, or hub split and row, it was read from), the
-    input ("text" and "text_pair", or "tokens"), the prediction as `mtl predict` prints it, and
+    input ("text" and "text_pair" or "choices", or "tokens"), the prediction as `mtl predict` prints it, and
     "gold": the reference in the same form}. The file is replaced whole once every line is built."""
     from mtl.data.pipeline import load_raw_splits
     from mtl.inference import render_prediction
@@ -634,12 +634,13 @@ def write_predictions(path: Path, experiment: Experiment, split: str,
         kind, labels = head.label_kind, data.labels
         references = column(tokenized, "tags" if kind == "tags" else "labels")
         inputs = ({"tokens": column(raw, "tokens")} if kind == "tags" else
-                  {c: column(raw, c) for c in ("text", "text_pair") if c in raw.column_names})
+                  {c: column(raw, c) for c in ("text", "text_pair", "choices") if c in raw.column_names})
         for row, (item, reference) in enumerate(zip(predicted.items, references, strict=True)):
             words = inputs["tokens"][row] if kind == "tags" else None
+            choices = inputs["choices"][row] if kind == "choice" else None
             probs = predicted.probs[row] if predicted.probs is not None else None
             record = {"task": name, "row": row, "origin": origins[row], **{c: v[row] for c, v in inputs.items()},
-                      **render_prediction(kind, labels, item, probs, words),
-                      "gold": render_prediction(kind, labels, reference, None, words)}
+                      **render_prediction(kind, labels, item, probs, words, choices),
+                      "gold": render_prediction(kind, labels, reference, None, words, choices)}
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     replace_whole(path, "".join(lines))
