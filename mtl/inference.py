@@ -198,12 +198,11 @@ class Predictor:
         out["weights"] = (np.arange(rows) < len(chosen)).astype(np.float32)
         out["word_index"] = np.full((rows, length), -1, np.int32)
         out["num_words"] = np.zeros((rows,), np.int32)
+        flat = {key: out[key].reshape(rows * k, length) for key in ("input_ids", "attention_mask", "token_type_ids")}
         for row, i in enumerate(chosen):
-            for key in ("input_ids", "attention_mask", "token_type_ids"):
-                target = out[key].reshape(rows * k, length)
+            for key, target in flat.items():
                 for j in range(k):
-                    seq = i * k + j
-                    values = enc[key][seq] if key in enc else [0] * len(enc["input_ids"][seq])
+                    values = enc[key][i * k + j] if key in enc else [0] * len(enc["input_ids"][i * k + j])
                     target[row * k + j, : len(values)] = values
             if words is not None:
                 index = first_subtoken_words(enc.word_ids(int(i)))

@@ -23,10 +23,11 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from test_meta import _batch, _episodes, _learner, _model  # noqa: E402  (tests/ is sys.path[0])
+from test_meta import LENGTH, _batch, _episodes, _learner, _model  # noqa: E402  (tests/ is sys.path[0])
 
 from mtl.checkpoint import Checkpointer  # noqa: E402
 from mtl.config import MeshSection, OptimSection  # noqa: E402
+from mtl.models.heads import MultipleChoiceHead  # noqa: E402
 from mtl.sharding import Layout, make_mesh, path_name  # noqa: E402
 from mtl.train.meta import HEAD, make_meta_step  # noqa: E402
 from mtl.train.multitask import make_train_steps  # noqa: E402
@@ -47,13 +48,34 @@ def _leaf(tree, suffix: str):
     return found[0]
 
 
-def _assert_trees_close(a, b, what: str) -> None:
+def _assert_trees_close(a, b, what: str, skip: str | None = None) -> None:
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True):
+        if skip is not None and path_name(path).endswith(skip):
+            continue
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=1e-14, err_msg=f"{what} {path_name(path)}")
 
 
-def _train_setup(freeze_layers: int = 0):
+CHOICES = 3
+
+
+def _choice_batch(rng, rows):
+    """A multiple-choice batch: `rows` examples of CHOICES sequences each, [rows, CHOICES, LENGTH]."""
+    flat = _batch(rng, rows * CHOICES, "class")
+    batch = {k: flat[k].reshape(rows, CHOICES, LENGTH) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    return dict(batch, labels=rng.integers(0, CHOICES, size=(rows,)).astype(np.int32),
+                weights=np.ones((rows,), np.float32))
+
+
+def _train_setup(freeze_layers: int = 0, head: str = "class"):
     model, config = _model(dtype="float64")
+    if head == "choice":  # the same encoder under a multiple-choice head
+        # Reading the pooler, as BertForMultipleChoice: under mean or first-token pooling a shift
+        # shared by every choice (the top LayerNorm's bias) cannot move the softmax over choices,
+        # so that bias gets a zero gradient, and Adam turns its rounding noise into ~1e-12 updates
+        # that differ with the summation order.
+        choose = MultipleChoiceHead(16, [str(i) for i in range(CHOICES)], rngs=nnx.Rngs(1), dropout=0.0)
+        nnx.update(choose, jax.tree.map(lambda x: x.astype(np.float64), nnx.state(choose, nnx.Param)))
+        model.heads[HEAD] = choose
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     train_params = {"model": params, "log_vars": np.zeros((1,))}
     optim = OptimSection(learning_rate=1e-2, warmup_ratio=0.0, freeze_layers=freeze_layers)
@@ -64,24 +86,34 @@ def _train_setup(freeze_layers: int = 0):
 def check_train(mesh_args: list[str]) -> None:
     """Two multi-task steps (dropout on) on the mesh equal two single-device steps; params and
     optimizer moments are laid out by the rules table. With `freeze_layers=N` among the
-    arguments, the steps take no gradient of the frozen embeddings (None on the mesh too)."""
-    freeze_layers = int(dict(a.split("=") for a in mesh_args).get("freeze_layers", 0))
-    graphdef, rest, tx, state, frozen = _train_setup(freeze_layers)
+    arguments, the steps take no gradient of the frozen embeddings (None on the mesh too); with
+    `head=choice`, the batches are multiple-choice ones, [8, K, T], split over the batch axes."""
+    options = dict(a.split("=") for a in mesh_args)
+    head = options.get("head", "class")
+    graphdef, rest, tx, state, frozen = _train_setup(int(options.get("freeze_layers", 0)), head)
     layout = Layout(make_mesh(_mesh_section(mesh_args)))
     rng = np.random.default_rng(0)
-    batches = [_batch(rng, 8, "class") for _ in range(2)]
+    batches = [_choice_batch(rng, 8) if head == "choice" else _batch(rng, 8, "class") for _ in range(2)]
     kwargs = dict(weighting="static", skip_nonfinite=False, dropout=True, frozen=frozen)
     single = make_train_steps(graphdef, rest, tx, [HEAD], [1.0], **kwargs)[HEAD]
     sharded_state = layout.put(jax.tree.map(np.array, state))  # own buffers: the steps donate theirs
     sharded = make_train_steps(graphdef, rest, tx, [HEAD], [1.0], shardings=layout.step_shardings(sharded_state),
                                **kwargs)[HEAD]
+    # The multiple-choice head's bias adds one number to every choice's score, which the softmax
+    # over choices cannot see: its gradient is zero, so both runs keep it, up to Adam's scaling of
+    # rounding noise (~1e-12), which differs with the summation order; it is checked apart.
+    gradient_free = "heads/episode/out/bias" if head == "choice" else None
+    bias = np.array(_leaf(state.params, gradient_free)) if gradient_free else None
     for batch in batches:
         state, m1 = single(state, batch)
         sharded_state, m2 = sharded(sharded_state, batch)
         np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=RTOL)
-    _assert_trees_close(sharded_state.params, state.params, "params")
-    _assert_trees_close(sharded_state.opt_state, state.opt_state, "opt_state")
-    if freeze_layers:
+    _assert_trees_close(sharded_state.params, state.params, "params", skip=gradient_free)
+    _assert_trees_close(sharded_state.opt_state, state.opt_state, "opt_state", skip=gradient_free)
+    if gradient_free:
+        for run in (state, sharded_state):
+            np.testing.assert_allclose(np.asarray(_leaf(run.params, gradient_free)), bias, rtol=0, atol=1e-10)
+    if int(options.get("freeze_layers", 0)):
         grads, _ = sharded.gradients(sharded_state, batches[0])
         assert jax.tree.leaves(grads["model"]["encoder"]["embeddings"]) == []
 

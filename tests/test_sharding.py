@@ -32,8 +32,8 @@ def _run_cases(*args: str) -> str:
 
 
 @pytest.mark.parametrize("mesh", [["data=8"], ["data=1", "fsdp=8"], ["data=2", "fsdp=2", "tensor=2"],
-                                  ["data=2", "fsdp=4", "freeze_layers=1"]],
-                         ids=["data", "fsdp", "data-fsdp-tensor", "data-fsdp-frozen"])
+                                  ["data=2", "fsdp=4", "freeze_layers=1"], ["data=2", "fsdp=2", "tensor=2", "head=choice"]],
+                         ids=["data", "fsdp", "data-fsdp-tensor", "data-fsdp-frozen", "multiple-choice"])
 def test_sharded_train_steps_equal_the_single_device_step(mesh):
     assert "ok" in _run_cases("train", *mesh)
 

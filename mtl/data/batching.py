@@ -91,11 +91,11 @@ class Batcher:
         rows = rows[positions.start:positions.stop]  # positions past the rows are filler
         b = len(positions)
         k = self.num_choices or 1
-        sequences = (b, k, t) if self.num_choices else (b, t)
+        shape = (b, k, t) if self.num_choices else (b, t)
         out = {
-            "input_ids": np.full(sequences, self.pad_token_id, np.int32),
-            "attention_mask": np.zeros(sequences, np.int32),
-            "token_type_ids": np.zeros(sequences, np.int32),
+            "input_ids": np.full(shape, self.pad_token_id, np.int32),
+            "attention_mask": np.zeros(shape, np.int32),
+            "token_type_ids": np.zeros(shape, np.int32),
             "weights": np.zeros((b,), np.float32),
             "index": np.full((b,), -1, np.int32),
         }
@@ -107,8 +107,7 @@ class Batcher:
             out["num_words"] = np.zeros((b,), np.int32)
             out["num_words"][: len(rows)] = self._num_words[rows]
         else:
-            shape = (b,) + self._labels.shape[1:]
-            out["labels"] = np.zeros(shape, self._labels.dtype)
+            out["labels"] = np.zeros((b,) + self._labels.shape[1:], self._labels.dtype)
             out["labels"][: len(rows)] = self._labels[rows]
         # Sequence j of row r is r * k + j in the flat column; it fills row i * k + j of the [b * k, t] view.
         sequences = (rows[:, None] * k + np.arange(k)).reshape(-1)

@@ -473,6 +473,8 @@ class MultipleChoiceHead(Head):
         self.labels = tuple(labels)
         self.pooling = pooling
         self.dropout = _fraction("dropout", dropout)
+        # Its bias shifts every choice's score alike, which the softmax cannot see, so it gets no
+        # gradient (nor does BertForMultipleChoice's); it is kept so that the export is that model's.
         self.out = _dense(hidden_size, 1, rngs)
 
     @override
