@@ -116,7 +116,7 @@ def _jsonl_texts(lines, tokens: bool = False, pairs: bool = False,
     """The "text" of each non-blank {"text": ...} line; with `tokens` (for a token task) also the
     words of a {"tokens": [...]} line; with `pairs` (a task on pairs of texts) the (text,
     text_pair) of a {"text": ..., "text_pair": ...} line; with `choices` K (a multiple-choice task)
-    the (text, choices) of a {"text": ..., "choices": [K texts]} line. A bad line is an error
+    the (text, choices) of a {"text": ..., "choices": [1 to K texts]} line. A bad line is an error
     naming its number."""
     import json
 
@@ -137,9 +137,10 @@ def _jsonl_texts(lines, tokens: bool = False, pairs: bool = False,
                 raise MtlError(f"{where}: expected a JSON object with \"text\" and \"choices\" keys: this task "
                                "picks one of several choices")
             options = item["choices"]
-            if not (isinstance(options, list) and len(options) == choices and all(isinstance(c, str) for c in options)):
-                raise MtlError(f"{where}: \"choices\" must be a list of {choices} texts (this task picks one of "
-                               f"{choices}), got {json.dumps(options)[:80]}")
+            if not (isinstance(options, list) and 0 < len(options) <= choices
+                    and all(isinstance(c, str) for c in options)):
+                raise MtlError(f"{where}: \"choices\" must be a list of 1 to {choices} texts (this task picks one "
+                               f"of up to {choices}), got {json.dumps(options)[:80]}")
             yield (string(item, "text", where),
                    [_unicode(c, f"{where}: \"choices\" text {i}") for i, c in enumerate(options, start=1)])
             continue

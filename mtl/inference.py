@@ -122,7 +122,7 @@ class Predictor:
         A token task also takes a text as its list of words (tokenized as its training data was,
         e.g. with punctuation apart); a string is split at whitespace. A task on pairs of texts
         takes each input as a (text, text_pair) pair, a multiple-choice task as (text, [choice, ...])
-        with as many choices as it was trained with.
+        with 1 to K choices, K its number of labels.
         """
         kind = self._label_kind(task)
         texts = list(texts)
@@ -133,9 +133,10 @@ class Predictor:
         if kind == "choice":
             k = len(self.labels[task])
             if not all(isinstance(t, Sequence) and not isinstance(t, str) and len(t) == 2 and isinstance(t[0], str)
-                       and isinstance(t[1], Sequence) and not isinstance(t[1], str) and len(t[1]) == k
+                       and isinstance(t[1], Sequence) and not isinstance(t[1], str) and 0 < len(t[1]) <= k
                        and all(isinstance(c, str) for c in t[1]) for t in texts):
-                raise MtlError(f"task {task!r} picks one of {k} choices: give each input as (text, [{k} choice texts])")
+                raise MtlError(f"task {task!r} picks one of up to {k} choices: give each input as (text, [1 to {k} "
+                               "choice texts])")
             texts, choices = [t[0] for t in texts], [list(t[1]) for t in texts]
         elif trained.text_pair:
             if not all(isinstance(t, Sequence) and not isinstance(t, str) and len(t) == 2
@@ -148,14 +149,20 @@ class Predictor:
         texts = [t if isinstance(t, str) else " ".join(t) for t in texts]
         if words is not None:
             enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=trained.max_length)
-        elif choices is not None:  # each choice is a pair with the text, K rows an input, as in training
-            k = len(self.labels[task])
-            enc = self.tokenizer([t for t in texts for _ in range(k)], [c for cs in choices for c in cs],
-                                 truncation=True, max_length=trained.max_length)
+        elif choices is not None:  # each choice is a pair with the text, as in training
+            enc = self.tokenizer([t for t, cs in zip(texts, choices, strict=True) for _ in cs],
+                                 [c for cs in choices for c in cs], truncation=True, max_length=trained.max_length)
         else:  # a pair is cut as its training data was (longest text first)
             enc = self.tokenizer(texts, pairs, truncation=True, max_length=trained.max_length)
-        sequences = len(enc["input_ids"]) // len(texts)  # K for a multiple-choice task, else 1
-        cut = len({i // sequences for i, e in enumerate(enc.encodings) if e.overflowing})
+        owner = np.repeat(np.arange(len(texts)), [len(cs) for cs in choices] if choices else 1)  # input of a row
+        cut = len({owner[i] for i, e in enumerate(enc.encodings) if e.overflowing})
+        sequences = 1
+        if choices is not None:  # K rows an input: its choices, then empty ones (no choice), as in training
+            sequences = len(self.labels[task])
+            starts = np.cumsum([0] + [len(cs) for cs in choices])
+            enc = {key: [row for i, cs in enumerate(choices)
+                         for row in list(enc[key][starts[i]:starts[i + 1]]) + [[]] * (sequences - len(cs))]
+                   for key in ("input_ids", "attention_mask", "token_type_ids") if key in enc}
         if cut and task not in self._said_cut:  # once per task: a stream of chunks would repeat it
             self._said_cut.add(task)
             if choices is not None:
@@ -245,6 +252,8 @@ def render_prediction(kind: str, labels: Sequence[str], item: Any, probs: np.nda
     else:
         result["labels"] = [label for label, on in zip(labels, item, strict=True) if on]
     if probs is not None:
+        if choices is not None:  # the input's own choices: padding past them has none
+            labels, probs = labels[:len(choices)], probs[:len(choices)]
         result["probs"] = {label: round(float(p), 4) for label, p in zip(labels, probs, strict=True)}
     if isinstance(item, tuple):  # sentiment: (label, signed score)
         result["score"] = round(item[1], 4)

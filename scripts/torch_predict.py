@@ -131,15 +131,17 @@ class ExportedModel:
         labels = task["labels"]
         k = len(labels)
         if not all(isinstance(x, (list, tuple)) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], list)
-                   and len(x[1]) == k and all(isinstance(c, str) for c in x[1]) for x in inputs):
-            raise ExportError(f"this task picks one of {k} choices: give each input as (text, [{k} choice texts])")
-        firsts = [text for text, _ in inputs for _ in range(k)]
-        scores = linear(self._pooled(task, firsts, [c for _, choices in inputs for c in choices])).reshape(-1, k)
+                   and 0 < len(x[1]) <= k and all(isinstance(c, str) for c in x[1]) for x in inputs):
+            raise ExportError(f"this task picks one of up to {k} choices: give each input as (text, [1 to {k} "
+                              "choice texts])")
+        firsts = [text for text, choices in inputs for _ in choices]
+        scores = linear(self._pooled(task, firsts, [c for _, choices in inputs for c in choices]))[:, 0]
         results = []
-        for (text, choices), row in zip(inputs, torch.softmax(scores, -1), strict=True):
-            best = int(row.argmax())
+        for (text, choices), row in zip(inputs, scores.split([len(c) for _, c in inputs]), strict=True):
+            probs = torch.softmax(row, -1)  # over the input's own choices
+            best = int(probs.argmax())
             results.append({"text": text, "choices": choices, "label": labels[best], "answer": choices[best],
-                            "probs": {label: round(float(p), 4) for label, p in zip(labels, row, strict=True)}})
+                            "probs": {label: round(float(p), 4) for label, p in zip(labels, probs, strict=False)}})
         return results
 
     def _tag(self, task: dict, linear, texts: list[str | list[str]]) -> list[dict]:

@@ -59,11 +59,13 @@ CHOICES = 3
 
 
 def _choice_batch(rng, rows):
-    """A multiple-choice batch: `rows` examples of CHOICES sequences each, [rows, CHOICES, LENGTH]."""
+    """A multiple-choice batch: `rows` examples of CHOICES sequences each, [rows, CHOICES, LENGTH],
+    some with a padding choice (no tokens) last."""
     flat = _batch(rng, rows * CHOICES, "class")
     batch = {k: flat[k].reshape(rows, CHOICES, LENGTH) for k in ("input_ids", "attention_mask", "token_type_ids")}
-    return dict(batch, labels=rng.integers(0, CHOICES, size=(rows,)).astype(np.int32),
-                weights=np.ones((rows,), np.float32))
+    labels = rng.integers(0, CHOICES - 1, size=(rows,)).astype(np.int32)
+    batch["attention_mask"][::3, CHOICES - 1] = 0  # every third example has one choice fewer: padding
+    return dict(batch, labels=labels, weights=np.ones((rows,), np.float32))
 
 
 def _train_setup(freeze_layers: int = 0, head: str = "class"):

@@ -458,3 +458,22 @@ def test_multiple_choice_labels_may_name_the_choices(tmp_path, tokenizer):
     assert data.labels == ["A", "B", "C"]
     assert sorted(column(data.splits["train"], "labels") + column(data.splits["validation"], "labels")
                   + column(data.splits["test"], "labels")) == sorted(y for _, _, y in CHOICES)
+
+
+def test_an_example_with_fewer_choices_is_padded_with_empty_ones(tmp_path, tokenizer):
+    """ARC's questions have 3 to 5 choices: K is the most any example has (or the declared labels'),
+    and an example with fewer gets empty sequences, which the batch pads to no tokens at all."""
+    rows = [{"question": q, "options": cs[:2] if i % 2 else cs, "answer": y % 2 if i % 2 else y}
+            for i, (q, cs, y) in enumerate(CHOICES)]
+    spec = dict(CHOICE_SPEC, source={"format": "jsonl", "splits": {"train": ["d.jsonl"]}},
+                columns=dict(CHOICE_SPEC["columns"], choices=["options"]))
+    spec.pop("split")
+    data = load_task_data(load_task(write_task(tmp_path, spec, {"d.jsonl": "\n".join(map(json.dumps, rows))})), tokenizer)
+    assert data.labels == ["0", "1", "2"]
+    train = data.splits["train"]
+    assert [len(ids) for ids in train[1]["input_ids"]] == [len(ids) for ids in train[1]["attention_mask"]]
+    assert train[1]["input_ids"][2] == [] and train[0]["input_ids"][2] != []
+    batch = Batcher(train, batch_size=2, max_length=16, pad_token_id=tokenizer.pad_token_id).batch(np.array([0, 1]))
+    assert batch["attention_mask"].shape == (2, 3, 16)
+    assert batch["attention_mask"].any(axis=-1).tolist() == [[True, True, True], [True, True, False]]
+    assert (batch["input_ids"][1, 2] == tokenizer.pad_token_id).all()

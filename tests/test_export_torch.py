@@ -26,7 +26,8 @@ WORDS = ["John visited Paris", ["Mary", "lives", "in", "New", "York"], "", "Anne
 PAIRS = [("good film", "good"), ("alpha film", "beta film"), ("a long review " * 12, "good"),  # cut longest first
          ("beta", "a long reply " * 12), ("", "good")]
 CHOICES = [("alpha film", ["alpha", "beta", "good"]), ("a long review " * 12, ["good", "beta", "alpha"]),
-           ("beta", ["good", "a long reply " * 12, "beta"]), ("", ["alpha", "beta", "good"])]
+           ("beta", ["good", "a long reply " * 12, "beta"]), ("", ["alpha", "beta", "good"]),
+           ("good film", ["beta", "good"])]  # fewer choices than the task's 3
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ def test_a_multiple_choice_export_is_transformers_bert_for_multiple_choice(expor
         model.classifier.weight.copy_(heads["toy_choice.out.kernel"].T)
         model.classifier.bias.copy_(heads["toy_choice.out.bias"])
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    for text, choices in CHOICES:
+    for text, choices in CHOICES[:4]:  # BertForMultipleChoice takes a fixed number of choices
         enc = tokenizer([text] * 3, choices, padding=True, truncation=True, max_length=16, return_tensors="pt")
         with torch.no_grad():
             probs = torch.softmax(model(**{k: v[None] for k, v in enc.items()}).logits[0], -1)
@@ -166,9 +167,9 @@ def test_torch_reader_runs_alone_on_stdin_and_names_bad_input(exported):
     proc = run("--task", "toy_choice", stdin='{"text": "alpha film", "choices": ["alpha", "beta", "good"]}\n')
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["choices"] == ["alpha", "beta", "good"]
-    proc = run("--task", "toy_choice", stdin='{"text": "alpha film", "choices": ["alpha", "beta"]}\n')
-    assert proc.stderr.strip() == ("torch_predict: this task picks one of 3 choices: give each input as (text, [3 "
-                                   "choice texts])")
+    proc = run("--task", "toy_choice", stdin='{"text": "alpha film", "choices": ["alpha", "beta", "good", "x"]}\n')
+    assert proc.stderr.strip() == ("torch_predict: this task picks one of up to 3 choices: give each input as (text, "
+                                   "[1 to 3 choice texts])")
     proc = run("--task", "toy_choice", "alpha film")
     assert proc.stderr.strip() == ('torch_predict: task \'toy_choice\' picks one of several choices: give {"text": ..., '
                                    '"choices": [...]} lines on stdin')

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -175,6 +176,16 @@ def test_multiple_choice_scores_each_choice_and_picks_by_softmax_over_them():
     np.testing.assert_allclose(predictions["probs"].sum(-1), 1.0, rtol=1e-6)
     assert head.decode(predictions, batch) == [int(np.argmax(expected[0]))]  # real rows only
     assert head.score([2, 0, 1, 2], [2, 1, 1, 2]) == {"accuracy": 0.75}
+    # A choice with no tokens is padding (an example with fewer choices): no probability. A filler
+    # row, all padding, gives no NaN.
+    padded = mask.at[0, 1].set(0).at[1].set(0)
+    batch = _batch(attention_mask=padded, labels=[2, 0], weights=[1.0, 0.0])
+    logits = head(EncoderOutput(hidden), batch)
+    probs = head.predict(logits, batch)["probs"]
+    assert float(probs[0, 1]) == 0.0
+    np.testing.assert_allclose(probs[0, [0, 2]], jax.nn.softmax(jnp.asarray(expected[0, [0, 2]])), rtol=1e-6)
+    assert float(head.loss(logits, batch)) == pytest.approx(-_log_softmax(expected[0, [0, 2]])[1], rel=1e-6)
+    assert np.isfinite(np.asarray(jax.grad(lambda x: head.loss(x, batch))(logits))).all()
     with pytest.raises(MtlError, match=r"multiple_choice needs at least 2 choices, got labels \['A'\]"):
         MultipleChoiceHead(2, ["A"], rngs=nnx.Rngs(0))
 

@@ -359,12 +359,13 @@ GOOD_CHOICE = {"question": "which barks", "options": ["a cat", "a dog", "a fish"
 
 
 @pytest.mark.parametrize("labels, bad, message", [
-    (None, dict(GOOD_CHOICE, options=["a cat", "a dog"]),
-     "d.jsonl:3: 2 choices, where the task has 3 (as 7 of the 8 examples have); every example of a multiple-choice "
-     "task has the same number of choices"),
-    (["A", "B", "C", "D"], GOOD_CHOICE,
-     "d.jsonl:1: 3 choices, where the task has 4 (the 4 declared labels ['A', 'B', 'C', 'D']) (8 such examples); "
-     "every example of a multiple-choice task has the same number of choices"),
+    (None, dict(GOOD_CHOICE, options=[]),
+     "d.jsonl:3: no choices; a multiple-choice example has 1 to 3 choices, one a label"),
+    (["A", "B"], GOOD_CHOICE,
+     "d.jsonl:1: 3 choices, more than the 2 declared labels ['A', 'B'] (8 such examples); a multiple-choice example "
+     "has 1 to 2 choices, one a label"),
+    (None, dict(GOOD_CHOICE, options=["a cat", "a dog"], answer=2),
+     "d.jsonl:3: label '2' names choice 3, and the example has 2"),
     (None, dict(GOOD_CHOICE, answer=3),
      "d.jsonl:3: label '3' is not in the choice positions (declare labels to name them otherwise): ['0', '1', '2']"),
     (None, dict(GOOD_CHOICE, options="a cat"), "d.jsonl:3: choices 'options' must be a list of texts, got \"a cat\""),

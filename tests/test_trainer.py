@@ -1607,9 +1607,13 @@ def test_a_multiple_choice_task_trains_and_is_scored_as_predict_predicts_its_cho
     assert [(w["text"], w["choices"], w["label"], w["answer"]) for w in written] == [
         (r["text"], r["choices"], r["label"], r["answer"]) for r in predicted]
     assert all(w["gold"]["answer"] == w["choices"][int(w["gold"]["label"])] for w in written)
-    with pytest.raises(MtlError, match=r"^task 'toy_choice' picks one of 4 choices: give each input as \(text, "
-                                       r"\[4 choice texts\]\)$"):
-        Predictor.from_workdir(tmp_path / "w").predict("toy_choice", [("the cat went out", ["a", "b", "c"])])
+    with pytest.raises(MtlError, match=r"^task 'toy_choice' picks one of up to 4 choices: give each input as \(text, "
+                                       r"\[1 to 4 choice texts\]\)$"):
+        Predictor.from_workdir(tmp_path / "w").predict("toy_choice", [("the cat went out", list("abcde"))])
+    # Fewer choices than trained with: the rest are padding, and get no probability.
+    three = Predictor.from_workdir(tmp_path / "w").predict("toy_choice", [(
+        "the dog went out", ["the cat came back", "the dog came back", "the bird came back"])])[0]
+    assert list(three["probs"]) == ["0", "1", "2"] and sum(three["probs"].values()) == pytest.approx(1, abs=2e-4)
     # mtl predict takes {"text", "choices"} lines; a line with the wrong number of choices is named.
     monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({"text": "the dog went out", "choices": [
         "the cat came back", "the dog came back", "the bird came back", "the fish came back"]}) + "\n"))
@@ -1619,10 +1623,11 @@ def test_a_multiple_choice_task_trains_and_is_scored_as_predict_predicts_its_cho
     printed = json.loads(capsys.readouterr().out)
     assert printed == {"text": "the dog went out", "choices": ANY, "label": ANY, "answer": ANY, "probs": ANY}
     assert printed["answer"] == printed["choices"][int(printed["label"])]
-    monkeypatch.setattr("sys.stdin", io.StringIO('{"text": "x", "choices": ["a", "b"]}\n'))
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"text": "x", "choices": ["a", "b", "c", "d", "e"]}\n'))
     assert main(predict) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == ('mtl: error: stdin:1: "choices" must be a list of 4 texts '
-                                                        '(this task picks one of 4), got ["a", "b"]')
+    assert capsys.readouterr().err.splitlines()[-1] == ('mtl: error: stdin:1: "choices" must be a list of 1 to 4 texts '
+                                                        '(this task picks one of up to 4), got ["a", "b", "c", "d", '
+                                                        '"e"]')
     assert main([*predict, "the dog went out"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == ('mtl: error: task \'toy_choice\' picks one of several '
                                                         'choices: give {"text": ..., "choices": [...]} lines on stdin, '

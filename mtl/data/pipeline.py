@@ -46,8 +46,8 @@ class TaskData:
       label_kind: how labels are encoded (the head's label_kind).
       splits: {"train"/"validation"/"test": Dataset} with columns input_ids, attention_mask,
         token_type_ids, labels, length (and word_index, num_words, tags for token tasks). For a
-        multiple-choice task the first three hold one sequence per choice, and length is the
-        longest choice's.
+        multiple-choice task the first three hold one sequence per label (choice position), empty
+        past the example's own choices, and length is the longest choice's.
       stats: counts for reports: rows read and kept, examples and label_counts per split,
         truncated examples (at max_length) per split, tokens (words) per split for token tasks.
     """
@@ -406,24 +406,35 @@ def _label_values(kind: str, ds: datasets.Dataset, spec: TaskSpec):
 
 
 def _count_choices(spec: TaskSpec, splits: dict[str, datasets.Dataset]) -> int:
-    """A multiple-choice task's number of choices, K: every example must have the same K (the
-    model scores a [B, K, T] batch), which is the number of labels where they are declared."""
+    """A multiple-choice task's number of choice positions, K: its declared labels', or the most
+    any example has. An example may have fewer (ARC's questions have 3 to 5): its batch rows are
+    padded with empty choices, which the head leaves out. None may have none, or more than K."""
     counts = [(origin, len(choices)) for ds in splits.values()
               for origin, choices in zip(column(ds, "origin"), column(ds, "choices"), strict=True)]
-    if spec.labels is not None:
-        k, whose = len(spec.labels), f"the {len(spec.labels)} declared labels {list(spec.labels)}"
-    else:  # the count most examples have: the others are then the ones to fix
-        k, n = Counter(n for _, n in counts).most_common(1)[0]
-        whose = f"as {n} of the {len(counts)} examples have"
-    bad = [(origin, n) for origin, n in counts if n != k]
+    k = len(spec.labels) if spec.labels is not None else max(n for _, n in counts)
+    bad = [(origin, n) for origin, n in counts if not 0 < n <= k]
     if bad:
         origin, n = min(bad, key=lambda item: _file_order(item[0]))
         others = f" ({len(bad)} such examples)" if len(bad) > 1 else ""
-        raise MtlError(f"{origin}: {n} choices, where the task has {k} ({whose}){others}; every example of a "
-                       "multiple-choice task has the same number of choices")
+        problem = "no choices" if n == 0 else f"{n} choices, more than the {k} declared labels {list(spec.labels)}"
+        raise MtlError(f"{origin}: {problem}{others}; a multiple-choice example has 1 to {k} choices, one a label")
     if k < 2:
         raise MtlError(f"{spec.origin}: task {spec.name!r} has {k} choice per example; multiple choice needs 2 or more")
     return k
+
+
+def _check_answers(splits: dict[str, datasets.Dataset], labels: list[str]) -> None:
+    """Each multiple-choice example's label must name one of its own choices: the third label of
+    a task where some questions have only two choices is no answer to those."""
+    bad = [(origin, label, len(choices)) for ds in splits.values()
+           for origin, label, choices in zip(column(ds, "origin"), column(ds, "label"), column(ds, "choices"),
+                                             strict=True)
+           if labels.index(label) >= len(choices)]
+    if bad:
+        origin, label, n = min(bad, key=lambda item: _file_order(item[0]))
+        others = f" ({len(bad)} such examples)" if len(bad) > 1 else ""
+        raise MtlError(f"{origin}: label {label!r} names choice {labels.index(label) + 1}, and the example has "
+                       f"{n}{others}")
 
 
 def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Dataset],
@@ -522,13 +533,15 @@ def _encode(spec: TaskSpec, kind: str, labels: list[str], tokenizer, ds: dataset
     def choice_batch(batch):
         # Each choice is a pair with the example's text, [CLS] text [SEP] choice [SEP], cut longest
         # text first, as transformers' multiple-choice examples encode them; K rows per example.
-        k = len(batch["choices"][0])  # the same for every example (_count_choices)
+        # An example with fewer than K choices is padded with empty sequences: no tokens, no choice.
         firsts = [text for text, choices in zip(batch["text"], batch["choices"], strict=True) for _ in choices]
         enc = tokenizer(firsts, [c for choices in batch["choices"] for c in choices], truncation=True,
                         max_length=max_length)
+        ends = np.cumsum([len(choices) for choices in batch["choices"]])
 
         def by_example(rows):
-            return [rows[i:i + k] for i in range(0, len(rows), k)]
+            return [rows[end - len(choices):end] + [[]] * (len(labels) - len(choices))
+                    for end, choices in zip(ends, batch["choices"], strict=True)]
 
         types = enc.get("token_type_ids", [[0] * len(x) for x in enc["input_ids"]])
         ids = by_example(enc["input_ids"])
@@ -609,6 +622,8 @@ def load_task_data(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_po
         splits = _check_tags(spec, splits)
     num_choices = _count_choices(spec, splits) if kind == "choice" else None
     labels, label_counts = _resolve_labels(spec, kind, splits, num_choices)
+    if kind == "choice":
+        _check_answers(splits, labels)
     encoded = {name: _encode(spec, kind, labels, tokenizer, ds) for name, ds in splits.items()}
     stats["examples"] = {name: len(ds) for name, ds in encoded.items()}
     stats["label_counts"] = label_counts

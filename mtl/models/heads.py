@@ -457,8 +457,9 @@ class MultipleChoiceHead(Head):
     the encoder reads K rows per example (the model flattens the [B, K, T] inputs to B*K rows). The
     head scores each row with one linear output and takes a softmax over the example's K scores;
     the loss is cross-entropy against the right choice. `labels` name the choice positions, in
-    order ("0".."K-1" unless the spec declares names such as [A, B, C, D]). Options: pooling
-    ("pooler", as transformers' BertForMultipleChoice, "cls" or "mean"), dropout.
+    order ("0".."K-1" unless the spec declares names such as [A, B, C, D]). An example with fewer
+    than K choices comes padded with empty ones (no tokens), which get no probability. Options:
+    pooling ("pooler", as transformers' BertForMultipleChoice, "cls" or "mean"), dropout.
     """
 
     label_kind = "choice"
@@ -482,7 +483,10 @@ class MultipleChoiceHead(Head):
         rows, choices, length = batch["attention_mask"].shape
         mask = batch["attention_mask"].reshape(rows * choices, length)  # as the encoder read them
         pooled = at_least_float32(pool(encoded, mask, self.pooling))
-        return self.out(dropout(pooled, self.dropout, dropout_rng)).reshape(rows, choices)
+        scores = self.out(dropout(pooled, self.dropout, dropout_rng)).reshape(rows, choices)
+        # A padding choice (no tokens) scores the lowest finite number: no probability, and no NaN
+        # in a filler row whose every choice is padding.
+        return jnp.where(batch["attention_mask"].any(axis=-1), scores, jnp.finfo(scores.dtype).min)
 
     @override
     def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
