@@ -23,17 +23,38 @@ import argparse
 import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
-import transformers
-from flax import nnx
-
-from mtl import DEFAULT_MODEL, Encoder, resolve_model
+from mtl.assets import DEFAULT_MODEL
 from mtl.hostmem import asks_for_huge_pages, reexec_with_huge_pages
 
-from timing import cpu_description, median_time  # scripts/timing.py
+from timing import cpu_description, median_time  # scripts/timing.py: no JAX
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line; read before JAX and PyTorch load (see below)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--deep-layers", type=int, default=24, help="depth of the compile-time comparison model")
+    parser.add_argument("--no-huge-pages", action="store_true", help="both sides map memory in the system's "
+                        "default pages, not the huge pages every mtl command asks for (mtl.hostmem)")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
+    if not ARGS.no_huge_pages:  # as the mtl command decides; before the imports below, which a restart
+        reexec_with_huge_pages()  # would make again: this script from the start, with huge pages
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mtl import Encoder, resolve_model  # noqa: E402
 
 
 def mtl_steps(encoder: Encoder, ids, mask):
@@ -66,18 +87,7 @@ def step_seconds(encoder: Encoder, ids, mask, iters: int) -> tuple[float, float]
     return fwd, bwd
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--deep-layers", type=int, default=24, help="depth of the compile-time comparison model")
-    parser.add_argument("--no-huge-pages", action="store_true", help="both sides map memory in the system's "
-                        "default pages, not the huge pages every mtl command asks for (mtl.hostmem)")
-    args = parser.parse_args()
-    if not args.no_huge_pages:  # as the mtl command decides
-        reexec_with_huge_pages()  # this script again, from the start, with huge pages
+def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(os.cpu_count())
 
     directory = resolve_model(args.model)
@@ -122,4 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

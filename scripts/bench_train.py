@@ -36,32 +36,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
-# Grow GPU memory as needed instead of taking 75% at start, so the PyTorch peer in the same
-# process gets the memory it needs (it runs first and hands its cache back).
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import torch
-import transformers
-from flax import nnx
-
-from mtl import DEFAULT_MODEL, Encoder, EncoderConfig, resolve_model
-from mtl.config import OptimSection
+from mtl.assets import DEFAULT_MODEL
 from mtl.hostmem import asks_for_huge_pages, reexec_with_huge_pages, retain_freed_memory
-from mtl.models.heads import ClassificationHead
-from mtl.models.model import MultiTaskModel
-from mtl.sharding import Layout, make_mesh
-from mtl.train.multitask import make_train_steps
-from mtl.train.optim import build_optimizer, frozen_mask
-from mtl.train.state import TrainState
 
-import minimal_jax  # scripts/minimal_jax.py
-from timing import (  # scripts/timing.py
+from timing import (  # scripts/timing.py: no JAX
     SHAPES,
     VOCAB,
     StepCost,
@@ -73,7 +54,8 @@ from timing import (  # scripts/timing.py
 )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line; read before JAX and PyTorch load (see below)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--random-init", choices=sorted(SHAPES), help="a random encoder of this shape, not --model")
@@ -99,12 +81,45 @@ def main() -> None:
                         "memory it frees for reuse (mtl.hostmem): no page faults for fresh temporaries")
     parser.add_argument("--no-huge-pages", action="store_true", help="the process (mtl and both peers) maps memory "
                         "in the system's default pages, not the huge pages every mtl command asks for (mtl.hostmem)")
-    args = parser.parse_args()
-    if not (args.no_huge_pages or args.retain_memory):  # as the mtl command decides
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    # How this process maps memory is settled before the imports below, which take seconds: a
+    # restart with huge pages would make them again, and retained memory must be set before
+    # torch's and XLA's threads allocate.
+    ARGS = parse_args()
+    if not (ARGS.no_huge_pages or ARGS.retain_memory):  # as the mtl command decides
         reexec_with_huge_pages()  # this script again, from the start, with huge pages
+    if ARGS.retain_memory and not retain_freed_memory():
+        sys.exit("bench_train: --retain-memory needs glibc's malloc")
+
+# Grow GPU memory as needed instead of taking 75% at start, so the PyTorch peer in the same
+# process gets the memory it needs (it runs first and hands its cache back).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mtl import Encoder, EncoderConfig, resolve_model  # noqa: E402
+from mtl.config import OptimSection  # noqa: E402
+from mtl.models.heads import ClassificationHead  # noqa: E402
+from mtl.models.model import MultiTaskModel  # noqa: E402
+from mtl.sharding import Layout, make_mesh  # noqa: E402
+from mtl.train.multitask import make_train_steps  # noqa: E402
+from mtl.train.optim import build_optimizer, frozen_mask  # noqa: E402
+from mtl.train.state import TrainState  # noqa: E402
+
+import minimal_jax  # noqa: E402  (scripts/minimal_jax.py)
+
+
+def main(args: argparse.Namespace) -> None:
     frozen = args.freeze_encoder or args.freeze_layers > 0
-    if args.retain_memory and not retain_freed_memory():  # before torch's and XLA's threads allocate
-        parser.error("--retain-memory needs glibc's malloc")
     if args.prng:
         jax.config.update("jax_default_prng_impl", args.prng)
     torch.set_num_threads(os.cpu_count())
@@ -271,5 +286,6 @@ def time_peer(args, batch: dict, device: str) -> StepCost:
 
     return step_cost(torch_step, args.iters)  # the peer's tensors are freed on return
 
+
 if __name__ == "__main__":
-    main()
+    main(ARGS)
