@@ -200,6 +200,20 @@ def _dense(d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(d_in, d_out, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
+class _PicksOne(Head):
+    """Shared by the heads whose logits score the labels of which one is right: they predict the
+    softmax over the last axis and its argmax, and decode each real row's label id."""
+
+    @override
+    def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+        probs = jax.nn.softmax(at_least_float32(logits), axis=-1)
+        return {"label": jnp.argmax(probs, axis=-1), "probs": probs}
+
+    @override
+    def decode(self, predictions: HostBatch, batch: HostBatch) -> list[int]:
+        return [int(predictions["label"][i]) for i in real_rows(batch)]
+
+
 class _PooledHead(Head):
     """Shared by the heads that read one pooled vector per example."""
 
@@ -217,7 +231,7 @@ class _PooledHead(Head):
 
 
 @register_head("classification")
-class ClassificationHead(_PooledHead):
+class ClassificationHead(_PooledHead, _PicksOne):
     """Single-label classification: softmax over `labels`, cross-entropy loss.
 
     Options: pooling ("pooler", "cls" or "mean"), dropout, class_weights (one weight per label,
@@ -258,14 +272,6 @@ class ClassificationHead(_PooledHead):
             weights = weights * class_weights[labels]
         return _weighted_mean(ce, weights)
 
-    @override
-    def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
-        probs = jax.nn.softmax(at_least_float32(logits), axis=-1)
-        return {"label": jnp.argmax(probs, axis=-1), "probs": probs}
-
-    @override
-    def decode(self, predictions: HostBatch, batch: HostBatch) -> list[int]:
-        return [int(predictions["label"][i]) for i in real_rows(batch)]
 
     @override
     def score(self, predicted: Sequence[int], references: Sequence[int]) -> dict[str, float]:
@@ -450,7 +456,7 @@ class MultiLabelHead(_PooledHead):
 
 
 @register_head("multiple_choice")
-class MultipleChoiceHead(Head):
+class MultipleChoiceHead(_PicksOne):
     """The right answer among K choices (SWAG, COPA, PIQA, HellaSwag), as BERT's multiple-choice head.
 
     Each choice is encoded with the example's text as one pair, [CLS] text [SEP] choice [SEP], so
@@ -493,14 +499,6 @@ class MultipleChoiceHead(Head):
         ce = optax.softmax_cross_entropy_with_integer_labels(at_least_float32(logits), batch["labels"])
         return _weighted_mean(ce, batch["weights"])
 
-    @override
-    def predict(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
-        probs = jax.nn.softmax(at_least_float32(logits), axis=-1)
-        return {"label": jnp.argmax(probs, axis=-1), "probs": probs}
-
-    @override
-    def decode(self, predictions: HostBatch, batch: HostBatch) -> list[int]:
-        return [int(predictions["label"][i]) for i in real_rows(batch)]
 
     @override
     def score(self, predicted: Sequence[int], references: Sequence[int]) -> dict[str, float]:
