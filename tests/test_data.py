@@ -470,6 +470,7 @@ def test_an_example_with_fewer_choices_is_padded_with_empty_ones(tmp_path, token
     spec.pop("split")
     data = load_task_data(load_task(write_task(tmp_path, spec, {"d.jsonl": "\n".join(map(json.dumps, rows))})), tokenizer)
     assert data.labels == ["0", "1", "2"]
+    assert data.stats["choices"] == {"train": {"2": 4, "3": 4}}
     train = data.splits["train"]
     assert [len(ids) for ids in train[1]["input_ids"]] == [len(ids) for ids in train[1]["attention_mask"]]
     assert train[1]["input_ids"][2] == [] and train[0]["input_ids"][2] != []

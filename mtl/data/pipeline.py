@@ -49,7 +49,8 @@ class TaskData:
         multiple-choice task the first three hold one sequence per label (choice position), empty
         past the example's own choices, and length is the longest choice's.
       stats: counts for reports: rows read and kept, examples and label_counts per split,
-        truncated examples (at max_length) per split, tokens (words) per split for token tasks.
+        truncated examples (at max_length) per split, tokens (words) per split for token tasks,
+        examples by their number of choices per split for multiple-choice tasks.
     """
 
     spec: TaskSpec
@@ -632,4 +633,7 @@ def load_task_data(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_po
     }
     if kind == "tags":
         stats["tokens"] = {name: int(np.sum(column(ds, "num_words"))) for name, ds in encoded.items()}
+    if kind == "choice":  # how many examples have each number of choices (fewer than K are padded)
+        stats["choices"] = {name: {str(n): c for n, c in sorted(Counter(map(len, column(ds, "choices"))).items())}
+                            for name, ds in splits.items()}
     return TaskData(spec=spec, labels=labels, label_kind=kind, splits=encoded, stats=stats)
