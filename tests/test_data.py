@@ -397,7 +397,7 @@ CHOICES = [("which animal barks", ["a cat", "a dog", "a fish"], 1), ("which is c
            ("which one flies", ["a stone", "a chair", "a bird"], 2)] * 2
 
 
-@pytest.mark.parametrize("fmt", ["csv", "jsonl columns", "jsonl list", "hub"])
+@pytest.mark.parametrize("fmt", ["csv", "jsonl columns", "jsonl list", "hub", "hub list"])
 def test_multiple_choice_pairs_the_text_with_each_choice(tmp_path, tokenizer, monkeypatch, fmt):
     import datasets
 
@@ -410,20 +410,30 @@ def test_multiple_choice_pairs_the_text_with_each_choice(tmp_path, tokenizer, mo
     elif fmt == "jsonl list":
         files = {"data.jsonl": "\n".join(json.dumps({"question": q, "options": cs, "answer": y}) for q, cs, y in CHOICES)}
         spec["columns"] = dict(spec["columns"], choices=["options"])
-    else:  # as SWAG on the hub: one column per ending, an integer label
+    elif fmt == "hub":  # as SWAG on the hub: one column per ending, an integer label
         rows = {"question": [q for q, _, _ in CHOICES], **{k: [cs[i] for _, cs, _ in CHOICES] for i, k in enumerate("abc")},
                 "answer": [y for _, _, y in CHOICES]}
-        hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
-                                    "validation": datasets.Dataset.from_dict({k: v[:4] for k, v in rows.items()})})
+        features = None
+    else:  # as MMLU on the hub: a list of choices, the answer a ClassLabel named by letter
+        rows = {"question": [q for q, _, _ in CHOICES], "options": [cs for _, cs, _ in CHOICES],
+                "answer": [y for _, _, y in CHOICES]}
+        features = datasets.Features({"question": datasets.Value("string"),
+                                      "options": datasets.Sequence(datasets.Value("string")),
+                                      "answer": datasets.ClassLabel(names=["A", "B", "C"])})
+        spec["columns"], spec["labels"] = dict(spec["columns"], choices=["options"]), ["A", "B", "C"]
+    if fmt.startswith("hub"):
+        hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features),
+                                    "validation": datasets.Dataset.from_dict({k: v[:4] for k, v in rows.items()},
+                                                                             features=features)})
         monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, **kw: hub)
         files, spec["source"] = {}, {"format": "hub", "hub": "toy/swag"}
         spec.pop("split")
-    if fmt != "hub":
+    if not fmt.startswith("hub"):
         spec["source"] = {"format": fmt.split()[0], "files": [f"data.{fmt.split()[0]}"]}
     path = write_task(tmp_path, spec, files)
     raw, _ = load_raw_splits(load_task(path))
     data = load_task_data(load_task(path), tokenizer)
-    assert data.labels == ["0", "1", "2"] and data.label_kind == "choice"
+    assert data.labels == (["A", "B", "C"] if fmt == "hub list" else ["0", "1", "2"]) and data.label_kind == "choice"
     read = []
     for name, split in data.splits.items():
         texts, choices = column(raw[name], "text"), column(raw[name], "choices")
@@ -435,7 +445,7 @@ def test_multiple_choice_pairs_the_text_with_each_choice(tmp_path, tokenizer, mo
             assert split[row]["length"] == max(map(len, expected["input_ids"]))
             gold = next(y for q, cs, y in CHOICES if q == text and cs == options)
             assert split[row]["labels"] == gold
-    assert sorted(read) == sorted((q, tuple(cs)) for q, cs, _ in CHOICES + (CHOICES[:4] if fmt == "hub" else []))
+    assert sorted(read) == sorted((q, tuple(cs)) for q, cs, _ in CHOICES + (CHOICES[:4] if fmt.startswith("hub") else []))
     # A batch is [B, K, T]: each example's K pairs, padded to the bucket; filler rows are all padding.
     train = data.splits["train"]
     batcher = Batcher(train, batch_size=4, max_length=16, pad_token_id=tokenizer.pad_token_id, buckets=(8, 16))
