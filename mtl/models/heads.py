@@ -272,7 +272,6 @@ class ClassificationHead(_PooledHead, _PicksOne):
             weights = weights * class_weights[labels]
         return _weighted_mean(ce, weights)
 
-
     @override
     def score(self, predicted: Sequence[int], references: Sequence[int]) -> dict[str, float]:
         return metrics.classification_metrics(references, predicted, self.labels)
@@ -498,7 +497,6 @@ class MultipleChoiceHead(_PicksOne):
     def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
         ce = optax.softmax_cross_entropy_with_integer_labels(at_least_float32(logits), batch["labels"])
         return _weighted_mean(ce, batch["weights"])
-
 
     @override
     def score(self, predicted: Sequence[int], references: Sequence[int]) -> dict[str, float]:
