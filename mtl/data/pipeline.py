@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 
 from mtl.assets import PackagedAsset, cache_root, fetch_packaged
 from mtl.data import readers
@@ -406,12 +407,19 @@ def _label_values(kind: str, ds: datasets.Dataset, spec: TaskSpec):
     return ((o, [v]) for o, v in zip(column(ds, "origin"), column(ds, "label"), strict=True))
 
 
-def _count_choices(spec: TaskSpec, splits: dict[str, datasets.Dataset]) -> int:
+def _choice_counts(splits: dict[str, datasets.Dataset]) -> dict[str, np.ndarray]:
+    """Each example's number of choices, per split, from arrow's list lengths (no text is read)."""
+    return {name: pc.list_value_length(ds.with_format("arrow")["choices"]).to_numpy(zero_copy_only=False)
+            for name, ds in splits.items()}
+
+
+def _count_choices(spec: TaskSpec, splits: dict[str, datasets.Dataset], per_split: dict[str, np.ndarray]) -> int:
     """A multiple-choice task's number of choice positions, K: its declared labels', or the most
-    any example has. An example may have fewer (ARC's questions have 3 to 5): its batch rows are
-    padded with empty choices, which the head leaves out. None may have none, or more than K."""
-    counts = [(origin, len(choices)) for ds in splits.values()
-              for origin, choices in zip(column(ds, "origin"), column(ds, "choices"), strict=True)]
+    any example has (`per_split`: `_choice_counts`). An example may have fewer (ARC's questions
+    have 3 to 5): its batch rows are padded with empty choices, which the head leaves out. None
+    may have none, or more than K."""
+    counts = [(origin, int(n)) for name, ds in splits.items()
+              for origin, n in zip(column(ds, "origin"), per_split[name], strict=True)]
     k = len(spec.labels) if spec.labels is not None else max(n for _, n in counts)
     bad = [(origin, n) for origin, n in counts if not 0 < n <= k]
     if bad:
@@ -424,17 +432,19 @@ def _count_choices(spec: TaskSpec, splits: dict[str, datasets.Dataset]) -> int:
     return k
 
 
-def _check_answers(splits: dict[str, datasets.Dataset], labels: list[str]) -> None:
-    """Each multiple-choice example's label must name one of its own choices: the third label of
-    a task where some questions have only two choices is no answer to those."""
-    bad = [(origin, label, len(choices)) for ds in splits.values()
-           for origin, label, choices in zip(column(ds, "origin"), column(ds, "label"), column(ds, "choices"),
-                                             strict=True)
-           if labels.index(label) >= len(choices)]
+def _check_answers(splits: dict[str, datasets.Dataset], labels: list[str],
+                   per_split: dict[str, np.ndarray]) -> None:
+    """Each multiple-choice example's label must name one of its own choices (`per_split`:
+    `_choice_counts`): the third label of a task where some questions have only two choices is
+    no answer to those."""
+    position = {label: i for i, label in enumerate(labels)}
+    bad = [(origin, label, int(n)) for name, ds in splits.items()
+           for origin, label, n in zip(column(ds, "origin"), column(ds, "label"), per_split[name], strict=True)
+           if position[label] >= n]
     if bad:
         origin, label, n = min(bad, key=lambda item: _file_order(item[0]))
         others = f" ({len(bad)} such examples)" if len(bad) > 1 else ""
-        raise MtlError(f"{origin}: label {label!r} names choice {labels.index(label) + 1}, and the example has "
+        raise MtlError(f"{origin}: label {label!r} names choice {position[label] + 1}, and the example has "
                        f"{n}{others}")
 
 
@@ -621,10 +631,11 @@ def load_task_data(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_po
     splits, stats = load_raw_splits(spec)
     if kind == "tags":
         splits = _check_tags(spec, splits)
-    num_choices = _count_choices(spec, splits) if kind == "choice" else None
+    choice_counts = _choice_counts(splits) if kind == "choice" else None
+    num_choices = _count_choices(spec, splits, choice_counts) if kind == "choice" else None
     labels, label_counts = _resolve_labels(spec, kind, splits, num_choices)
     if kind == "choice":
-        _check_answers(splits, labels)
+        _check_answers(splits, labels, choice_counts)
     encoded = {name: _encode(spec, kind, labels, tokenizer, ds) for name, ds in splits.items()}
     stats["examples"] = {name: len(ds) for name, ds in encoded.items()}
     stats["label_counts"] = label_counts
@@ -634,6 +645,6 @@ def load_task_data(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_po
     if kind == "tags":
         stats["tokens"] = {name: int(np.sum(column(ds, "num_words"))) for name, ds in encoded.items()}
     if kind == "choice":  # how many examples have each number of choices (fewer than K are padded)
-        stats["choices"] = {name: {str(n): c for n, c in sorted(Counter(map(len, column(ds, "choices"))).items())}
-                            for name, ds in splits.items()}
+        stats["choices"] = {name: {str(n): c for n, c in sorted(Counter(counts.tolist()).items())}
+                            for name, counts in choice_counts.items()}
     return TaskData(spec=spec, labels=labels, label_kind=kind, splits=encoded, stats=stats)
