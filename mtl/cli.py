@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from mtl import hostmem
 from mtl.assets import DEFAULT_MODEL, enable_compilation_cache
@@ -65,12 +66,16 @@ def _data(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=None if args.compact else 2))
 
 
-def _print_summary(results: dict[str, float], everything: bool = False) -> None:
+def _print_summary(results: dict[str, float], everything: bool = False, config=None) -> None:
+    """`results` as JSON: every one, or `headline`'s, with the primary metrics of `config`'s tasks."""
     import json
 
+    from mtl.tasks import load_tasks, primary_metrics
     from mtl.tracking import headline
 
-    shown = results if everything else headline(results)
+    primary = [] if config is None else primary_metrics(load_tasks([t.task for t in config.tasks],
+                                                                   [t.overrides for t in config.tasks]))
+    shown = results if everything else headline(results, primary)
     print(json.dumps({k: round(v, 4) for k, v in shown.items()}, indent=2))
 
 
@@ -80,7 +85,7 @@ def _train(args: argparse.Namespace) -> None:
     config = load_experiment(args.config, args.overrides)  # a bad key is named before the trainer's 3 s of imports
     from mtl.train.loop import train
 
-    _print_summary(train(config, args.workdir))
+    _print_summary(train(config, args.workdir), config=config)
 
 
 def _meta_train(args: argparse.Namespace) -> None:
@@ -106,9 +111,11 @@ def _meta_test(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from mtl.config import load_experiment
     from mtl.train.loop import evaluate
 
-    _print_summary(evaluate(args.workdir, args.split, _checkpoint(args), args.batch_size, args.predictions), args.all)
+    results = evaluate(args.workdir, args.split, _checkpoint(args), args.batch_size, args.predictions)
+    _print_summary(results, args.all, load_experiment(Path(args.workdir) / "config.yaml"))
 
 
 def _jsonl_texts(lines, tokens: bool = False, pairs: bool = False,

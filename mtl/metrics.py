@@ -14,8 +14,9 @@ import numpy as np
 
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict[str, float]:
-    """accuracy, macro_f1, weighted_f1, and precision/recall/f1 per class."""
-    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+    """accuracy, macro_f1, weighted_f1, mcc (Matthews correlation: GLUE's CoLA metric, for any
+    number of classes), and precision/recall/f1 per class."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, precision_recall_fscore_support
 
     ids = list(range(len(labels)))
     out = {
@@ -23,6 +24,8 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
         "macro_f1": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
         "weighted_f1": float(f1_score(y_true, y_pred, labels=ids, average="weighted", zero_division=0)),
     }
+    # 0.0 where either side holds one class; sklearn also warns where both hold the same one.
+    out["mcc"] = float(matthews_corrcoef(y_true, y_pred)) if len({*y_true, *y_pred}) > 1 else 0.0
     precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
     for i, label in enumerate(labels):
         out[f"precision/{label}"] = float(precision[i])

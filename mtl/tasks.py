@@ -13,7 +13,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +250,11 @@ def load_task(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) ->
     spec.origin, spec.overrides = str(path.resolve()), list(overrides)
     _validate(spec, str(path))
     return spec
+
+
+def primary_metrics(specs: Iterable[TaskSpec]) -> list[str]:
+    """Each task's primary metric (its spec's `metric`) as evaluation results name it, "task/metric"."""
+    return [f"{spec.name}/{spec.metric}" for spec in specs]
 
 
 def load_tasks(names_or_paths: Sequence[str | os.PathLike],

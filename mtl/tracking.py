@@ -21,7 +21,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +38,12 @@ HEADLINE_METRICS = ("accuracy", "macro_f1", "entity_f1", "entity_precision", "en
                     "micro_f1", "polarity_mae", "mse")
 
 
-def headline(results: dict[str, float]) -> dict[str, float]:
-    """The results worth printing: "aggregate"-style keys and "task/metric" for the metrics above."""
+def headline(results: dict[str, float], primary: Collection[str] = ()) -> dict[str, float]:
+    """The results worth printing: "aggregate"-style keys, "task/metric" for the metrics above,
+    and the `primary` keys, each task's selected metric (a CoLA task's "mcc", say)."""
     def shown(key: str) -> bool:
         parts = key.split("/")
-        return len(parts) == 1 or (len(parts) == 2 and parts[1] in HEADLINE_METRICS)
+        return len(parts) == 1 or (len(parts) == 2 and parts[1] in HEADLINE_METRICS) or key in primary
 
     return {key: value for key, value in results.items() if shown(key)}
 
@@ -230,13 +231,13 @@ class Progress:
     nohup, CI) a bar is carriage returns, so tqdm turns itself off and each logged step prints
     one line instead: step, losses, steps/s and ETA. Every evaluation prints one line in both.
     `enabled=False` (the other processes of a multi-process run), or SHOW_PROGRESS False, shows
-    nothing.
+    nothing. An evaluation line shows `headline`'s results, with `primary` its extra keys.
     """
 
-    def __init__(self, total: int, initial: int, *, enabled: bool = True,
+    def __init__(self, total: int, initial: int, *, enabled: bool = True, primary: Collection[str] = (),
                  clock: Callable[[], float] = time.perf_counter):
         enabled = enabled and SHOW_PROGRESS
-        self.total, self.enabled = total, enabled
+        self.total, self.enabled, self.primary = total, enabled, primary
         self.initial, self.clock, self.started = initial, clock, clock()
         self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
                         disable=None if enabled else True, file=sys.stderr)
@@ -260,7 +261,7 @@ class Progress:
     def evaluated(self, step: int, split: str, results: dict[str, float]) -> None:
         """One line of an evaluation's headline scores."""
         if self.enabled:
-            shown = ", ".join(f"{key} {value:.4f}" for key, value in headline(results).items())
+            shown = ", ".join(f"{key} {value:.4f}" for key, value in headline(results, self.primary).items())
             self._print(f"step {step}/{self.total}: {split}: {shown}")
 
     def _print(self, line: str) -> None:

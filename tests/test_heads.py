@@ -1,6 +1,7 @@
 """Head losses, predictions and metrics against values computed by hand; the head registry."""
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +90,20 @@ def test_classification_decode_and_score():
     # a: P=1, R=1/2, F1=2/3; b: P=2/3, R=1, F1=4/5; macro = (2/3 + 4/5) / 2
     assert scores["macro_f1"] == pytest.approx((2 / 3 + 4 / 5) / 2)
     assert scores["recall/a"] == 0.5 and scores["precision/b"] == pytest.approx(2 / 3)
+    # Matthews, b positive: TP=2, TN=1, FP=1, FN=0 -> (2*1 - 1*0) / sqrt(3 * 2 * 2 * 1)
+    assert scores["mcc"] == pytest.approx(2 / math.sqrt(12))
+
+
+def test_mcc_over_several_classes_and_one():
+    head = ClassificationHead(4, ["a", "b", "c"], rngs=nnx.Rngs(0))
+    # Gorodkin's K-class form: (c*s - t.p) / sqrt((s^2 - p.p)(s^2 - t.t)), with c=3 right of s=5,
+    # t=(2, 2, 1) true and p=(1, 2, 2) predicted per class.
+    expected = (3 * 5 - (2 * 1 + 2 * 2 + 1 * 2)) / math.sqrt((25 - (1 + 4 + 4)) * (25 - (4 + 4 + 1)))
+    assert head.score([0, 1, 2, 1, 2], [0, 0, 1, 1, 2])["mcc"] == pytest.approx(expected)
+    with warnings.catch_warnings():  # one class on both sides: 0, and no sklearn warning
+        warnings.simplefilter("error")
+        scores = head.score([1, 1, 1], [1, 1, 1])
+    assert scores["mcc"] == 0.0 and scores["accuracy"] == 1.0
 
 
 def test_sentiment_score_is_expected_polarity():

@@ -213,7 +213,7 @@ def test_a_spec_override_value_that_is_not_yaml_is_one_line(tmp_path):
 
 
 def test_metric_must_come_from_the_head(tmp_path):
-    with pytest.raises(MtlError, match=r"key 'metric': 'entity_f1' is not reported by head 'classification'; choose one of \['accuracy', 'macro_f1', 'weighted_f1'\]"):
+    with pytest.raises(MtlError, match=r"key 'metric': 'entity_f1' is not reported by head 'classification'; choose one of \['accuracy', 'macro_f1', 'weighted_f1', 'mcc'\]"):
         load_task(write_task(tmp_path, dict(CSV_SPEC, metric="entity_f1"), {}))
 
 

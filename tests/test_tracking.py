@@ -177,6 +177,16 @@ def test_progress_prints_lines_where_stderr_is_not_a_terminal(capsys):
     ]
 
 
+def test_progress_shows_each_tasks_primary_metric_beside_the_headline_ones(capsys):
+    """A task that selects on a metric outside the headline set (CoLA on mcc) still sees it."""
+    progress = Progress(100, 0, primary=["cola/mcc"])
+    progress.evaluated(50, "validation", {"cola/accuracy": 0.75, "cola/mcc": 0.5, "cola/weighted_f1": 0.7,
+                                          "bbc_topic/mcc": 0.4, "aggregate": 0.5})
+    progress.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "step 50/100: validation: cola/accuracy 0.7500, cola/mcc 0.5000, aggregate 0.5000"]
+
+
 def test_progress_eta_runs_at_the_mean_rate_since_the_start_not_the_last_window(capsys):
     """A resumed run counts from its own first step; a fast window after an evaluation does not
     make the ETA collapse to zero."""

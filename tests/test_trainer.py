@@ -776,6 +776,20 @@ def test_evaluation_batches_have_their_own_size(tmp_path, isolated_cache, minilm
         Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, eval_batch_size=3)), tmp_path / "other")
 
 
+def test_evaluate_prints_each_tasks_primary_metric(tmp_path, isolated_cache, minilm_dir, capsys):
+    """A task that selects on a metric outside the printed set (mcc, as CoLA) gets it printed."""
+    from mtl.cli import main
+
+    config = _toy_config(tmp_path, minilm_dir, steps=1, eval_every=1, checkpoint_every=1)
+    config = dataclasses.replace(config, tasks=[dataclasses.replace(config.tasks[0], overrides=["metric=mcc"])])
+    Trainer(build_experiment(config), tmp_path / "w").run()
+    capsys.readouterr()
+    assert main(["--no-compile-cache", "evaluate", "--workdir", str(tmp_path / "w")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"toy_csv/accuracy", "toy_csv/macro_f1", "toy_csv/mcc", "aggregate", "checkpoint_step"}
+    assert printed["aggregate"] == printed["toy_csv/mcc"]
+
+
 def test_evaluation_scores_each_row_as_predict_predicts_its_text(tmp_path, isolated_cache, minilm_dir, monkeypatch):
     """Evaluation batches rows shortest first; each is still scored against its own label."""
     from mtl.data.pipeline import column, load_raw_splits
@@ -1062,7 +1076,7 @@ def test_a_frozen_encoder_run_with_fast_heads_trains_the_head_alone(tmp_path, is
 def test_unknown_best_metric_is_refused_before_training(tmp_path, isolated_cache, minilm_dir):
     config = _toy_config(tmp_path, minilm_dir, best_metric="toy_csv/f1")
     with pytest.raises(MtlError, match=r"^key 'train.best_metric': 'toy_csv/f1' is not one of \['aggregate', "
-                                       r"'toy_csv/accuracy', 'toy_csv/macro_f1', 'toy_csv/weighted_f1'\]$"):
+                                       r"'toy_csv/accuracy', 'toy_csv/macro_f1', 'toy_csv/weighted_f1', 'toy_csv/mcc'\]$"):
         Trainer(build_experiment(config), tmp_path / "w")
     assert not (tmp_path / "w").exists()
     accepted = Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, best_metric="toy_csv/macro_f1")), tmp_path / "m")

@@ -241,7 +241,7 @@ class ClassificationHead(_PooledHead, _PicksOne):
     """
 
     label_kind = "class"
-    metric_names = ("accuracy", "macro_f1", "weighted_f1")
+    metric_names = ("accuracy", "macro_f1", "weighted_f1", "mcc")
 
     def __init__(
         self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs,

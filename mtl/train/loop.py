@@ -40,7 +40,7 @@ from mtl.data.pipeline import column
 from mtl.errors import MtlError
 from mtl.models.heads import decode_real_rows, real_rows
 from mtl.sharding import Layout, fit_mesh, initialize_distributed, is_primary, make_mesh, primary_first
-from mtl.tasks import TaskHead
+from mtl.tasks import TaskHead, primary_metrics
 from mtl.tracking import (
     MetricsWriter,
     Progress,
@@ -201,6 +201,10 @@ class TrainLoop:
         """The evaluation results train.best_metric may name."""
         raise NotImplementedError
 
+    def primary_metrics(self) -> list[str]:
+        """Evaluation results to print beside the headline ones (`mtl.tracking.headline`)."""
+        return []
+
     # ----------------------------------------------------------------------- state
 
     def meta(self) -> dict:
@@ -303,7 +307,7 @@ class TrainLoop:
         writer = MetricsWriter(self.workdir, tensorboard=cfg.tensorboard)
         window: dict[str, list[float]] = {}
         results: dict[str, float] = {}
-        progress = Progress(cfg.steps, start, enabled=is_primary())
+        progress = Progress(cfg.steps, start, enabled=is_primary(), primary=self.primary_metrics())
         profiler = StepProfiler(self.profile_directory(), cfg.profile_start, cfg.profile_steps)
         tick, tick_step = time.perf_counter(), start
         done = start
@@ -451,6 +455,10 @@ class Trainer(TrainLoop):
     def selectable_metrics(self) -> list[str]:
         heads = self.experiment.model.heads
         return ["aggregate"] + [f"{task}/{metric}" for task in self.tasks for metric in heads[task].metric_names]
+
+    @override
+    def primary_metrics(self) -> list[str]:
+        return primary_metrics(data.spec for data in self.experiment.tasks.values())
 
     @override
     def progress(self) -> dict:
