@@ -66,17 +66,20 @@ def _data(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=None if args.compact else 2))
 
 
-def _print_summary(results: dict[str, float], everything: bool = False, config=None) -> None:
-    """`results` as JSON: every one, or `headline`'s, with the primary metrics of `config`'s tasks."""
+def _print_summary(results: dict[str, float], everything: bool = False, primary: list[str] | None = None) -> None:
+    """`results` as JSON: every one, or `headline`'s with the `primary` keys (each task's metric)."""
     import json
 
-    from mtl.tasks import load_tasks, primary_metrics
     from mtl.tracking import headline
 
-    primary = [] if config is None else primary_metrics(load_tasks([t.task for t in config.tasks],
-                                                                   [t.overrides for t in config.tasks]))
-    shown = results if everything else headline(results, primary)
+    shown = results if everything else headline(results, primary or [])
     print(json.dumps({k: round(v, 4) for k, v in shown.items()}, indent=2))
+
+
+def _primary_metrics(config) -> list[str]:
+    from mtl.tasks import load_tasks, primary_metrics
+
+    return primary_metrics(load_tasks([t.task for t in config.tasks], [t.overrides for t in config.tasks]))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -85,7 +88,7 @@ def _train(args: argparse.Namespace) -> None:
     config = load_experiment(args.config, args.overrides)  # a bad key is named before the trainer's 3 s of imports
     from mtl.train.loop import train
 
-    _print_summary(train(config, args.workdir), config=config)
+    _print_summary(train(config, args.workdir), primary=_primary_metrics(config))
 
 
 def _meta_train(args: argparse.Namespace) -> None:
@@ -112,10 +115,19 @@ def _meta_test(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from mtl.config import load_experiment
-    from mtl.train.loop import evaluate
+    from mtl.errors import MtlError
+    from mtl.tasks import load_task, primary_metrics
+    from mtl.train.loop import evaluate, evaluate_on
 
-    results = evaluate(args.workdir, args.split, _checkpoint(args), args.batch_size, args.predictions)
-    _print_summary(results, args.all, load_experiment(Path(args.workdir) / "config.yaml"))
+    if args.on is None:
+        if args.task is not None:
+            raise MtlError("--task picks the head that reads --on's data; without --on, every task is scored")
+        results = evaluate(args.workdir, args.split, _checkpoint(args), args.batch_size, args.predictions)
+        _print_summary(results, args.all, _primary_metrics(load_experiment(Path(args.workdir) / "config.yaml")))
+        return
+    results = evaluate_on(args.workdir, args.on, args.task, args.split, _checkpoint(args), args.batch_size,
+                          args.predictions)
+    _print_summary(results, args.all, primary_metrics([load_task(args.on, training=False)]))
 
 
 def _jsonl_texts(lines, tokens: bool = False, pairs: bool = False,
@@ -318,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--predictions", metavar="FILE",
                           help="also write each row's prediction and gold label to FILE as JSON lines")
     evaluate.add_argument("--all", action="store_true", help="print every metric (per class, per type)")
+    evaluate.add_argument("--on", metavar="SPEC",
+                          help="score one trained task's head on this task spec's data instead (another dataset "
+                               "with its labels); nothing is trained")
+    evaluate.add_argument("--task", help="with --on: the trained task whose head reads it (default: the task of the "
+                                         "spec's name, or the workdir's only task)")
     evaluate.set_defaults(run=_evaluate)
 
     predict = sub.add_parser("predict", help="predict with a trained workdir; texts as arguments or JSONL on stdin")

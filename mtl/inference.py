@@ -184,13 +184,18 @@ class Predictor:
         for start in range(0, len(texts), rows):
             chosen = order[start:start + rows]
             batch = self._batch(trained.max_length, enc, chosen, rows, words, sequences if choices else None)
-            predictions = jax.device_get(self._steps[task](self._params, batch))
+            predictions = self.predict_batch(task, batch)
             probs = predictions.get("probs")
             for row, (i, item) in enumerate(zip(chosen, decode_real_rows(task, head, predictions, batch), strict=True)):
                 second = pairs[i] if pairs is not None else choices[i] if choices is not None else None
                 results[i] = self._result(task, kind, texts[i], second, words[i] if words else None, item,
                                           probs[row] if probs is not None else None)
         return results
+
+    def predict_batch(self, task: str, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`task`'s head's predictions ({name: [B, ...]}, on the host) for one padded batch, as
+        `mtl.data.batching.Batcher` builds them."""
+        return jax.device_get(self._steps[task](self._params, batch))
 
     def _batch(self, max_length: int, enc, chosen: np.ndarray, rows: int, words: list[list[str]] | None,
                choices: int | None = None) -> dict[str, np.ndarray]:

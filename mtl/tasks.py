@@ -134,7 +134,7 @@ class TaskHead:
                    spec.columns.text_pair is not None)
 
 
-def _validate(spec: TaskSpec, where: str) -> None:
+def _validate(spec: TaskSpec, where: str, training: bool = True) -> None:
     def at(key: str) -> str:  # the file as the user named it, and the override that set the key
         return at_key(where, key, spec.overrides)
 
@@ -168,7 +168,7 @@ def _validate(spec: TaskSpec, where: str) -> None:
     unknown_splits = sorted(set(source.splits) - set(SPLITS))
     if unknown_splits:
         raise MtlError(f"{at('source.splits')}: unknown split(s) {unknown_splits}; known: {list(SPLITS)}")
-    if source.splits and "train" not in source.splits:
+    if training and source.splits and "train" not in source.splits:
         raise MtlError(f"{at('source.splits')}: a 'train' split is required")
     fractions = [spec.split.train, spec.split.validation, spec.split.test]
     if any(f < 0 for f in fractions) or spec.split.train <= 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-9):
@@ -234,8 +234,9 @@ def _validate_choices(spec: TaskSpec, head: type, at) -> None:
 LOADER_KEYS = ("origin", "overrides")
 
 
-def load_task(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) -> TaskSpec:
-    """Load and validate one task spec, by path or by the name of a shipped task."""
+def load_task(name_or_path: str | os.PathLike, overrides: Sequence[str] = (), *, training: bool = True) -> TaskSpec:
+    """Load and validate one task spec, by path or by the name of a shipped task. A spec only
+    scored by a trained head (`training=False`: `mtl evaluate --on`) may give no train split."""
     path = Path(name_or_path)
     if not path.exists() and path.suffix not in (".yaml", ".yml"):
         shipped = TASKS_DIR / f"{name_or_path}.yaml"
@@ -248,7 +249,7 @@ def load_task(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) ->
         if getattr(spec, key):
             raise MtlError(f"{at_key(str(path), key, overrides)}: mtl sets it when it loads the spec; leave it out")
     spec.origin, spec.overrides = str(path.resolve()), list(overrides)
-    _validate(spec, str(path))
+    _validate(spec, str(path), training)
     return spec
 
 

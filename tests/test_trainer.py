@@ -827,6 +827,66 @@ def test_evaluation_scores_each_row_as_predict_predicts_its_text(tmp_path, isola
         evaluate(tmp_path / "nothing")
 
 
+def test_evaluate_on_scores_a_trained_head_on_another_specs_data(tmp_path, isolated_cache, minilm_dir, capsys):
+    """mtl evaluate --on: a workdir's head scores another dataset with its labels (here test rows
+    only, under other column names), as predicting its texts and counting would; every mismatch
+    between the spec and the trained task is one line naming it."""
+    from mtl.cli import main
+    from mtl.inference import Predictor
+    from mtl.tasks import load_task
+    from mtl.train.loop import evaluate_on
+
+    config = _toy_config(tmp_path, minilm_dir, steps=1, eval_every=1, checkpoint_every=1)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, random_init=None))
+    Trainer(build_experiment(config), tmp_path / "w").run()
+    texts = [f"{'good ' * (i % 5)}{'bad ' * (i % 3)}show {i}" for i in range(12)]
+    gold = ["pos" if i % 3 else "neg" for i in range(12)]
+    rows = "body,verdict\n" + "\n".join(f"{t},{g}" for t, g in zip(texts, gold, strict=True))
+    other = {"name": "reviews", "head": "classification", "metric": "macro_f1",
+             "source": {"format": "csv", "splits": {"test": ["other.csv"]}}, "columns": {"text": "body", "label": "verdict"}}
+    spec = write_task(tmp_path / "other", other, {"other.csv": rows})
+    with pytest.raises(MtlError, match=r"source\.splits': a 'train' split is required"):
+        load_task(spec)  # for training; scoring needs none
+
+    results = evaluate_on(tmp_path / "w", spec, split="test", predictions_file=tmp_path / "p.jsonl")
+    predicted = [r["label"] for r in Predictor.from_workdir(tmp_path / "w").predict("toy_csv", texts)]
+    assert len(set(predicted)) == 2, predicted  # else any row order would pass
+    accuracy = float(np.mean(np.asarray(predicted) == np.asarray(gold)))
+    assert results["reviews/accuracy"] == pytest.approx(accuracy)
+    assert results["aggregate"] == results["reviews/macro_f1"] and results["checkpoint_step"] == 1
+    lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [(line["task"], line["text"], line["label"], line["gold"]["label"]) for line in lines] == [
+        ("reviews", t, p, g) for t, p, g in zip(texts, predicted, gold, strict=True)]
+    capsys.readouterr()
+    assert main(["--no-compile-cache", "evaluate", "--workdir", str(tmp_path / "w"), "--on", str(spec),
+                 "--task", "toy_csv", "--split", "test"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"reviews/accuracy", "reviews/macro_f1", "aggregate", "checkpoint_step"}
+    assert printed["reviews/accuracy"] == round(accuracy, 4)
+    assert main(["evaluate", "--workdir", str(tmp_path / "w"), "--task", "toy_csv"]) == 2
+    assert "--task picks the head that reads --on's data" in capsys.readouterr().err
+
+    def refused(changes: dict, files: dict | None = None, **kwargs) -> str:
+        path = write_task(tmp_path / "bad", dict(other, **changes), files or {"other.csv": rows})
+        with pytest.raises(MtlError) as e:
+            evaluate_on(tmp_path / "w", path, **dict({"split": "test"}, **kwargs))
+        return str(e.value)
+
+    bad_label = rows + "\nso-so show,mixed\n"
+    assert refused({}, {"other.csv": bad_label}).endswith(
+        f"other.csv:14: label 'mixed' is not in the labels task 'toy_csv' of {tmp_path / 'w'} was trained on: "
+        "['neg', 'pos']")
+    assert re.search(r"reviews\.yaml: head 'regression', but task 'toy_csv' of \S+ was trained with head "
+                     r"'classification'", refused({"head": "regression", "metric": "mse"}))
+    pairs = "body,note,verdict\n" + "\n".join(f"{t},a note,{g}" for t, g in zip(texts, gold, strict=True))
+    assert re.search(r"reviews\.yaml: task 'toy_csv' of \S+ reads one text an example; columns\.text_pair must not "
+                     r"name a column here$", refused({"columns": {"text": "body", "text_pair": "note", "label": "verdict"}},
+                                                     {"other.csv": pairs}))
+    assert refused({}, task="nope").endswith("has no task 'nope'; its tasks: ['toy_csv']")
+    assert refused({}, split="validation").endswith(
+        "reviews.yaml: has no 'validation' split to score (it has ['test']); choose one with --split")
+
+
 def test_predictions_file_of_a_token_task_and_a_cut_validation_split(tmp_path, isolated_cache, minilm_dir,
                                                                       monkeypatch):
     from mtl.data.pipeline import column, load_raw_splits

@@ -448,11 +448,12 @@ def _check_answers(splits: dict[str, datasets.Dataset], labels: list[str],
                        f"{n}{others}")
 
 
-def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Dataset],
-                    num_choices: int | None = None) -> tuple[list[str], dict]:
+def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Dataset], num_choices: int | None = None,
+                    given: tuple[list[str], str] | None = None) -> tuple[list[str], dict]:
     """The label vocabulary (declared or inferred from train), after checking every split.
 
-    A multiple-choice task's labels name its `num_choices` positions: declared, or "0".."K-1"."""
+    A multiple-choice task's labels name its `num_choices` positions: declared, or "0".."K-1".
+    `given` is (labels, what they are): a trained head's, which every label must be one of."""
     counts = {name: Counter(x for _, vals in _label_values(kind, ds, spec) for x in vals)
               for name, ds in splits.items()}
     if kind == "scalar":
@@ -461,8 +462,11 @@ def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Datase
                if not _is_number(value)]
         if bad:
             raise MtlError(_first_bad_label(bad, f"is not a number (head {spec.head!r} needs one)"))
-        return list(spec.labels or [spec.columns.label]), {}
-    if spec.labels is not None:
+        return list(given[0] if given is not None else spec.labels or [spec.columns.label]), {}
+    if given is not None:
+        labels, what = list(given[0]), given[1]
+        known = set(labels)
+    elif spec.labels is not None:
         labels, known, what = list(spec.labels), set(spec.labels), "the declared labels"
     elif num_choices is not None:
         labels = [str(i) for i in range(num_choices)]
@@ -617,13 +621,17 @@ def load_raw_splits(spec: TaskSpec) -> tuple[dict[str, datasets.Dataset], dict[s
     return splits, stats
 
 
-def load_task_data(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_positions: int | None = None) -> TaskData:
+def load_task_data(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_positions: int | None = None,
+                   labels: tuple[list[str], str] | None = None) -> TaskData:
     """Read, filter, split, check and tokenize a task's data; see the module docstring.
 
     Args:
       spec: a loaded TaskSpec.
       tokenizer: the encoder's fast tokenizer (`mtl.load_tokenizer`).
       max_positions: the encoder's position limit; a larger spec.max_length is an error.
+      labels: (labels, what they are) to encode with in place of the spec's own or inferred ones:
+        a trained head's, which the data is scored by (`mtl evaluate --on`); a label outside
+        them is an error naming its line and saying what they are.
     """
     if max_positions is not None:
         check_max_length(spec, max_positions)
@@ -632,11 +640,13 @@ def load_task_data(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_po
     if kind == "tags":
         splits = _check_tags(spec, splits)
     choice_counts = _choice_counts(splits) if kind == "choice" else None
+    if labels is not None and kind == "choice":  # the trained head's K choice positions
+        spec = dataclasses.replace(spec, labels=list(labels[0]))
     num_choices = _count_choices(spec, splits, choice_counts) if kind == "choice" else None
-    labels, label_counts = _resolve_labels(spec, kind, splits, num_choices)
+    vocabulary, label_counts = _resolve_labels(spec, kind, splits, num_choices, labels)
     if kind == "choice":
-        _check_answers(splits, labels, choice_counts)
-    encoded = {name: _encode(spec, kind, labels, tokenizer, ds) for name, ds in splits.items()}
+        _check_answers(splits, vocabulary, choice_counts)
+    encoded = {name: _encode(spec, kind, vocabulary, tokenizer, ds) for name, ds in splits.items()}
     stats["examples"] = {name: len(ds) for name, ds in encoded.items()}
     stats["label_counts"] = label_counts
     stats["truncated"] = {
@@ -647,4 +657,4 @@ def load_task_data(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_po
     if kind == "choice":  # how many examples have each number of choices (fewer than K are padded)
         stats["choices"] = {name: {str(n): c for n, c in sorted(Counter(counts.tolist()).items())}
                             for name, counts in choice_counts.items()}
-    return TaskData(spec=spec, labels=labels, label_kind=kind, splits=encoded, stats=stats)
+    return TaskData(spec=spec, labels=vocabulary, label_kind=kind, splits=encoded, stats=stats)

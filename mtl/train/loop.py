@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,9 @@ from typing_extensions import override
 from mtl.checkpoint import SELECTION, Checkpointer, require_kept
 from mtl.config import ExperimentConfig, config_changes, schema_defaults, to_yaml
 from mtl.data.batching import Batcher, TrainStream, eval_batches
-from mtl.data.pipeline import column
+from mtl.data.pipeline import TaskData, column, load_task_data
 from mtl.errors import MtlError
-from mtl.models.heads import decode_real_rows, real_rows
+from mtl.models.heads import Head, decode_real_rows, real_rows
 from mtl.sharding import Layout, fit_mesh, initialize_distributed, is_primary, make_mesh, primary_first
 from mtl.tasks import TaskHead, primary_metrics
 from mtl.tracking import (
@@ -518,35 +518,20 @@ class Trainer(TrainLoop):
         for name in self.tasks:
             if split not in self.experiment.tasks[name].splits:
                 continue
-            head = self.experiment.model.head(name)
-            batcher = self.batchers[split][name]
-            items, probs = [None] * batcher.size, None  # by row of the split: the batches come shortest first
-            for batch in eval_batches(batcher):
-                on_mesh = self.layout.put_whole_batch(batch)
-                predictions = self.layout.gather(self.predict_steps[name](model_params, on_mesh))
-                real = real_rows(batch)
-                rows = batch["index"][real]
-                for row, item in zip(rows, decode_real_rows(name, head, predictions, batch), strict=True):
-                    items[row] = item
-                if "probs" in predictions:
-                    if probs is None:
-                        probs = np.zeros((batcher.size, predictions["probs"].shape[-1]), np.float32)
-                    probs[rows] = np.asarray(predictions["probs"])[real]
-            out[name] = SplitPredictions(items, probs)
+
+            def run(batch: dict[str, np.ndarray], name: str = name) -> dict[str, Any]:
+                return self.layout.gather(self.predict_steps[name](model_params, self.layout.put_whole_batch(batch)))
+
+            out[name] = predict_split(name, self.experiment.model.head(name), self.batchers[split][name], run)
         return out
 
     def score(self, predictions: dict[str, SplitPredictions], split: str) -> dict[str, float]:
         """`evaluate`'s metrics of predictions `predict(split)` made."""
-        results: dict[str, float] = {}
-        primaries = []
-        for name, predicted in predictions.items():
-            data, head = self.experiment.tasks[name], self.experiment.model.head(name)
-            references = column(data.splits[split], "tags" if head.label_kind == "tags" else "labels")
-            scores = head.score(predicted.items, references)
-            results.update({f"{name}/{k}": v for k, v in scores.items()})
-            primaries.append(selection_value(data.spec.metric, scores[data.spec.metric]))
-        results["aggregate"] = float(np.mean(primaries)) if primaries else float("nan")
-        return results
+        return score_splits(self.data_and_heads(predictions), predictions, split)
+
+    def data_and_heads(self, names: Iterable[str]) -> dict[str, tuple[TaskData, Head]]:
+        """{name: (its tokenized data, its head)} for the tasks `names`."""
+        return {name: (self.experiment.tasks[name], self.experiment.model.head(name)) for name in names}
 
 
 @dataclasses.dataclass
@@ -556,6 +541,41 @@ class SplitPredictions:
 
     items: list[Any]
     probs: np.ndarray | None
+
+
+def predict_split(name: str, head: Head, batcher: Batcher,
+                  run: Callable[[dict[str, np.ndarray]], dict[str, Any]]) -> SplitPredictions:
+    """Task `name`'s predictions for every row of `batcher`'s split; `run` maps a batch to its
+    head's predictions on the host."""
+    items, probs = [None] * batcher.size, None  # by row of the split: the batches come shortest first
+    for batch in eval_batches(batcher):
+        predictions = run(batch)
+        real = real_rows(batch)
+        rows = batch["index"][real]
+        for row, item in zip(rows, decode_real_rows(name, head, predictions, batch), strict=True):
+            items[row] = item
+        if "probs" in predictions:
+            if probs is None:
+                probs = np.zeros((batcher.size, predictions["probs"].shape[-1]), np.float32)
+            probs[rows] = np.asarray(predictions["probs"])[real]
+    return SplitPredictions(items, probs)
+
+
+def score_splits(tasks: dict[str, tuple[TaskData, Head]], predictions: dict[str, SplitPredictions],
+                 split: str) -> dict[str, float]:
+    """Every task's metrics ("task/metric") of its `predictions` on `split`, against the split's
+    references, and "aggregate": the mean of each task's primary metric (negated where lower is
+    better)."""
+    results: dict[str, float] = {}
+    primaries = []
+    for name, predicted in predictions.items():
+        data, head = tasks[name]
+        references = column(data.splits[split], "tags" if head.label_kind == "tags" else "labels")
+        scores = head.score(predicted.items, references)
+        results.update({f"{name}/{k}": v for k, v in scores.items()})
+        primaries.append(selection_value(data.spec.metric, scores[data.spec.metric]))
+    results["aggregate"] = float(np.mean(primaries)) if primaries else float("nan")
+    return results
 
 
 def train(config: ExperimentConfig, workdir: str | Path) -> dict[str, float]:
@@ -603,11 +623,73 @@ def evaluate(workdir: str | Path, split: str = "validation", checkpoint: str | i
     append_record(workdir, step, split, results)
     if predictions_file is not None:
         try:
-            write_predictions(Path(predictions_file), trainer.experiment, split, predictions)
+            write_predictions(Path(predictions_file), trainer.data_and_heads(predictions), split, predictions)
         except OSError as e:
             raise MtlError(f"{predictions_file}: cannot write the predictions ({e.strerror}); the scores are in "
                            f"{workdir / 'metrics.jsonl'}") from None
     return dict(results, checkpoint_step=step)
+
+
+def evaluate_on(workdir: str | Path, spec_path: str | Path, task: str | None = None, split: str = "validation",
+                checkpoint: str | int = "best", batch_size: int | None = None,
+                predictions_file: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict[str, float]:
+    """Score one trained task's head on the data of another task spec: a new domain, another
+    dataset with the task's labels, a test set of one's own. Nothing is trained: the workdir's
+    encoder and head read the spec's `split` and are scored by the spec's head's metrics.
+
+    `task` names the trained task whose head reads the data; by default the one of the spec's
+    name, or a workdir's only task. The spec must use the same head and read pairs of texts if
+    the task did; its labels are encoded as the task's (every one must be among them) and its
+    texts cut at the task's max_length. It need not give a train split. Results are keyed by the
+    spec's name ("name/metric", plus "aggregate" and "checkpoint_step"); they are printed, not
+    appended to the workdir's metrics.jsonl, which records its own tasks. With
+    `predictions_file`, each row's prediction is written as `evaluate` writes them."""
+    from mtl.config import load_experiment
+    from mtl.inference import Predictor
+    from mtl.tasks import load_task
+
+    workdir = Path(workdir)
+    if predictions_file is not None:
+        _check_writable(Path(predictions_file))
+    spec = load_task(spec_path, overrides, training=False)
+    if not (workdir / "config.yaml").is_file() or not (workdir / "checkpoints").is_dir():
+        raise MtlError(f"{workdir}: not a training workdir (no config.yaml and checkpoints/); run mtl train first")
+    config = load_experiment(workdir / "config.yaml")
+    predictor = Predictor.from_workdir(workdir, checkpoint)
+    trained = sorted(predictor.tasks)
+    if task is None:
+        if spec.name not in predictor.tasks and len(trained) > 1:
+            raise MtlError(f"{workdir}: has no task named {spec.name!r}, as {spec.origin} is; name the task whose head "
+                           f"should read it with --task, one of {trained}")
+        task = spec.name if spec.name in predictor.tasks else trained[0]
+    if task not in predictor.tasks:
+        raise MtlError(f"{workdir}: has no task {task!r}; its tasks: {trained}")
+    head_of = predictor.tasks[task]
+    if spec.head != head_of.head:
+        raise MtlError(f"{spec.origin}: head {spec.head!r}, but task {task!r} of {workdir} was trained with head "
+                       f"{head_of.head!r}; its head can only score data of that kind")
+    if (spec.columns.text_pair is not None) != head_of.text_pair:
+        reads = "pairs of texts" if head_of.text_pair else "one text"
+        raise MtlError(f"{spec.origin}: task {task!r} of {workdir} reads {reads} an example; columns.text_pair must "
+                       f"{'name' if head_of.text_pair else 'not name'} a column here")
+    spec = dataclasses.replace(spec, max_length=head_of.max_length)
+    data = load_task_data(spec, predictor.tokenizer, labels=(
+        predictor.labels[task], f"the labels task {task!r} of {workdir} was trained on"))
+    if split not in data.splits:
+        raise MtlError(f"{spec.origin}: has no {split!r} split to score (it has {sorted(data.splits)}); choose one "
+                       "with --split")
+    batcher = Batcher(data.splits[split], batch_size=batch_size or config.train.eval_batch_size
+                      or config.train.batch_size, max_length=head_of.max_length,
+                      pad_token_id=predictor.tokenizer.pad_token_id, buckets=config.train.buckets)
+    head = predictor.model.head(task)
+    predictions = {spec.name: predict_split(spec.name, head, batcher, lambda b: predictor.predict_batch(task, b))}
+    results = score_splits({spec.name: (data, head)}, predictions, split)
+    if predictions_file is not None:
+        try:
+            write_predictions(Path(predictions_file), {spec.name: (data, head)}, split, predictions)
+        except OSError as e:
+            raise MtlError(f"{predictions_file}: cannot write the predictions ({e.strerror})") from None
+    return dict(results, checkpoint_step=predictor.step)
 
 
 def _check_writable(path: Path) -> None:
@@ -620,9 +702,9 @@ def _check_writable(path: Path) -> None:
         raise MtlError(f"{path}: cannot write in {parent} (permission denied)")
 
 
-def write_predictions(path: Path, experiment: Experiment, split: str,
+def write_predictions(path: Path, tasks: dict[str, tuple[TaskData, Head]], split: str,
                       predictions: dict[str, SplitPredictions]) -> None:
-    """One JSON line per row of `split` and task, in the split's row order, tasks in config order:
+    """One JSON line per row of `split` and task, in the split's row order, tasks in `predictions`' order:
     {"task", "row", "origin" (the file and line, or hub split and row, it was read from), the
     input ("text" and "text_pair" or "choices", or "tokens"), the prediction as `mtl predict` prints it, and
     "gold": the reference in the same form}. The file is replaced whole once every line is built."""
@@ -631,7 +713,7 @@ def write_predictions(path: Path, experiment: Experiment, split: str,
 
     lines = []
     for name, predicted in predictions.items():
-        data, head = experiment.tasks[name], experiment.model.head(name)
+        data, head = tasks[name]
         tokenized = data.splits[split]
         raw = load_raw_splits(data.spec)[0][split]
         raw = raw.select(range(len(tokenized)))  # validation may be cut to the config's max_eval_examples
