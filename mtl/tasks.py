@@ -144,11 +144,13 @@ def _validate(spec: TaskSpec, where: str, training: bool = True) -> None:
         head = get_head(spec.head)
     except MtlError as e:
         raise MtlError(f"{at('head')}: {e}") from None
-    if spec.metric not in head.metric_names:
-        raise MtlError(
-            f"{at('metric')}: {spec.metric!r} is not reported by head {spec.head!r}; "
-            f"choose one of {list(head.metric_names)}"
-        )
+    by_label = head.label_metrics(spec.labels or [])
+    if spec.metric not in head.metric_names and spec.metric not in by_label:
+        example = by_label or head.label_metrics(["<label>"])
+        also = f", or one label's, such as {example[-1]!r}" if example else ""
+        also += " (with labels declared)" if example and not by_label else ""
+        raise MtlError(f"{at('metric')}: {spec.metric!r} is not reported by head {spec.head!r}; "
+                       f"choose one of {list(head.metric_names)}{also}")
     if spec.labels is None and head.needs_declared_labels:
         raise MtlError(f"{at('labels')}: head {spec.head!r} needs its labels declared in order")
     if spec.labels is not None:

@@ -139,6 +139,14 @@ def test_token_classification_decodes_words_from_first_subtokens():
     assert scores["token_accuracy"] == pytest.approx(2 / 3)
 
 
+def test_token_scores_give_every_entity_type_an_f1():
+    """A type that neither gold nor predictions hold scores 0, so a task selecting on it finds it."""
+    head = TokenClassificationHead(4, ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"], rngs=nnx.Rngs(0))
+    assert head.label_metrics(head.labels) == ("entity_f1/PER", "entity_f1/LOC")
+    scores = head.score([[1, 2, 0]], [[1, 2, 0]])
+    assert scores["entity_f1/PER"] == 1.0 and scores["entity_f1/LOC"] == 0.0
+
+
 def test_seqeval_strict_iob2_does_not_repair_predictions():
     true = [["B-PER", "I-PER", "O", "B-LOC"]]
     pred = [["B-PER", "I-PER", "O", "I-LOC"]]  # I-LOC with no B-LOC: not an entity in strict mode

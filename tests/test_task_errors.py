@@ -213,8 +213,29 @@ def test_a_spec_override_value_that_is_not_yaml_is_one_line(tmp_path):
 
 
 def test_metric_must_come_from_the_head(tmp_path):
-    with pytest.raises(MtlError, match=r"key 'metric': 'entity_f1' is not reported by head 'classification'; choose one of \['accuracy', 'macro_f1', 'weighted_f1', 'mcc'\]"):
+    with pytest.raises(MtlError, match=r"key 'metric': 'entity_f1' is not reported by head 'classification'; choose one "
+                                       r"of \['accuracy', 'macro_f1', 'weighted_f1', 'mcc'\], or one label's, such as "
+                                       r"'f1/pos'$"):
         load_task(write_task(tmp_path, dict(CSV_SPEC, metric="entity_f1"), {}))
+
+
+def test_a_task_may_select_on_one_labels_metric_of_its_declared_labels(tmp_path):
+    """As MRPC and QQP select on their positive class's F1; the label must be one the spec declares."""
+    assert load_task(write_task(tmp_path / "a", dict(CSV_SPEC, metric="f1/pos"), {})).metric == "f1/pos"
+    assert load_task(write_task(tmp_path / "b", dict(CONLL_SPEC, metric="entity_f1/PER"), {})).metric == "entity_f1/PER"
+    with pytest.raises(MtlError, match=r"key 'metric': 'f1/meh' is not reported by head 'classification'; .*, or one "
+                                       r"label's, such as 'f1/pos'$"):
+        load_task(write_task(tmp_path / "c", dict(CSV_SPEC, metric="f1/meh"), {}))
+    inferred = {k: v for k, v in CSV_SPEC.items() if k != "labels"}
+    with pytest.raises(MtlError, match=r"'f1/pos' is not reported by head 'classification'; .*, or one label's, such as "
+                                       r"'f1/<label>' \(with labels declared\)$"):
+        load_task(write_task(tmp_path / "d", dict(inferred, metric="f1/pos"), {}))
+    with pytest.raises(MtlError, match=r"'entity_f1/B-PER' is not reported by head 'token_classification'; .*, or one "
+                                       r"label's, such as 'entity_f1/\w+'$"):
+        load_task(write_task(tmp_path / "e", dict(CONLL_SPEC, metric="entity_f1/B-PER"), {}))
+    with pytest.raises(MtlError, match=r"'f1/pos' is not reported by head 'regression'; choose one of "
+                                       r"\['pearson', 'spearman', 'mse'\]$"):
+        load_task(write_task(tmp_path / "f", dict(CSV_SPEC, head="regression", metric="f1/pos"), {}))
 
 
 def test_sentiment_needs_declared_labels(tmp_path):

@@ -776,18 +776,23 @@ def test_evaluation_batches_have_their_own_size(tmp_path, isolated_cache, minilm
         Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, eval_batch_size=3)), tmp_path / "other")
 
 
-def test_evaluate_prints_each_tasks_primary_metric(tmp_path, isolated_cache, minilm_dir, capsys):
-    """A task that selects on a metric outside the printed set (mcc, as CoLA) gets it printed."""
+@pytest.mark.parametrize("metric", ["mcc", "f1/pos"])
+def test_evaluate_prints_each_tasks_primary_metric(tmp_path, isolated_cache, minilm_dir, capsys, metric):
+    """A task that selects on a metric outside the printed set (mcc, as CoLA; its positive class's
+    F1, as MRPC) gets it printed, and train.best_metric may name it."""
     from mtl.cli import main
 
-    config = _toy_config(tmp_path, minilm_dir, steps=1, eval_every=1, checkpoint_every=1)
-    config = dataclasses.replace(config, tasks=[dataclasses.replace(config.tasks[0], overrides=["metric=mcc"])])
-    Trainer(build_experiment(config), tmp_path / "w").run()
+    config = _toy_config(tmp_path, minilm_dir, steps=1, eval_every=1, checkpoint_every=1,
+                         best_metric=f"toy_csv/{metric}")
+    config = dataclasses.replace(config, tasks=[dataclasses.replace(config.tasks[0], overrides=[f"metric={metric}"])])
+    final = Trainer(build_experiment(config), tmp_path / "w").run()
+    assert final["aggregate"] == final[f"toy_csv/{metric}"]
     capsys.readouterr()
     assert main(["--no-compile-cache", "evaluate", "--workdir", str(tmp_path / "w")]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert set(printed) == {"toy_csv/accuracy", "toy_csv/macro_f1", "toy_csv/mcc", "aggregate", "checkpoint_step"}
-    assert printed["aggregate"] == printed["toy_csv/mcc"]
+    assert set(printed) == {"toy_csv/accuracy", "toy_csv/macro_f1", f"toy_csv/{metric}", "aggregate",
+                            "checkpoint_step"}
+    assert printed["aggregate"] == printed[f"toy_csv/{metric}"]
 
 
 def test_evaluation_scores_each_row_as_predict_predicts_its_text(tmp_path, isolated_cache, minilm_dir, monkeypatch):

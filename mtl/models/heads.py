@@ -19,6 +19,8 @@ imported, so a user's head needs no change to mtl. A new head is one class:
         def predict(self, logits, batch): ...                          # -> {name: [B, ...]}
         def decode(self, predictions, batch): ...                      # -> one item per real row
         def score(self, predicted, references): ...                    # -> {metric: float}
+        @classmethod
+        def label_metrics(cls, labels): ...  # optional: per-label keys of score's a task may select
 
 `Head` below gives each method's types.
 """
@@ -117,6 +119,12 @@ class Head(nnx.Module):
     metric_names: ClassVar[tuple[str, ...]] = ()
     # True when the order of `labels` means something, so they cannot be inferred from data.
     needs_declared_labels: ClassVar[bool] = False
+
+    @classmethod
+    def label_metrics(cls, labels: Sequence[str]) -> tuple[str, ...]:
+        """The per-label metrics `score` reports for these labels, "metric/label" (none by default):
+        a task may select on one, as GLUE's MRPC and QQP do on the F1 of their positive class."""
+        return ()
 
     def __call__(self, encoded: EncoderOutput, batch: Batch, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         """The task's logits from the encoder's output; dropout only when `dropout_rng` is given."""
@@ -243,6 +251,11 @@ class ClassificationHead(_PooledHead, _PicksOne):
     label_kind = "class"
     metric_names = ("accuracy", "macro_f1", "weighted_f1", "mcc")
 
+    @override
+    @classmethod
+    def label_metrics(cls, labels: Sequence[str]) -> tuple[str, ...]:
+        return tuple(f"{metric}/{label}" for metric in ("precision", "recall", "f1") for label in labels)
+
     def __init__(
         self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs,
         pooling: str = "pooler", dropout: float = 0.1, class_weights: Sequence[float] | None = None,
@@ -336,6 +349,11 @@ class TokenClassificationHead(Head):
     label_kind = "tags"
     metric_names = ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
 
+    @override
+    @classmethod
+    def label_metrics(cls, labels: Sequence[str]) -> tuple[str, ...]:
+        return tuple(f"entity_f1/{kind}" for kind in entity_types(labels))
+
     def __init__(self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs, dropout: float = 0.1,
                  label_smoothing: float = 0.0):
         self.labels = tuple(labels)
@@ -377,9 +395,17 @@ class TokenClassificationHead(Head):
     @override
     def score(self, predicted: Sequence[list[int]], references: Sequence[list[int]]) -> dict[str, float]:
         names = self.labels
-        return metrics.entity_metrics(
+        scores = metrics.entity_metrics(
             [[names[t] for t in seq] for seq in references], [[names[t] for t in seq] for seq in predicted]
         )
+        # seqeval reports the types that occur; a type neither side has scores 0, so that a task
+        # selecting on its F1 always finds it.
+        return {**{key: 0.0 for key in self.label_metrics(names)}, **scores}
+
+
+def entity_types(tags: Sequence[str]) -> list[str]:
+    """The entity types of IOB2 tags, in first-seen order: PER and LOC of [O, B-PER, I-PER, B-LOC]."""
+    return list(dict.fromkeys(tag[2:] for tag in tags if tag[:2] in ("B-", "I-")))
 
 
 @register_head("regression")
@@ -424,6 +450,11 @@ class MultiLabelHead(_PooledHead):
 
     label_kind = "multi"
     metric_names = ("micro_f1", "macro_f1")
+
+    @override
+    @classmethod
+    def label_metrics(cls, labels: Sequence[str]) -> tuple[str, ...]:
+        return tuple(f"f1/{label}" for label in labels)
 
     def __init__(
         self, hidden_size: int, labels: Sequence[str], *, rngs: nnx.Rngs,

@@ -454,7 +454,8 @@ class Trainer(TrainLoop):
     @override
     def selectable_metrics(self) -> list[str]:
         heads = self.experiment.model.heads
-        return ["aggregate"] + [f"{task}/{metric}" for task in self.tasks for metric in heads[task].metric_names]
+        listed = [f"{task}/{metric}" for task in self.tasks for metric in heads[task].metric_names]
+        return ["aggregate", *dict.fromkeys(listed + self.primary_metrics())]  # a label's metric, if a task selects one
 
     @override
     def primary_metrics(self) -> list[str]:
