@@ -388,6 +388,9 @@ def test_a_hub_split_without_labels_is_left_out_and_a_row_without_one_is_named(t
     with pytest.raises(MtlError) as error:
         load_task_data(load_task(path), tokenizer)
     assert str(error.value) == f"{path}: hub dataset 'nyu-mll/glue' has no train split; it has ['test', 'validation']"
+    # Data a trained head only scores (mtl evaluate --on) needs none: its labels are the head's.
+    scored = load_task_data(load_task(path), tokenizer, labels=(["entailment", "not_entailment"], "the head's"))
+    assert sorted(scored.splits) == ["validation"] and list(scored.splits["validation"]["labels"]) == [1, 0]
 
 
 CHOICE_SPEC = dict(CSV_SPEC, name="toy_choice", head="multiple_choice", labels=None, max_length=16,

@@ -253,9 +253,10 @@ def _label_names(ds: datasets.Dataset, label: str, where: str) -> datasets.Datas
     return ds
 
 
-def _hub(spec: TaskSpec) -> dict[str, datasets.Dataset]:
+def _hub(spec: TaskSpec, need_train: bool = True) -> dict[str, datasets.Dataset]:
     """A Hugging Face datasets id: its own splits, with columns.text/label as text/label (or, for
-    token tasks, as tokens/tags), label ids turned into names."""
+    token tasks, as tokens/tags), label ids turned into names; one without a labelled train split
+    is an error where `need_train`."""
     try:
         loaded = datasets.load_dataset(spec.source.hub, spec.source.hub_config,
                                        cache_dir=str(cache_root() / "datasets"))
@@ -283,7 +284,7 @@ def _hub(spec: TaskSpec) -> dict[str, datasets.Dataset]:
         if choices:
             ds = _gather_choices(ds, choices, where)
         out[split] = ds.add_column("origin", [f"{where}:{i}" for i in range(len(ds))])
-    if "train" not in out:
+    if need_train and "train" not in out:
         unlabelled = " with labels" if "train" in loaded else ""
         raise MtlError(f"{spec.origin}: hub dataset {spec.source.hub!r} has no train split{unlabelled}; it has "
                        f"{sorted(loaded)}")
@@ -584,7 +585,7 @@ def _encode(spec: TaskSpec, kind: str, labels: list[str], tokenizer, ds: dataset
                   desc=f"tokenizing {spec.name}")
 
 
-def load_raw_splits(spec: TaskSpec) -> tuple[dict[str, datasets.Dataset], dict[str, Any]]:
+def load_raw_splits(spec: TaskSpec, *, need_train: bool = True) -> tuple[dict[str, datasets.Dataset], dict[str, Any]]:
     """Read, filter and split a task's data, before any checking or tokenizing.
 
     Returns ({"train"/"validation"/"test": Dataset with columns origin, text (and text_pair, for a
@@ -592,13 +593,14 @@ def load_raw_splits(spec: TaskSpec) -> tuple[dict[str, datasets.Dataset], dict[s
     tokens and tags for token tasks}, stats with rows_read,
     and for split-by-fraction sources rows_kept and fallback_decoded). These are the exact rows
     `load_task_data` tokenizes, which is what a peer model outside mtl must train and be scored on
-    (scripts/peer_tfidf.py).
+    (scripts/peer_tfidf.py). A hub dataset may lack a labelled train split only where not
+    `need_train` (data a trained head only scores).
     """
     kind = get_head(spec.head).label_kind
     source = spec.source
     stats: dict[str, Any] = {}
     if source.format == "hub":
-        splits = _hub(spec)
+        splits = _hub(spec, need_train)
         stats["rows_read"] = sum(len(d) for d in splits.values())
     else:
         root = _data_root(spec)
@@ -636,7 +638,7 @@ def load_task_data(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_po
     if max_positions is not None:
         check_max_length(spec, max_positions)
     kind = get_head(spec.head).label_kind
-    splits, stats = load_raw_splits(spec)
+    splits, stats = load_raw_splits(spec, need_train=labels is None)  # a trained head's labels: only scored
     if kind == "tags":
         splits = _check_tags(spec, splits)
     choice_counts = _choice_counts(splits) if kind == "choice" else None

@@ -716,7 +716,7 @@ def write_predictions(path: Path, tasks: dict[str, tuple[TaskData, Head]], split
     for name, predicted in predictions.items():
         data, head = tasks[name]
         tokenized = data.splits[split]
-        raw = load_raw_splits(data.spec)[0][split]
+        raw = load_raw_splits(data.spec, need_train=False)[0][split]
         raw = raw.select(range(len(tokenized)))  # validation may be cut to the config's max_eval_examples
         origins = column(tokenized, "origin")
         if column(raw, "origin") != origins:  # both come from the same files, read the same way
