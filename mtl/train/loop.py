@@ -644,7 +644,8 @@ def evaluate_on(workdir: str | Path, spec_path: str | Path, task: str | None = N
     texts cut at the task's max_length. It need not give a train split. Results are keyed by the
     spec's name ("name/metric", plus "aggregate" and "checkpoint_step"); they are printed, not
     appended to the workdir's metrics.jsonl, which records its own tasks. With
-    `predictions_file`, each row's prediction is written as `evaluate` writes them."""
+    `predictions_file`, each row's prediction is written as `evaluate` writes them; `overrides`
+    are dotted overrides of the spec, as a config's tasks[].overrides."""
     from mtl.config import load_experiment
     from mtl.inference import Predictor
     from mtl.tasks import load_task
