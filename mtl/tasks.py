@@ -49,6 +49,8 @@ class SourceSpec:
     package: PackageSource | None = None
     hub: str | None = None  # HF datasets id, for format: hub (its own splits are used)
     hub_config: str | None = None
+    # The hub's name of a split whose name is not mtl's, {validation: validation_matched} (MNLI).
+    hub_splits: dict[str, str] = dataclasses.field(default_factory=dict)
     encoding: str = "utf-8"  # a file that does not decode is an error naming file and line
     fallback_encoding: str | None = None  # decode such files with this instead (e.g. latin-1)
     delimiter: str | None = None  # csv: "," by default; conll: any whitespace by default
@@ -162,6 +164,13 @@ def _validate(spec: TaskSpec, where: str, training: bool = True) -> None:
     source = spec.source
     if source.format not in FORMATS:
         raise MtlError(f"{at('source.format')}: {source.format!r} is unknown; known: {list(FORMATS)}")
+    if source.hub_splits and source.format != "hub":
+        raise MtlError(f"{at('source.hub_splits')}: names a hub dataset's splits; this source's format is "
+                       f"{source.format!r}")
+    unknown_hub = sorted(set(source.hub_splits) - set(SPLITS))
+    if unknown_hub:
+        raise MtlError(f"{at('source.hub_splits')}: unknown split(s) {unknown_hub}; it maps mtl's {list(SPLITS)} to "
+                       "the hub's names")
     if source.format == "hub":
         if not source.hub:
             raise MtlError(f"{at('source.hub')}: format 'hub' needs a dataset id")

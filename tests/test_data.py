@@ -393,6 +393,42 @@ def test_a_hub_split_without_labels_is_left_out_and_a_row_without_one_is_named(t
     assert sorted(scored.splits) == ["validation"] and list(scored.splits["validation"]["labels"]) == [1, 0]
 
 
+def test_hub_splits_maps_the_hubs_split_names_to_mtls(tmp_path, tokenizer, monkeypatch):
+    """MNLI on the hub has validation_matched and validation_mismatched, no "validation"."""
+    import datasets
+
+    features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])})
+
+    def split(labels):
+        return datasets.Dataset.from_dict({"premise": ["a cat sleeps"] * len(labels),
+                                           "hypothesis": ["a cat"] * len(labels), "label": labels}, features=features)
+
+    mnli = {"train": split([0, 1, 2]), "validation_matched": split([1, 0]), "validation_mismatched": split([2]),
+            "test_matched": split([-1])}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, **kw: datasets.DatasetDict(mnli))
+    spec = dict(CSV_SPEC, labels=["entailment", "neutral", "contradiction"],
+                source={"format": "hub", "hub": "nyu-mll/glue", "hub_config": "mnli",
+                        "hub_splits": {"validation": "validation_matched", "test": "validation_mismatched"}},
+                columns={"text": "premise", "text_pair": "hypothesis", "label": "label"})
+    path = write_task(tmp_path, spec, {})
+    data = load_task_data(load_task(path), tokenizer)
+    assert {name: len(ds) for name, ds in data.splits.items()} == {"train": 3, "validation": 2, "test": 1}
+    assert data.splits["test"]["origin"] == ["nyu-mll/glue[validation_mismatched]:0"]
+    assert list(data.splits["validation"]["labels"]) == [1, 0]
+    with pytest.raises(MtlError) as error:
+        load_task_data(load_task(path, ["source.hub_splits.test=validation_other"]), tokenizer)
+    assert str(error.value) == (f"{path} with override 'source.hub_splits.test=validation_other': key "
+                                "'source.hub_splits.test': hub dataset 'nyu-mll/glue' has no split 'validation_other'; "
+                                "it has ['test_matched', 'train', 'validation_matched', 'validation_mismatched']")
+    with pytest.raises(MtlError, match=r"key 'source\.hub_splits': unknown split\(s\) \['dev'\]; it maps mtl's "):
+        load_task(path, ["source.hub_splits={dev: validation_matched}"])
+    with pytest.raises(MtlError, match=r"key 'source\.hub_splits': names a hub dataset's splits; this source's format "
+                                       r"is 'csv'$"):
+        load_task(write_task(tmp_path / "csv", dict(CSV_SPEC, source=dict(CSV_SPEC["source"], hub_splits={
+            "validation": "dev"})), {}))
+
+
 CHOICE_SPEC = dict(CSV_SPEC, name="toy_choice", head="multiple_choice", labels=None, max_length=16,
                    columns={"text": "question", "choices": ["a", "b", "c"], "label": "answer"})
 CHOICES = [("which animal barks", ["a cat", "a dog", "a fish"], 1), ("which is cold", ["ice", "fire", "sun"], 0),

@@ -254,9 +254,9 @@ def _label_names(ds: datasets.Dataset, label: str, where: str) -> datasets.Datas
 
 
 def _hub(spec: TaskSpec, need_train: bool = True) -> dict[str, datasets.Dataset]:
-    """A Hugging Face datasets id: its own splits, with columns.text/label as text/label (or, for
-    token tasks, as tokens/tags), label ids turned into names; one without a labelled train split
-    is an error where `need_train`."""
+    """A Hugging Face datasets id: its own splits (or those `source.hub_splits` names), with
+    columns.text/label as text/label (or, for token tasks, as tokens/tags), label ids turned into
+    names; one without a labelled train split is an error where `need_train`."""
     try:
         loaded = datasets.load_dataset(spec.source.hub, spec.source.hub_config,
                                        cache_dir=str(cache_root() / "datasets"))
@@ -267,18 +267,22 @@ def _hub(spec: TaskSpec, need_train: bool = True) -> dict[str, datasets.Dataset]
     choices = list(spec.columns.choices or ())
     out = {}
     for split in SPLITS:
-        if split not in loaded:
+        hub_split = spec.source.hub_splits.get(split, split)
+        if hub_split not in loaded:
+            if split in spec.source.hub_splits:
+                raise MtlError(f"{spec.at(f'source.hub_splits.{split}')}: hub dataset {spec.source.hub!r} has no "
+                               f"split {hub_split!r}; it has {sorted(loaded)}")
             continue
-        ds = loaded[split]
+        ds = loaded[hub_split]
         missing = [c for c in [*rename, *choices] if c not in ds.column_names]
         if missing:
-            raise MtlError(f"{spec.origin}: hub dataset {spec.source.hub!r} split {split!r} has no column(s) "
+            raise MtlError(f"{spec.origin}: hub dataset {spec.source.hub!r} split {hub_split!r} has no column(s) "
                            f"{missing}; it has {ds.column_names}")
-        where = f"{spec.source.hub}[{split}]"
+        where = f"{spec.source.hub}[{hub_split}]"
         named = _label_names(ds.select_columns([*rename, *choices]), spec.columns.label, where)
         if named is None:
             log.warning("%s: hub dataset %r split %r has no labels (every one is -1, a hidden test set); it is left "
-                        "out", spec.origin, spec.source.hub, split)
+                        "out", spec.origin, spec.source.hub, hub_split)
             continue
         ds = named.rename_columns(rename)
         if choices:
