@@ -78,6 +78,7 @@ class SplitSpec:
     train: float = 0.8
     validation: float = 0.1
     test: float = 0.1
+    stratify: bool = False  # cut each label's examples by the fractions: every split keeps the label mix
 
 
 @dataclasses.dataclass
@@ -187,6 +188,11 @@ def _validate(spec: TaskSpec, where: str, training: bool = True) -> None:
             f"{at('split')}: fractions train={spec.split.train}, validation={spec.split.validation}, "
             f"test={spec.split.test} must be non-negative, with train > 0, and sum to 1"
         )
+    if spec.split.stratify and head.label_kind not in ("class", "choice"):
+        raise MtlError(f"{at('split.stratify')}: needs one label an example; head {spec.head!r} gives "
+                       f"{'none' if head.label_kind == 'scalar' else 'several'}")
+    if spec.split.stratify and (source.splits or source.format == "hub"):
+        raise MtlError(f"{at('split.stratify')}: applies to `files` split by fractions; this source gives its splits")
     if spec.columns.text_pair is not None:
         if source.format not in ("csv", "jsonl", "hub"):
             raise MtlError(f"{at('columns.text_pair')}: format {source.format!r} has no columns; pairs of texts "

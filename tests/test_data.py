@@ -63,6 +63,38 @@ def test_seeded_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
     assert other.splits["train"]["origin"] != a.splits["train"]["origin"]
 
 
+def test_a_stratified_split_keeps_each_labels_share_in_every_split(tmp_path):
+    """60/30/10 examples of three labels cut 0.8/0.1/0.1: 48/24/8, 6/3/1 and 6/3/1, the same rows
+    again for the same seed, in the permutation's order; without stratify the same seed's
+    validation split misses a label (the reason to ask for it)."""
+    from collections import Counter
+
+    labels = ["a"] * 60 + ["b"] * 30 + ["c"] * 10
+    rows = "review,stars\n" + "\n".join(f"text {i},{label}" for i, label in enumerate(labels))
+    spec = dict(CSV_SPEC, labels=None, split=dict(CSV_SPEC["split"], train=0.8, validation=0.1, test=0.1,
+                                                  stratify=True))
+    path = write_task(tmp_path, spec, {"data.csv": rows})
+    splits = load_raw_splits(load_task(path))[0]
+    counts = {name: Counter(column(ds, "label")) for name, ds in splits.items()}
+    assert counts == {"train": {"a": 48, "b": 24, "c": 8}, "validation": {"a": 6, "b": 3, "c": 1},
+                      "test": {"a": 6, "b": 3, "c": 1}}
+    origins = {name: column(ds, "origin") for name, ds in splits.items()}
+    assert sorted(o for split in origins.values() for o in split) == sorted(f"{tmp_path / 'data.csv'}:{i + 2}"
+                                                                            for i in range(100))
+    assert origins == {name: column(ds, "origin") for name, ds in load_raw_splits(load_task(path))[0].items()}
+    order = np.random.default_rng(0).permutation(100)  # the permutation's order, kept inside each split
+    place = {f"{tmp_path / 'data.csv'}:{row + 2}": i for i, row in enumerate(order)}
+    assert all([place[o] for o in split] == sorted(place[o] for o in split) for split in origins.values())
+    plain = load_raw_splits(load_task(path, ["split.stratify=false"]))[0]
+    assert Counter(column(plain["validation"], "label")) == {"a": 4, "b": 6}  # no c
+    with pytest.raises(MtlError, match=r"key 'split\.stratify': needs one label an example; head 'regression' gives "
+                                       r"none$"):
+        load_task(write_task(tmp_path / "r", dict(spec, head="regression", metric="mse"), {}))
+    with pytest.raises(MtlError, match=r"key 'split\.stratify': applies to `files` split by fractions; this source "
+                                       r"gives its splits$"):
+        load_task(write_task(tmp_path / "s", dict(spec, source={"format": "csv", "splits": {"train": ["x.csv"]}}), {}))
+
+
 def test_raw_splits_are_the_rows_that_get_tokenized(tmp_path, tokenizer):
     # scripts/peer_tfidf.py scores its peer on these rows; they must be the ones mtl scores.
     path = write_task(tmp_path, CSV_SPEC, {"data.csv": CSV_DATA})

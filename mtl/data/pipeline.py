@@ -325,14 +325,30 @@ def _apply_filters(spec: TaskSpec, ds: datasets.Dataset) -> datasets.Dataset:
 
 
 def _split(spec: TaskSpec, pool: datasets.Dataset) -> dict[str, datasets.Dataset]:
-    """A seeded permutation cut into train/validation/test by the spec's fractions."""
-    n = len(pool)
-    order = np.random.default_rng(spec.split.seed).permutation(n)
-    n_train = int(round(spec.split.train * n))
-    n_val = int(round(spec.split.validation * n))
-    cuts = {"train": order[:n_train], "validation": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    """A seeded permutation cut into train/validation/test by the spec's fractions; with
+    `split.stratify`, each label's examples (in the permutation's order) are cut apart, and each
+    split keeps the permutation's order."""
+    order = np.random.default_rng(spec.split.seed).permutation(len(pool))
     fractions = {"train": spec.split.train, "validation": spec.split.validation, "test": spec.split.test}
+    if not spec.split.stratify:
+        cuts = _cut(order, fractions)
+    else:
+        labels = np.asarray(column(pool, "label"), dtype=object)[order]
+        groups = [_cut(order[labels == label], fractions) for label in sorted(set(labels))]
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order))  # each row's place in the permutation
+        cuts = {}
+        for name in fractions:
+            rows = np.concatenate([group[name] for group in groups])
+            cuts[name] = rows[np.argsort(rank[rows], kind="stable")]
     return {name: pool.select(idx) for name, idx in cuts.items() if fractions[name] > 0}
+
+
+def _cut(rows: np.ndarray, fractions: dict[str, float]) -> dict[str, np.ndarray]:
+    """`rows` cut in order into train, validation and the rest (test) by `fractions`."""
+    n_train = int(round(fractions["train"] * len(rows)))
+    n_val = int(round(fractions["validation"] * len(rows)))
+    return {"train": rows[:n_train], "validation": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
 
 
 def iob2_problems(tags: Sequence[str]) -> list[int]:
