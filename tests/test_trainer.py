@@ -888,6 +888,8 @@ def test_evaluate_on_scores_a_trained_head_on_another_specs_data(tmp_path, isola
                      r"name a column here$", refused({"columns": {"text": "body", "text_pair": "note", "label": "verdict"}},
                                                      {"other.csv": pairs}))
     assert refused({}, task="nope").endswith("has no task 'nope'; its tasks: ['toy_csv']")
+    assert re.search(r"reviews\.yaml: key 'metric': 'f1/meh' names a label task 'toy_csv' of \S+ was not trained on; "
+                     r"its labels: \['neg', 'pos'\]$", refused({"labels": ["neg", "pos", "meh"], "metric": "f1/meh"}))
     assert refused({}, split="validation").endswith(
         "reviews.yaml: has no 'validation' split to score (it has ['test']); choose one with --split")
 

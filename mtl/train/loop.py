@@ -674,6 +674,10 @@ def evaluate_on(workdir: str | Path, spec_path: str | Path, task: str | None = N
         reads = "pairs of texts" if head_of.text_pair else "one text"
         raise MtlError(f"{spec.origin}: task {task!r} of {workdir} reads {reads} an example; columns.text_pair must "
                        f"{'name' if head_of.text_pair else 'not name'} a column here")
+    head = predictor.model.head(task)
+    if spec.metric not in (*head.metric_names, *head.label_metrics(predictor.labels[task])):
+        raise MtlError(f"{spec.at('metric')}: {spec.metric!r} names a label task {task!r} of {workdir} was not "
+                       f"trained on; its labels: {predictor.labels[task]}")
     spec = dataclasses.replace(spec, max_length=head_of.max_length)
     data = load_task_data(spec, predictor.tokenizer, labels=(
         predictor.labels[task], f"the labels task {task!r} of {workdir} was trained on"))
@@ -683,7 +687,6 @@ def evaluate_on(workdir: str | Path, spec_path: str | Path, task: str | None = N
     batcher = Batcher(data.splits[split], batch_size=batch_size or config.train.eval_batch_size
                       or config.train.batch_size, max_length=head_of.max_length,
                       pad_token_id=predictor.tokenizer.pad_token_id, buckets=config.train.buckets)
-    head = predictor.model.head(task)
     predictions = {spec.name: predict_split(spec.name, head, batcher, lambda b: predictor.predict_batch(task, b))}
     results = score_splits({spec.name: (data, head)}, predictions, split)
     if predictions_file is not None:
