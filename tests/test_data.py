@@ -95,6 +95,32 @@ def test_a_stratified_split_keeps_each_labels_share_in_every_split(tmp_path):
         load_task(write_task(tmp_path / "s", dict(spec, source={"format": "csv", "splits": {"train": ["x.csv"]}}), {}))
 
 
+def test_balanced_class_weights_come_from_the_train_counts_and_stay_in_the_spec(tmp_path, tokenizer):
+    """class_weights: balanced is n / (K * n_k) over train, as scikit-learn's; the numbers replace
+    the word in the spec, which is what a checkpoint keeps for predict and export."""
+    from flax import nnx
+
+    from mtl.models.heads import build_head
+    from mtl.tasks import TaskHead
+
+    rows = "review,stars\n" + "\n".join(f"review {i},{'pos' if i % 4 == 0 else 'neg'}" for i in range(40))
+    path = write_task(tmp_path, dict(CSV_SPEC, head_options={"class_weights": "balanced"}), {"data.csv": rows})
+    data = load_task_data(load_task(path), tokenizer)
+    train = data.stats["label_counts"]["train"]
+    assert train["neg"] > 2 * train["pos"]  # the 3:1 mix of the pool
+    n = train["neg"] + train["pos"]
+    expected = [n / (2 * train["neg"]), n / (2 * train["pos"])]  # labels [neg, pos]
+    assert data.spec.head_options["class_weights"] == pytest.approx(expected)
+    assert TaskHead.of(data.spec).head_options == {"class_weights": data.spec.head_options["class_weights"]}
+    head = build_head("classification", 8, data.labels, data.spec.head_options, rngs=nnx.Rngs(0))
+    assert np.asarray(head.class_weights[...]).tolist() == pytest.approx(expected)
+    declared = write_task(tmp_path / "more", dict(CSV_SPEC, labels=["neg", "pos", "meh"],
+                                                  head_options={"class_weights": "balanced"}), {"data.csv": rows})
+    with pytest.raises(MtlError, match=r"key 'head_options\.class_weights': 'balanced' weighs each label by its train "
+                                       r"examples, and \['meh'\] have none$"):
+        load_task_data(load_task(declared), tokenizer)
+
+
 def test_raw_splits_are_the_rows_that_get_tokenized(tmp_path, tokenizer):
     # scripts/peer_tfidf.py scores its peer on these rows; they must be the ones mtl scores.
     path = write_task(tmp_path, CSV_SPEC, {"data.csv": CSV_DATA})

@@ -776,6 +776,25 @@ def test_evaluation_batches_have_their_own_size(tmp_path, isolated_cache, minilm
         Trainer(build_experiment(_toy_config(tmp_path, minilm_dir, eval_batch_size=3)), tmp_path / "other")
 
 
+def test_balanced_class_weights_are_kept_as_numbers_for_predict_and_resume(tmp_path, isolated_cache, minilm_dir):
+    """A checkpoint keeps the numbers `balanced` came to, so predict rebuilds the head without the
+    data, and a rerun of the finished run (which compares its heads to the checkpoint's) accepts it."""
+    from mtl.inference import Predictor
+
+    config = _toy_config(tmp_path, minilm_dir, steps=1, eval_every=1, checkpoint_every=1)
+    entry = dataclasses.replace(config.tasks[0], overrides=["head_options={class_weights: balanced}"])
+    config = dataclasses.replace(config, tasks=[entry])
+    experiment = build_experiment(config)
+    weights = experiment.tasks["toy_csv"].spec.head_options["class_weights"]
+    assert isinstance(weights, list) and len(weights) == 2 and all(isinstance(w, float) for w in weights)
+    Trainer(experiment, tmp_path / "w").run()
+    predictor = Predictor.from_workdir(tmp_path / "w")
+    assert predictor.tasks["toy_csv"].head_options == {"class_weights": weights}
+    assert np.asarray(predictor.model.head("toy_csv").class_weights[...]).tolist() == pytest.approx(weights)
+    again = Trainer(build_experiment(config), tmp_path / "w").run()  # finished: its last scores, no mismatch
+    assert again["toy_csv/accuracy"] >= 0
+
+
 @pytest.mark.parametrize("metric", ["mcc", "f1/pos"])
 def test_evaluate_prints_each_tasks_primary_metric(tmp_path, isolated_cache, minilm_dir, capsys, metric):
     """A task that selects on a metric outside the printed set (mcc, as CoLA; its positive class's
