@@ -96,16 +96,20 @@ def test_a_stratified_split_keeps_each_labels_share_in_every_split(tmp_path):
 
 
 def test_balanced_class_weights_come_from_the_train_counts_and_stay_in_the_spec(tmp_path, tokenizer):
-    """class_weights: balanced is n / (K * n_k) over train, as scikit-learn's; the numbers replace
-    the word in the spec, which is what a checkpoint keeps for predict and export."""
+    """class_weights: balanced is n / (K * n_k) over the train rows a run uses, as scikit-learn's;
+    the numbers replace the word in the spec, which is what a checkpoint keeps for predict and
+    export."""
     from flax import nnx
 
     from mtl.models.heads import build_head
     from mtl.tasks import TaskHead
+    from mtl.train.experiment import _sliced, with_balanced_class_weights
 
     rows = "review,stars\n" + "\n".join(f"review {i},{'pos' if i % 4 == 0 else 'neg'}" for i in range(40))
     path = write_task(tmp_path, dict(CSV_SPEC, head_options={"class_weights": "balanced"}), {"data.csv": rows})
-    data = load_task_data(load_task(path), tokenizer)
+    loaded = load_task_data(load_task(path), tokenizer)
+    assert loaded.spec.head_options == {"class_weights": "balanced"}  # the data alone decides nothing
+    data = with_balanced_class_weights(loaded)
     train = data.stats["label_counts"]["train"]
     assert train["neg"] > 2 * train["pos"]  # the 3:1 mix of the pool
     n = train["neg"] + train["pos"]
@@ -114,11 +118,16 @@ def test_balanced_class_weights_come_from_the_train_counts_and_stay_in_the_spec(
     assert TaskHead.of(data.spec).head_options == {"class_weights": data.spec.head_options["class_weights"]}
     head = build_head("classification", 8, data.labels, data.spec.head_options, rngs=nnx.Rngs(0))
     assert np.asarray(head.class_weights[...]).tolist() == pytest.approx(expected)
+    # A run on the first 6 train rows weighs by those 6.
+    cut = _sliced(loaded, 6, None)
+    first = [data.labels[i] for i in column(cut.splits["train"], "labels")]
+    weights = with_balanced_class_weights(cut).spec.head_options["class_weights"]
+    assert weights == pytest.approx([6 / (2 * first.count(label)) for label in data.labels])
     declared = write_task(tmp_path / "more", dict(CSV_SPEC, labels=["neg", "pos", "meh"],
                                                   head_options={"class_weights": "balanced"}), {"data.csv": rows})
     with pytest.raises(MtlError, match=r"key 'head_options\.class_weights': 'balanced' weighs each label by its train "
                                        r"examples, and \['meh'\] have none$"):
-        load_task_data(load_task(declared), tokenizer)
+        with_balanced_class_weights(load_task_data(load_task(declared), tokenizer))
 
 
 def test_raw_splits_are_the_rows_that_get_tokenized(tmp_path, tokenizer):

@@ -503,21 +503,6 @@ def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Datase
     return labels, {name: dict(sorted(c.items())) for name, c in counts.items()}
 
 
-def _balanced_class_weights(spec: TaskSpec, labels: list[str], train_counts: dict[str, int]) -> TaskSpec:
-    """The spec with `head_options.class_weights: balanced` turned into numbers, n / (K * n_k) for
-    label k of K with n_k of the n train examples (scikit-learn's "balanced"), so that the
-    checkpoint keeps them and predict and export rebuild the head without the data."""
-    missing = [label for label in labels if not train_counts.get(label)]
-    if missing:
-        raise MtlError(f"{spec.at('head_options.class_weights')}: 'balanced' weighs each label by its train "
-                       f"examples, and {missing} have none")
-    total = sum(train_counts[label] for label in labels)
-    weights = [total / (len(labels) * train_counts[label]) for label in labels]
-    log.info("%s: class_weights balanced from the train counts: %s", spec.name,
-             ", ".join(f"{label} {w:.3f}" for label, w in zip(labels, weights, strict=True)))
-    return dataclasses.replace(spec, head_options={**spec.head_options, "class_weights": weights})
-
-
 def _is_number(value: Any) -> bool:
     try:
         float(value)
@@ -683,8 +668,6 @@ def load_task_data(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_po
     vocabulary, label_counts = _resolve_labels(spec, kind, splits, num_choices, labels)
     if kind == "choice":
         _check_answers(splits, vocabulary, choice_counts)
-    if kind == "class" and spec.head_options.get("class_weights") == "balanced" and labels is None:
-        spec = _balanced_class_weights(spec, vocabulary, label_counts["train"])
     encoded = {name: _encode(spec, kind, vocabulary, tokenizer, ds) for name, ds in splits.items()}
     stats["examples"] = {name: len(ds) for name, ds in encoded.items()}
     stats["label_counts"] = label_counts

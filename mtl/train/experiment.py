@@ -17,7 +17,7 @@ from flax import nnx
 from mtl.assets import resolve_model
 from mtl.checkpoint import load_trained
 from mtl.config import ExperimentConfig
-from mtl.data.pipeline import TaskData, load_task_data
+from mtl.data.pipeline import TaskData, column, load_task_data
 from mtl.errors import MtlError
 from mtl.models.encoder import Encoder, EncoderConfig
 from mtl.models.heads import Head, build_head
@@ -80,8 +80,29 @@ def load_experiment_data(config: ExperimentConfig, tokenizer: PreTrainedTokenize
     out = {}
     for entry, spec in zip(config.tasks, specs, strict=True):
         data = load_task_data(spec, tokenizer, max_positions=max_positions)
-        out[spec.name] = _sliced(data, entry.max_train_examples, entry.max_eval_examples)
+        out[spec.name] = with_balanced_class_weights(_sliced(data, entry.max_train_examples,
+                                                             entry.max_eval_examples))
     return out
+
+
+def with_balanced_class_weights(data: TaskData) -> TaskData:
+    """`data` with its spec's `head_options.class_weights: balanced` turned into numbers, n / (K *
+    n_k) for label k of K with n_k of the n train examples the run uses (scikit-learn's
+    "balanced"), so that the checkpoint keeps them and predict and export rebuild the head
+    without the data. Other data is returned as it is."""
+    spec = data.spec
+    if data.label_kind != "class" or spec.head_options.get("class_weights") != "balanced":
+        return data
+    counts = np.bincount(np.asarray(column(data.splits["train"], "labels"), np.int64), minlength=len(data.labels))
+    missing = [label for label, n in zip(data.labels, counts, strict=True) if n == 0]
+    if missing:
+        raise MtlError(f"{spec.at('head_options.class_weights')}: 'balanced' weighs each label by its train "
+                       f"examples, and {missing} have none")
+    weights = [float(counts.sum() / (len(counts) * n)) for n in counts]
+    log.info("%s: class_weights balanced from the train counts: %s", spec.name,
+             ", ".join(f"{label} {w:.3f}" for label, w in zip(data.labels, weights, strict=True)))
+    return dataclasses.replace(data, spec=dataclasses.replace(spec, head_options={**spec.head_options,
+                                                                                   "class_weights": weights}))
 
 
 def build_experiment(config: ExperimentConfig) -> Experiment:
