@@ -30,7 +30,7 @@ from mtl.assets import resolve_model
 from mtl.checkpoint import load_trained
 from mtl.config import load_experiment
 from mtl.data.batching import bucket_lengths
-from mtl.data.pipeline import first_subtoken_words
+from mtl.data.pipeline import first_subtoken_words, padded_choices
 from mtl.errors import MtlError
 from mtl.metrics import entity_spans
 from mtl.models.heads import build_head, decode_real_rows, get_head, head_option_defaults
@@ -158,10 +158,8 @@ class Predictor:
         cut = len({owner[i] for i, e in enumerate(enc.encodings) if e.overflowing})
         sequences = 1
         if choices is not None:  # K rows an input: its choices, then empty ones (no choice), as in training
-            sequences = len(self.labels[task])
-            starts = np.cumsum([0] + [len(cs) for cs in choices])
-            enc = {key: [row for i, cs in enumerate(choices)
-                         for row in list(enc[key][starts[i]:starts[i + 1]]) + [[]] * (sequences - len(cs))]
+            sequences, counts = len(self.labels[task]), [len(cs) for cs in choices]
+            enc = {key: [row for rows in padded_choices(enc[key], counts, sequences) for row in rows]
                    for key in ("input_ids", "attention_mask", "token_type_ids") if key in enc}
         if cut and task not in self._said_cut:  # once per task: a stream of chunks would repeat it
             self._said_cut.add(task)

@@ -470,11 +470,11 @@ def _check_answers(splits: dict[str, datasets.Dataset], labels: list[str],
 
 
 def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Dataset], num_choices: int | None = None,
-                    given: tuple[list[str], str] | None = None) -> tuple[list[str], dict]:
+                    declared: str = "the declared labels") -> tuple[list[str], dict]:
     """The label vocabulary (declared or inferred from train), after checking every split.
 
     A multiple-choice task's labels name its `num_choices` positions: declared, or "0".."K-1".
-    `given` is (labels, what they are): a trained head's, which every label must be one of."""
+    `declared` says what the spec's labels are in the error naming a label outside them."""
     counts = {name: Counter(x for _, vals in _label_values(kind, ds, spec) for x in vals)
               for name, ds in splits.items()}
     if kind == "scalar":
@@ -483,12 +483,9 @@ def _resolve_labels(spec: TaskSpec, kind: str, splits: dict[str, datasets.Datase
                if not _is_number(value)]
         if bad:
             raise MtlError(_first_bad_label(bad, f"is not a number (head {spec.head!r} needs one)"))
-        return list(given[0] if given is not None else spec.labels or [spec.columns.label]), {}
-    if given is not None:
-        labels, what = list(given[0]), given[1]
-        known = set(labels)
-    elif spec.labels is not None:
-        labels, known, what = list(spec.labels), set(spec.labels), "the declared labels"
+        return list(spec.labels or [spec.columns.label]), {}
+    if spec.labels is not None:
+        labels, known, what = list(spec.labels), set(spec.labels), declared
     elif num_choices is not None:
         labels = [str(i) for i in range(num_choices)]
         known, what = set(labels), "the choice positions (declare labels to name them otherwise)"
@@ -539,6 +536,13 @@ def first_subtoken_words(word_ids: Sequence[int | None]) -> list[int]:
     return out
 
 
+def padded_choices(rows: Sequence, counts: Sequence[int], k: int) -> list[list]:
+    """Per-choice `rows` (example i's `counts[i]` choices in turn) grouped by example, each padded
+    to `k` with empty sequences: the K sequences a multiple-choice example is batched as."""
+    ends = np.cumsum(counts)
+    return [list(rows[end - n:end]) + [[]] * (k - n) for end, n in zip(ends, counts, strict=True)]
+
+
 def _encode(spec: TaskSpec, kind: str, labels: list[str], tokenizer, ds: datasets.Dataset) -> datasets.Dataset:
     label_id = {label: i for i, label in enumerate(labels)}
     max_length = spec.max_length
@@ -573,11 +577,10 @@ def _encode(spec: TaskSpec, kind: str, labels: list[str], tokenizer, ds: dataset
         firsts = [text for text, choices in zip(batch["text"], batch["choices"], strict=True) for _ in choices]
         enc = tokenizer(firsts, [c for choices in batch["choices"] for c in choices], truncation=True,
                         max_length=max_length)
-        ends = np.cumsum([len(choices) for choices in batch["choices"]])
+        counts = [len(choices) for choices in batch["choices"]]
 
         def by_example(rows):
-            return [rows[end - len(choices):end] + [[]] * (len(labels) - len(choices))
-                    for end, choices in zip(ends, batch["choices"], strict=True)]
+            return padded_choices(rows, counts, len(labels))
 
         types = enc.get("token_type_ids", [[0] * len(x) for x in enc["input_ids"]])
         ids = by_example(enc["input_ids"])
@@ -661,11 +664,12 @@ def load_task_data(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, max_po
     splits, stats = load_raw_splits(spec, need_train=labels is None)  # a trained head's labels: only scored
     if kind == "tags":
         splits = _check_tags(spec, splits)
+    declared = "the declared labels"
+    if labels is not None:  # a trained head's, declared in the spec's place (a choice task's K too)
+        spec, declared = dataclasses.replace(spec, labels=list(labels[0])), labels[1]
     choice_counts = _choice_counts(splits) if kind == "choice" else None
-    if labels is not None and kind == "choice":  # the trained head's K choice positions
-        spec = dataclasses.replace(spec, labels=list(labels[0]))
     num_choices = _count_choices(spec, splits, choice_counts) if kind == "choice" else None
-    vocabulary, label_counts = _resolve_labels(spec, kind, splits, num_choices, labels)
+    vocabulary, label_counts = _resolve_labels(spec, kind, splits, num_choices, declared)
     if kind == "choice":
         _check_answers(splits, vocabulary, choice_counts)
     encoded = {name: _encode(spec, kind, vocabulary, tokenizer, ds) for name, ds in splits.items()}

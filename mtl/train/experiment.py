@@ -93,12 +93,14 @@ def with_balanced_class_weights(data: TaskData) -> TaskData:
     spec = data.spec
     if data.label_kind != "class" or spec.head_options.get("class_weights") != "balanced":
         return data
-    counts = np.bincount(np.asarray(column(data.splits["train"], "labels"), np.int64), minlength=len(data.labels))
-    missing = [label for label, n in zip(data.labels, counts, strict=True) if n == 0]
+    from sklearn.utils.class_weight import compute_class_weight
+
+    ids = np.asarray(column(data.splits["train"], "labels"), np.int64)
+    missing = [label for i, label in enumerate(data.labels) if not np.any(ids == i)]
     if missing:
         raise MtlError(f"{spec.at('head_options.class_weights')}: 'balanced' weighs each label by its train "
                        f"examples, and {missing} have none")
-    weights = [float(counts.sum() / (len(counts) * n)) for n in counts]
+    weights = compute_class_weight("balanced", classes=np.arange(len(data.labels)), y=ids).tolist()
     log.info("%s: class_weights balanced from the train counts: %s", spec.name,
              ", ".join(f"{label} {w:.3f}" for label, w in zip(data.labels, weights, strict=True)))
     return dataclasses.replace(data, spec=dataclasses.replace(spec, head_options={**spec.head_options,
